@@ -1,0 +1,129 @@
+"""The entry points' shell: Hydra's ``main`` plus one-line errors for bad input.
+
+``run(task, config_dir, config_name)`` first composes the config from the command line (first
+value of each sweep) so that an unknown key or option fails in one line before anything
+starts, then hands over to ``hydra.main``. Inside a run, a ``UserError`` (or a Hydra/Lightning
+configuration error) prints one line and exits 1; in a multirun the job is marked failed in
+its ``metrics.json`` and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from hydra.types import RunMode
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from cifarkit.callbacks import TrainingStopped
+from cifarkit.errors import UserError
+
+log = logging.getLogger(__name__)
+USER_ERRORS = (UserError, HydraException, OmegaConfBaseException, MisconfigurationException)
+
+
+def one_line(e: BaseException) -> str:
+    """An exception (and the config error that caused it) as a single line."""
+    parts = [str(e)]
+    if isinstance(e.__cause__, (OmegaConfBaseException, MisconfigurationException)):
+        parts.append(str(e.__cause__).splitlines()[0])
+    text = " ".join(part.strip() for p in parts for part in p.splitlines() if part.strip())
+    return text.replace("\t", " ")
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _concrete_overrides(args: list[str]) -> list[str] | None:
+    """The command line's overrides with each sweep replaced by its first value.
+
+    None when the command line carries flags we do not check (Hydra's own --help, --cfg...).
+    """
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
+        return None
+    overrides = [a for a in args if not a.startswith("-")]
+    out = []
+    for o in OverridesParser.create().parse_overrides(overrides):
+        if not o.is_sweep_override():
+            out.append(o.input_line)
+            continue
+        try:
+            first = next(iter(o.sweep_string_iterator()))
+        except Exception:  # a sweeper-specific range such as interval(): the sweeper checks it
+            continue
+        out.append(f"{o.get_key_element()}={first}")
+    return out
+
+
+def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> None:
+    """Compose once before Hydra starts, so a typo costs one clear line and no run directory."""
+    try:
+        overrides = _concrete_overrides(args)
+        if overrides is None:
+            return
+        with hydra.initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
+            hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        fail(one_line(e))
+
+
+def _output_dir() -> Path | None:
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return None
+
+
+def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
+    """Wrap a task so bad input ends in one line (run) or a failed job (multirun)."""
+
+    def wrapper(cfg: DictConfig) -> Any:
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        try:
+            return task(cfg)
+        except TrainingStopped as e:
+            _mark_failed("failed" if e.exit_code == 1 else "interrupted", str(e))
+            print(e, file=sys.stderr)
+            if multirun and e.exit_code == 1:  # a diverged job, not a user's Ctrl-C: the sweep goes on
+                return math.nan
+            raise SystemExit(e.exit_code) from None
+        except Exception as e:
+            user = isinstance(e, USER_ERRORS)
+            if not multirun and not user:
+                raise  # a bug: Hydra prints the traceback
+            msg = one_line(e) if user else f"{e.__class__.__name__}: {e}"
+            _mark_failed("failed", msg)
+            if multirun:
+                log.exception("job failed: %s", msg)
+                return math.nan
+            fail(msg)
+
+    return wrapper
+
+
+def _mark_failed(status: str, message: str) -> None:
+    """Record a run that did not complete, unless it already wrote its metrics."""
+    from cifarkit.train import write_metrics
+
+    out = _output_dir()
+    if rank_zero_only.rank == 0 and out is not None and not (out / "metrics.json").exists():
+        write_metrics(out, {"status": status, "error": message})
+
+
+def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:
+    """Entry point for train.py / eval.py / predict.py."""
+    check_command_line(config_dir, config_name, sys.argv[1:])
+    hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

@@ -1,0 +1,113 @@
+"""The training task: the net, Adam, cross-entropy and torchmetrics accuracy in one LightningModule.
+
+Its hyperparameters are plain dicts (the net's and the optimizer's Hydra configs), so a
+checkpoint holds no pickled code: it loads with ``torch.load(weights_only=True)`` and the
+network is rebuilt from its config.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+class ImageClassifier(L.LightningModule):
+    def __init__(
+        self,
+        net: dict,
+        classes: list[str],
+        optimizer: dict,
+        scheduler: dict | None = None,
+        label_smoothing: float = 0.0,
+        channels_last: bool = True,
+        compile: bool = False,
+    ) -> None:
+        """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes``; ``optimizer`` and
+        ``scheduler``: ``_partial_`` Hydra configs completed with the parameters / optimizer."""
+        super().__init__()
+        net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
+        self.save_hyperparameters()
+        self.net: nn.Module = instantiate(net, num_classes=len(classes))
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.net.to(memory_format=self.memory_format)
+        # Kept out of the module tree so the state dict stays the plain net's.
+        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        n = len(classes)
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.train_acc, self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(3))
+        self.test_class_acc = MulticlassAccuracy(n, average=None)
+        self.test_confusion = MulticlassConfusionMatrix(n)
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # survives a resume from checkpoint
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._forward(x.contiguous(memory_format=self.memory_format))
+
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, y = batch
+        logits = self(x)
+        return self.criterion(logits, y), logits, y
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss, logits, y = self._step(batch)
+        # Metric objects accumulate on the device; Lightning reads them once per epoch.
+        self.train_loss(loss.detach(), len(y))
+        self.train_acc(logits.detach(), y)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._step(batch)
+        self.val_loss(loss, len(y))
+        self.val_acc(logits, y)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:  # the sanity check's two batches are not an epoch
+            self.val_acc_best(self.val_acc.compute())
+        if self.val_acc_best.update_count:
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        loss, logits, y = self._step(batch)
+        self.test_loss(loss, len(y))
+        self.test_acc(logits, y)
+        self.test_class_acc.update(logits, y)
+        self.test_confusion.update(logits, y)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_class_acc.reset()
+        self.test_confusion.reset()
+
+    def on_test_epoch_end(self) -> None:
+        for name, acc in zip(self.hparams.classes, self.test_class_acc.compute()):
+            self.log(f"test/acc_class/{name}", acc)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        if not self.hparams.scheduler:
+            return optimizer
+        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # What predict.py needs to preprocess new images: class names, mean/std, image size.
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        if dm is not None and hasattr(dm, "describe"):
+            checkpoint["data_info"] = dm.describe()
