@@ -1,0 +1,171 @@
+"""Shared fixtures: tiny datasets in the real on-disk formats, and ways to run the entry points.
+
+* ``tiny_cifar10``: a CIFAR-10 tarball in torchvision's exact format (pickled batches,
+  batches.meta), served over HTTP on 127.0.0.1 with torchvision's URL and MD5 tables pointed
+  at it, so the real download, MD5 check and extraction code runs.
+* ``image_folder``: train/<class>/ and test/<class>/ with PNG and JPEG files of mixed sizes.
+* ``run_cli``: runs train.py / eval.py / predict.py in a subprocess, as a user would.
+* ``compose_cfg``: composes a config in-process (fast), with outputs under a temp folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import http.server
+import os
+import pickle
+import subprocess
+import sys
+import tarfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "configs"
+CLASSES3 = ["cat", "dog", "frog"]
+
+
+def class_images(n: int, num_classes: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random images whose mean colour depends on the class, so a net can learn something."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    base = rng.integers(0, 256, size=(num_classes, 3), dtype=np.int64)
+    noise = rng.integers(-60, 61, size=(n, size, size, 3))
+    x = np.clip(base[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+    return x, labels
+
+
+def md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def write_cifar10_tarball(dest: Path, per_batch: int = 40, n_test: int = 100) -> dict:
+    """cifar-10-python.tar.gz as the official one is laid out; returns the MD5 tables."""
+    from cifarkit.data import CIFAR10_CLASSES
+
+    build = dest / "build" / "cifar-10-batches-py"
+    build.mkdir(parents=True)
+
+    def batch(name: str, n: int, seed: int) -> None:
+        x, y = class_images(n, 10, 32, seed)
+        data = x.transpose(0, 3, 1, 2).reshape(n, 3072)  # rows of R plane, G plane, B plane
+        with open(build / name, "wb") as f:
+            pickle.dump({"batch_label": name, "labels": y.tolist(), "data": data, "filenames": []}, f)
+
+    for i in range(1, 6):
+        batch(f"data_batch_{i}", per_batch, seed=i)
+    batch("test_batch", n_test, seed=99)
+    with open(build / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CIFAR10_CLASSES, "num_cases_per_batch": per_batch}, f)
+    tarball = dest / "cifar-10-python.tar.gz"
+    with tarfile.open(tarball, "w:gz") as tar:
+        tar.add(build, arcname="cifar-10-batches-py")
+    return {
+        "url": tarball.name,  # completed with the server's address by the fixture
+        "tgz_md5": md5(tarball),
+        "train_list": [[f"data_batch_{i}", md5(build / f"data_batch_{i}")] for i in range(1, 6)],
+        "test_list": [["test_batch", md5(build / "test_batch")]],
+        "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5(build / "batches.meta")},
+    }
+
+
+@pytest.fixture(scope="session")
+def cifar10_tables(tmp_path_factory: pytest.TempPathFactory):
+    src = tmp_path_factory.mktemp("cifar10-source")
+    tables = write_cifar10_tarball(src)
+    handler = functools.partial(QuietHandler, directory=str(src))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tables["url"] = f"http://127.0.0.1:{server.server_address[1]}/{tables['url']}"
+    yield tables
+    server.shutdown()
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def tiny_cifar10(cifar10_tables: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Point torchvision's CIFAR10 at the tiny tarball (URL and every MD5)."""
+    from torchvision.datasets import CIFAR10
+
+    for key, value in cifar10_tables.items():
+        monkeypatch.setattr(CIFAR10, key, value)
+    return cifar10_tables
+
+
+def write_image_folder(root: Path, n_train: int = 24, n_test: int = 12, classes: list[str] = CLASSES3) -> Path:
+    """PNG and JPEG files, most 32x32, some 40x40 (resized on load)."""
+    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
+        x, y = class_images(n * len(classes), len(classes), 40, seed)
+        for i, (img, label) in enumerate(zip(x, y)):
+            d = root / split / classes[label]
+            d.mkdir(parents=True, exist_ok=True)
+            im = Image.fromarray(img)
+            if i % 3 == 0:
+                im.save(d / f"{i:04d}.png")  # 40x40: resized to 32
+            elif i % 3 == 1:
+                im.resize((32, 32)).save(d / f"{i:04d}.jpg", quality=95)
+            else:
+                im.resize((32, 32)).save(d / f"{i:04d}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("folder"))
+
+
+# Overrides that keep a CPU run to a few seconds on tiny data.
+FAST = [
+    "trainer=cpu",
+    "trainer.max_epochs=1",
+    "trainer.num_sanity_val_steps=0",
+    "trainer.enable_model_summary=false",
+    "callbacks.progress_bar=null",
+    "data.batch_size=8",
+    "data.eval_batch_size=16",
+]
+
+
+def folder_overrides(root: Path, tmp: Path) -> list[str]:
+    return [f"data=image_folder", f"data.root={root}", f"paths.data_dir={tmp / 'data'}", "data.val_size=12"]
+
+
+@pytest.fixture
+def compose_cfg(tmp_path: Path):
+    """compose_cfg(overrides, config_name='train') -> DictConfig with outputs under tmp_path."""
+
+    def _compose(overrides: list[str], config_name: str = "train") -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=overrides)
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "out")
+            cfg.paths.log_dir = str(tmp_path / "logs")
+        return cfg
+
+    return _compose
+
+
+def run_cli(script: str, args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run an entry point as a user would; outputs go under ``cwd``."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
+    )
+
+
+def run_dirs(log_dir: Path, task: str = "train") -> list[Path]:
+    return sorted(p for p in (log_dir / task / "runs").glob("*") if p.is_dir())
