@@ -1,0 +1,121 @@
+"""Training and evaluation end to end on CPU, as a user runs them, and bad input at the command line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAST, folder_overrides, run_cli, run_dirs, write_image_folder
+
+from cifarkit.train import evaluate, train
+
+
+@pytest.mark.parametrize("source", ["cifar10", "image_folder"])
+def test_fast_dev_run_on_both_sources(source: str, request, compose_cfg, tmp_path: Path) -> None:
+    if source == "cifar10":
+        request.getfixturevalue("tiny_cifar10")
+        data = [f"paths.data_dir={tmp_path / 'data'}", "data.val_size=50"]
+    else:
+        data = folder_overrides(request.getfixturevalue("image_folder"), tmp_path)
+    cfg = compose_cfg(FAST + data + ["debug=fdr"])
+    value = train(cfg)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 1
+    assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
+    assert value == metrics["val/acc_best"]
+
+
+def test_same_seed_same_metrics(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
+    results = []
+    for _ in range(2):
+        cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["seed=7", "trainer.max_epochs=2"])
+        train(cfg)
+        results.append(json.loads((tmp_path / "out" / "metrics.json").read_text()))
+        shutil.rmtree(tmp_path / "out")
+    keys = ["val/acc_best", "test/acc", "test/loss", "train/loss", "val/loss"]
+    assert [r[k] for r in results for k in keys][:5] == [results[1][k] for k in keys]
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["seed=8", "trainer.max_epochs=2"])
+    train(cfg)
+    other = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert other["train/loss"] != results[0]["train/loss"]
+
+
+def test_cli_train_then_eval(image_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    args = FAST + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={logs}", "trainer.max_epochs=2", "logger=many"]
+    done = run_cli("train.py", args, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (run,) = run_dirs(logs)
+    assert {"metrics.json", "train.log", ".hydra", "checkpoints", "tensorboard", "csv"} <= {p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "last.ckpt").is_file() and len(list((run / "checkpoints").glob("epoch_*.ckpt"))) == 1
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and metrics["train/images_per_s"] > 0
+    for key in ("val/acc_best", "test/acc", "test/loss"):
+        assert key in metrics
+
+    # the checkpoint carries what predict/eval need, and loads without running code
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["hyper_parameters"]["classes"] == ["cat", "dog", "frog"]
+    assert set(ckpt["data_info"]) == {"classes", "mean", "std", "image_size"}
+
+    best = metrics["best_ckpt"]
+    done = run_cli("eval.py", [f"ckpt_path={best}", "trainer=cpu"] + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={logs}"], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (eval_run,) = run_dirs(logs, "eval")
+    evaluated = json.loads((eval_run / "metrics.json").read_text())
+    assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
+    assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
+
+
+def test_eval_refuses_mismatched_classes(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["debug=fdr"])
+    train(cfg)
+    other = write_image_folder(tmp_path / "other", n_train=3, n_test=2, classes=["a", "b", "c", "d"])
+    from cifarkit.errors import UserError
+
+    ecfg = compose_cfg(["trainer=cpu", f"ckpt_path={tmp_path / 'out' / 'checkpoints' / 'last.ckpt'}",
+                        "data=image_folder", f"data.root={other}", f"paths.data_dir={tmp_path / 'data'}", "data.val_size=1"],
+                       config_name="eval")
+    with pytest.raises(UserError, match="classes"):
+        evaluate(ecfg)
+
+
+def _bad(tmp_path: Path, args: list[str], script: str = "train.py") -> str:
+    done = run_cli(script, args + [f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "Traceback" not in done.stdout
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, done.stderr[-2000:]
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
+        (["trainer=tpu9"], "Could not find 'trainer/tpu9'"),
+        (["model.optimizer.lr=0.1", "optimized_metric=val/acc_best", "+data.colour=1"], "colour"),
+        (["trainer.accelerator=gpu"], "no CUDA GPU is available"),
+        (["data.download=false"], "data.download=true"),
+    ],
+)
+def test_bad_command_lines_fail_in_one_line(tmp_path: Path, args: list[str], expected: str) -> None:
+    line = _bad(tmp_path, FAST + [f"paths.data_dir={tmp_path / 'empty'}"] + args)
+    assert expected in line
+
+
+def test_bad_image_folder_from_the_command_line(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imgs", n_train=2, n_test=2)
+    shutil.rmtree(root / "test" / "dog")
+    line = _bad(tmp_path, FAST + folder_overrides(root, tmp_path))
+    assert "train and test classes differ" in line and "dog" in line
+    empty = tmp_path / "empty_imgs"
+    for split in ("train", "test"):
+        for name in ("cat", "dog"):
+            (empty / split / name).mkdir(parents=True)
+    assert "no PNG or JPEG images" in _bad(tmp_path, FAST + folder_overrides(empty, tmp_path))
