@@ -62,6 +62,19 @@ def test_cli_train_then_eval(image_folder: Path, tmp_path: Path) -> None:
     assert ckpt["hyper_parameters"]["classes"] == ["cat", "dog", "frog"]
     assert set(ckpt["data_info"]) == {"classes", "mean", "std", "image_size"}
 
+    # TensorBoard: scalars, and the HPARAMS tab pairs the config with the final metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
+
+    acc = EventAccumulator(str(run / "tensorboard"))
+    acc.Reload()
+    assert {"val/acc_best", "test/acc", "train/loss", "train/images_per_s"} <= set(acc.Tags()["scalars"])
+    plugin = {tag: HParamsPluginData.FromString(c) for tag, c in acc.PluginTagToContent("hparams").items()}
+    hparams = plugin["_hparams_/session_start_info"].session_start_info.hparams
+    assert hparams["model/optimizer/lr"].number_value == pytest.approx(1e-3) and "data/batch_size" in hparams
+    shown = {m.name.tag for m in plugin["_hparams_/experiment"].experiment.metric_infos}
+    assert {"val/acc_best", "test/acc", "test/loss"} <= shown
+
     best = metrics["best_ckpt"]
     done = run_cli("eval.py", [f"ckpt_path={best}", "trainer=cpu"] + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={logs}"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -69,6 +82,21 @@ def test_cli_train_then_eval(image_folder: Path, tmp_path: Path) -> None:
     evaluated = json.loads((eval_run / "metrics.json").read_text())
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
+
+
+def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
+        "trainer.max_epochs=2", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.fused=null",
+        "+model.optimizer.momentum=0.9", "model.label_smoothing=0.1", "test=false",
+        "model.scheduler={_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 1, gamma: 0.5}",
+    ])
+    train(cfg)
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert "test/acc" not in metrics and metrics["epochs"] == 2
+    ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
+    (opt,) = ckpt["optimizer_states"]
+    # saved at the end of epoch 2, before that epoch's scheduler step: halved once
+    assert opt["param_groups"][0]["momentum"] == 0.9 and opt["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)
 
 
 def test_eval_refuses_mismatched_classes(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
