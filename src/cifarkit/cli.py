@@ -10,7 +10,6 @@ its ``metrics.json`` and the sweep goes on.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,9 +27,13 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cifarkit.callbacks import TrainingStopped
 from cifarkit.errors import UserError
+from cifarkit.sweep import register_resolvers
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, HydraException, OmegaConfBaseException, MisconfigurationException)
+# What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
+# goes on (optuna 2.x raises on NaN), the basic sweeper ignores it; metrics.json says "failed".
+FAILED_JOB = None
 
 
 def one_line(e: BaseException) -> str:
@@ -98,7 +101,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             _mark_failed("failed" if e.exit_code == 1 else "interrupted", str(e))
             print(e, file=sys.stderr)
             if multirun and e.exit_code == 1:  # a diverged job, not a user's Ctrl-C: the sweep goes on
-                return math.nan
+                return FAILED_JOB
             raise SystemExit(e.exit_code) from None
         except Exception as e:
             user = isinstance(e, USER_ERRORS)
@@ -107,8 +110,8 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             msg = one_line(e) if user else f"{e.__class__.__name__}: {e}"
             _mark_failed("failed", msg)
             if multirun:
-                log.exception("job failed: %s", msg)
-                return math.nan
+                (log.error if user else log.exception)("job failed: %s", msg)
+                return FAILED_JOB
             fail(msg)
 
     return wrapper
@@ -125,5 +128,6 @@ def _mark_failed(status: str, message: str) -> None:
 
 def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:
     """Entry point for train.py / eval.py / predict.py."""
+    register_resolvers()
     check_command_line(config_dir, config_name, sys.argv[1:])
     hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

@@ -102,7 +102,7 @@ class DeviceLoader:
 
     def _per_rank(self) -> int:
         n = len(self.labels)
-        return n // self.world_size if self.train else n
+        return n // self.world_size if self.train else len(range(self.rank, n, self.world_size))
 
     def __len__(self) -> int:
         return -(-self._per_rank() // self.batch_size)
@@ -110,8 +110,8 @@ class DeviceLoader:
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's sample indices for ``epoch``, in order (on the CPU)."""
         n = len(self.labels)
-        if not self.train:
-            return torch.arange(n)
+        if not self.train:  # every sample once over all ranks: synced metrics equal one process's
+            return torch.arange(self.rank, n, self.world_size)
         g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
         perm = torch.randperm(n, generator=g)
         usable = (n // self.world_size) * self.world_size  # equal shares; the remainder rotates
@@ -205,7 +205,7 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"unknown data.pipeline={pipeline!r}; use data.pipeline=device or data.pipeline=torchvision")
         if (mean is None) != (std is None):
             raise UserError("set both data.mean and data.std, or neither (then they are computed)")
-        augment = dict(augment or {})
+        augment = {"crop_padding": 4, "hflip_p": 0.5, **(augment or {})}  # the tutorial's unless told
         self.cache_dir = Path(cache_dir)
         self.image_size, self.val_size, self.split_seed = image_size, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -393,8 +393,8 @@ class ImageFolderDataModule(ImageDataModule):
     @property
     def classes(self) -> list[str]:
         train, test = self._class_dirs("train"), self._class_dirs("test")
-        if not train:
-            raise UserError(f"{self.root / 'train'} has no class folders; expected train/<class>/<image>")
+        if len(train) < 2:
+            raise UserError(f"{self.root / 'train'} has {len(train)} class folder(s); a classifier needs at least 2 (train/<class>/<image>)")
         if train != test:
             diff = sorted(set(train) ^ set(test))
             raise UserError(f"train and test classes differ in {self.root} (only in one: {', '.join(diff)}); make them match")

@@ -1,0 +1,111 @@
+"""Multirun summaries (grid and Optuna), a resumable Optuna study, and the SLURM launcher preset."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+from conftest import CONFIG_DIR, FAST, folder_overrides, run_cli
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from cifarkit.sweep import SweepSummary
+
+# Fewer batches than FAST alone: a sweep runs several of these.
+TINY = FAST + ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+
+
+def read_summary(sweep_dir: Path) -> list[dict]:
+    with open(sweep_dir / "summary.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def sweep_dirs(log_dir: Path) -> list[Path]:
+    return sorted(p for p in (log_dir / "train" / "multiruns").glob("*") if p.is_dir())
+
+
+def fake_job(sweep: Path, job: str, lr: str, metrics: dict | None) -> None:
+    d = sweep / job
+    (d / ".hydra").mkdir(parents=True)
+    (d / ".hydra" / "overrides.yaml").write_text(f"- trainer=cpu\n- model.optimizer.lr={lr}\n")
+    (d / ".hydra" / "config.yaml").write_text(f"model:\n  optimizer:\n    lr: {lr}\n")
+    if metrics is not None:
+        (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_summary_lists_every_job_and_marks_failures(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = tmp_path / "sweep"
+    fake_job(sweep, "0", "0.01", {"status": "completed", "val/acc_best": 0.5, "test/acc": 0.4, "epochs": 3})
+    fake_job(sweep, "1", "0.001", {"status": "failed", "error": "boom"})
+    fake_job(sweep, "2", "0.0001", None)  # killed before writing metrics.json
+    fake_job(sweep, "10", "0.1", {"status": "completed", "val/acc_best": 0.25, "test/acc": 0.2, "epochs": 3})
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+
+    rows = read_summary(sweep)
+    assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
+    assert [r["status"] for r in rows] == ["completed", "failed", "failed", "completed"]
+    assert [r["model.optimizer.lr"] for r in rows] == ["0.01", "0.001", "0.0001", "0.1"]
+    assert rows[0]["val/acc_best"] == "0.5" and rows[0]["test/acc"] == "0.4" and rows[0]["epochs"] == "3"
+    assert rows[1]["val/acc_best"] == "" and "trainer=cpu" in rows[1]["overrides"]
+    assert "trainer=cpu" not in rows[0]  # the same in every job: not a column of its own
+    assert (sweep / "summary.png").stat().st_size > 0
+    assert "2/4 completed" in capsys.readouterr().out
+
+
+def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    lrs = "model.optimizer.lr=1e-2,1e-3,-1"  # Adam rejects -1: that job fails
+    args = ["-m", *TINY, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}", lrs]
+    r = run_cli("train.py", args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]  # the failed job does not end the sweep
+    (sweep,) = sweep_dirs(logs)
+    rows = read_summary(sweep)
+    assert [(r["job"], r["model.optimizer.lr"], r["status"]) for r in rows] == [
+        ("0", "0.01", "completed"), ("1", "0.001", "completed"), ("2", "-1", "failed")
+    ]
+    assert all(0 <= float(r["val/acc_best"]) <= 1 and r["epochs"] == "1" for r in rows[:2])
+    assert "Invalid learning rate" in json.loads((sweep / "2" / "metrics.json").read_text())["error"]
+    assert (sweep / "summary.png").stat().st_size > 0
+    assert "2/3 completed" in r.stdout
+
+
+def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path) -> None:
+    import optuna
+
+    logs = tmp_path / "logs"
+    base = ["hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *TINY, *folder_overrides(image_folder, tmp_path),
+            f"paths.log_dir={logs}", "test=false"]
+    first = run_cli("train.py", base, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    # Run again, as after an interruption; these two trials fail (bad input) and the search goes on.
+    again = run_cli("train.py", [*base, "data.val_size=100000"], cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+
+    study = optuna.load_study(study_name="lr_optuna", storage=f"sqlite:///{logs}/optuna/lr_optuna.db")
+    states = [t.state.name for t in study.trials]
+    assert states == ["COMPLETE", "COMPLETE", "FAIL", "FAIL"]
+    lrs = [t.params["model.optimizer.lr"] for t in study.trials]
+    assert len(set(lrs)) == 4 and all(1e-5 <= lr <= 1e-1 for lr in lrs)  # continued, not replayed
+    assert study.best_value == max(t.value for t in study.trials[:2])
+
+    one, two = sweep_dirs(logs)
+    assert [r["status"] for r in read_summary(one)] == ["completed", "completed"]
+    assert [r["status"] for r in read_summary(two)] == ["failed", "failed"]
+    assert [float(r["model.optimizer.lr"]) for r in read_summary(two)] == pytest.approx(lrs[2:])
+
+
+def test_sweep_and_slurm_presets_compose() -> None:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=["hparams_search=lr_optuna", "hydra/launcher=slurm", "trainer=ddp",
+                                          "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
+                      return_hydra_config=True)
+    sweeper, launcher = cfg.hydra.sweeper, cfg.hydra.launcher
+    assert sweeper.direction == "maximize" and sweeper.n_trials == 20 and cfg.optimized_metric == "val/acc_best"
+    assert sweeper.params["model.optimizer.lr"] == "tag(log, interval(1e-5, 1e-1))"
+    assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
+    assert launcher.tasks_per_node == 4 and launcher.timeout_min > 0
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "cifarkit.sweep.SweepSummary"
