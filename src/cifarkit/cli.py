@@ -10,6 +10,7 @@ its ``metrics.json`` and the sweep goes on.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
@@ -103,6 +105,10 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             if multirun and e.exit_code == 1:  # a diverged job, not a user's Ctrl-C: the sweep goes on
                 return FAILED_JOB
             raise SystemExit(e.exit_code) from None
+        except SIGTERMException:  # Lightning's own, outside the training loop (sanity check, test)
+            _mark_failed("interrupted", "stopped by SIGTERM outside training")
+            print("stopped by SIGTERM outside training; nothing new was saved", file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM) from None
         except Exception as e:
             user = isinstance(e, USER_ERRORS)
             if not multirun and not user:

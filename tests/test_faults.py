@@ -1,0 +1,274 @@
+"""Training survives faults: signals, SIGKILL, a diverging loss, a save cut short, a bad ckpt_path."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import open_dict
+
+from cifarkit.callbacks import AtomicCheckpointIO, TrainingStopped, check_checkpoint
+from cifarkit.errors import UserError
+from cifarkit.train import train
+from conftest import FAST, ROOT, folder_overrides, run_cli, run_dirs
+
+SMALL = ["data.image_size=16"]  # a 4x smaller first fc layer: same code paths, faster steps
+
+
+def last_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+def assert_clean(stderr: str) -> None:
+    assert "Traceback" not in stderr and "Error executing job" not in stderr, stderr
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(p: subprocess.Popen, pattern: str, log_dir: Path, timeout: float = 120) -> Path:
+    """The first file matching ``pattern`` in the run directory, once the run has written it."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = sorted((log_dir / "train" / "runs").glob(f"*/{pattern}"))
+        if found:
+            return found[0]
+        assert p.poll() is None, p.communicate()[1]
+        time.sleep(0.1)
+    p.kill()
+    raise AssertionError(f"{pattern} never appeared")
+
+
+def long_run(image_folder: Path, tmp_path: Path) -> list[str]:
+    return FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
+        "trainer.max_epochs=1000", f"paths.log_dir={tmp_path / 'logs'}"]
+
+
+def resume_to_completion(image_folder: Path, tmp_path: Path, ckpt: Path, epochs: int) -> dict:
+    args = FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
+        f"trainer.max_epochs={epochs}", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'resumed'}"]
+    r = run_cli("train.py", args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    return json.loads((run_dirs(tmp_path / "resumed")[0] / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+def test_signal_saves_stops_in_one_line_and_resumes(sig, image_folder, tmp_path):
+    p = start(long_run(image_folder, tmp_path), tmp_path)
+    wait_for(p, "checkpoints/last.ckpt", tmp_path / "logs")  # epoch 0 done: it is training now
+    p.send_signal(sig)
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=60)
+    assert time.monotonic() - t0 < 20
+    assert p.returncode == 128 + sig
+    assert_clean(err)
+    run = run_dirs(tmp_path / "logs")[0]
+    ckpt = run / "checkpoints" / "interrupted.ckpt"
+    assert last_line(err) == (
+        f"stopped by {sig.name} at epoch 1, step {torch.load(ckpt, weights_only=True)['global_step']}; "
+        f"checkpoint saved, continue with ckpt_path={ckpt}")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
+    assert (run / "train.log").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert "val/acc" in events.Tags()["scalars"]
+    if sig == signal.SIGINT:  # the end-to-end resume (the fast in-process one is below)
+        metrics = resume_to_completion(image_folder, tmp_path, ckpt, epochs=2)
+        assert metrics["status"] == "completed" and metrics["epochs"] == 2
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_from_last(image_folder, tmp_path):
+    p = start(long_run(image_folder, tmp_path) + ["data.batch_size=4"], tmp_path)
+    last = wait_for(p, "checkpoints/last.ckpt", tmp_path / "logs")
+    time.sleep(1.0)  # somewhere in epoch 1
+    p.kill()
+    p.communicate(timeout=30)
+    assert check_checkpoint(last)["epoch"] >= 0  # whole, whatever the kill interrupted
+    metrics = resume_to_completion(image_folder, tmp_path, last, epochs=2)
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+
+
+def run_in_process(compose_cfg, image_folder: Path, tmp_path: Path, name: str, epochs: int,
+                   ckpt: Path | None = None) -> dict:
+    cfg = compose_cfg(FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
+        f"trainer.max_epochs={epochs}", "data.batch_size=16"])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / name)
+        cfg.ckpt_path = str(ckpt) if ckpt else None
+    train(cfg)
+    return json.loads((tmp_path / name / "metrics.json").read_text())
+
+
+def test_resume_at_epoch_boundary_gives_the_same_metrics(compose_cfg, image_folder, tmp_path):
+    whole = run_in_process(compose_cfg, image_folder, tmp_path, "whole", 2)
+    run_in_process(compose_cfg, image_folder, tmp_path, "first", 1)
+    resumed = run_in_process(compose_cfg, image_folder, tmp_path, "resumed", 2,
+                             ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    keys = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "epochs", "steps"]
+    assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
+    # the best checkpoint was carried into the new run folder, the old run's files untouched
+    assert Path(resumed["best_ckpt"]).name == Path(whole["best_ckpt"]).name
+    assert Path(resumed["best_ckpt"]).parent == tmp_path / "resumed" / "checkpoints"
+    assert (tmp_path / "first" / "checkpoints" / "last.ckpt").is_file()
+
+
+@pytest.fixture
+def saved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the files the trainer wrote through AtomicCheckpointIO (it is the trainer's plugin)."""
+    names: list[str] = []
+    real_save = AtomicCheckpointIO.save_checkpoint
+
+    def save(self, checkpoint, path, *args, **kwargs):
+        names.append(Path(path).name)
+        return real_save(self, checkpoint, path, *args, **kwargs)
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", save)
+    return names
+
+
+class DivergeAt(L.Callback):
+    """Makes every loss from ``epoch`` on non-finite, as a too-high learning rate would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.current_epoch >= self.epoch:
+            with torch.no_grad():
+                pl_module.net.fc3.bias.fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(compose_cfg, image_folder, tmp_path, monkeypatch, saved):
+    add_callback(monkeypatch, DivergeAt(1))
+    with pytest.raises(TrainingStopped, match=r"training loss became NaN/inf at step 5 \(epoch 1\); last good checkpoint: .*last.ckpt"):
+        run_in_process(compose_cfg, image_folder, tmp_path, "run", 3)
+    assert sorted(saved) == ["epoch_000.ckpt", "last.ckpt"]  # ModelCheckpoint saves go through the plugin
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["epoch"] == 0
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
+
+
+def add_callback(monkeypatch: pytest.MonkeyPatch, callback: L.Callback) -> None:
+    """Every trainer that train() builds gets ``callback`` first."""
+    import cifarkit.train as ct
+
+    real_build = ct.build
+
+    def build(cfg, **kwargs):
+        datamodule, trainer = real_build(cfg, **kwargs)
+        trainer.callbacks.insert(0, callback)
+        return datamodule, trainer
+
+    monkeypatch.setattr(ct, "build", build)
+
+
+def test_graceful_stop_saves_through_the_atomic_plugin(compose_cfg, image_folder, tmp_path, monkeypatch, saved):
+
+    class CtrlC(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, delivered to this process
+
+    add_callback(monkeypatch, CtrlC())
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(TrainingStopped, match="stopped by SIGINT at epoch 0, step 3") as e:
+        run_in_process(compose_cfg, image_folder, tmp_path, "run", 3)
+    assert e.value.exit_code == 130
+    assert saved == ["interrupted.ckpt"]
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers given back
+    monkeypatch.undo()
+    metrics = run_in_process(compose_cfg, image_folder, tmp_path, "resumed", 1,
+                             ckpt=tmp_path / "run" / "checkpoints" / "interrupted.ckpt")
+    assert metrics["status"] == "completed" and metrics["steps"] == 4
+
+
+def test_nan_loss_via_cli_one_line_exit_1(image_folder, tmp_path):
+    args = FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
+        "trainer.max_epochs=3", "model.optimizer.lr=1e6", f"paths.log_dir={tmp_path / 'logs'}"]
+    r = run_cli("train.py", args, cwd=tmp_path)
+    assert r.returncode == 1
+    assert_clean(r.stderr)
+    assert "training loss became NaN/inf at step" in last_line(r.stderr)
+    assert "lower model.optimizer.lr" in last_line(r.stderr)
+    metrics = json.loads((run_dirs(tmp_path / "logs")[0] / "metrics.json").read_text())
+    assert metrics["status"] == "failed"
+
+
+def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "epoch": 0}, target)
+    before = target.read_bytes()
+
+    def dies_midway(obj, f, *a, **kw):
+        f.write(before[: len(before) // 2])
+        raise KeyboardInterrupt  # e.g. a kill while writing
+
+    monkeypatch.setattr(torch, "save", dies_midway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, target)
+    assert target.read_bytes() == before
+    assert check_checkpoint(target)["epoch"] == 0
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temp file left
+
+
+def bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    plain = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.ones(2)}, plain)  # a plain state dict, not Lightning's
+    return {"missing": tmp_path / "nope.ckpt", "text": text, "plain torch": plain}
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "plain torch"])
+def test_check_checkpoint_rejects_in_one_line(kind, tmp_path):
+    path = bad_checkpoints(tmp_path)[kind]
+    with pytest.raises(UserError, match=f"ckpt_path={path} ") as e:
+        check_checkpoint(path)
+    assert "\n" not in str(e.value) and ".ckpt" in str(e.value)
+
+
+@pytest.mark.parametrize("script,kind", [("train.py", "plain torch"), ("eval.py", "text")])
+def test_bad_ckpt_path_cli_one_line(script, kind, image_folder, tmp_path):
+    previous = tmp_path / "logs" / "train" / "runs" / "earlier"
+    (previous / "checkpoints").mkdir(parents=True)
+    (previous / "checkpoints" / "last.ckpt").write_bytes(b"good")
+    path = bad_checkpoints(tmp_path)[kind]
+    common = FAST if script == "train.py" else ["trainer=cpu"]
+    args = common + folder_overrides(image_folder, tmp_path) + [f"ckpt_path={path}", f"paths.log_dir={tmp_path / 'logs'}"]
+    r = run_cli(script, args, cwd=tmp_path)
+    assert r.returncode == 1
+    assert_clean(r.stderr)
+    assert last_line(r.stderr).startswith(f"error: ckpt_path={path} ")
+    assert (previous / "checkpoints" / "last.ckpt").read_bytes() == b"good"
+    assert sorted(p.name for p in previous.iterdir()) == ["checkpoints"]
+
+
+def test_sigterm_before_training_is_one_line_not_exit_0(compose_cfg, image_folder, tmp_path, monkeypatch, capsys):
+    """Lightning's own SIGTERM path (here: during the sanity check) is a SystemExit with code 0."""
+    from cifarkit.cli import guarded
+
+    class Term(L.Callback):
+        def on_validation_batch_start(self, trainer, *args):
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    add_callback(monkeypatch, Term())
+    cfg = compose_cfg(FAST + SMALL + folder_overrides(image_folder, tmp_path) + ["trainer.num_sanity_val_steps=1"])
+    with pytest.raises(SystemExit) as e:
+        guarded(train)(cfg)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert last_line(capsys.readouterr().err) == "stopped by SIGTERM outside training; nothing new was saved"
