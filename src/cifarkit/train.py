@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifarkit.callbacks import (
     AtomicCheckpointIO,
+    CarryCheckpoints,
     GracefulStop,
     HParamsSummary,
     NonFiniteGuard,
@@ -23,6 +24,7 @@ from cifarkit.callbacks import (
 from cifarkit.data import ImageDataModule
 from cifarkit.errors import UserError
 from cifarkit.module import ImageClassifier
+from cifarkit.pictures import RunPictures, per_class
 
 log = logging.getLogger(__name__)
 SUMMARY_METRICS = ["val/acc_best", "test/acc", "test/loss", "train/images_per_s"]
@@ -79,6 +81,8 @@ def build(cfg: DictConfig, with_loggers: bool = True) -> tuple[ImageDataModule, 
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
     output_dir = Path(cfg.paths.output_dir)
     callbacks += [GracefulStop(str(output_dir / "checkpoints")), NonFiniteGuard(cfg.trainer.log_every_n_steps), Throughput()]
+    callbacks += [CarryCheckpoints()]
+    callbacks.append(RunPictures(str(output_dir)))
     loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values() if lg and "_target_" in lg] if with_loggers else []
     if loggers:
         callbacks.append(HParamsSummary(flat_config(cfg), SUMMARY_METRICS))
@@ -89,7 +93,26 @@ def build(cfg: DictConfig, with_loggers: bool = True) -> tuple[ImageDataModule, 
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
+    check_launcher(trainer)
     return datamodule, trainer
+
+
+def check_launcher(trainer: L.Trainer) -> None:
+    """Refuse DDP's script launcher in a local sweep: it starts ranks > 0 by re-running the command line (-m too)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    launcher = getattr(trainer.strategy, "launcher", None)
+    relaunches = isinstance(launcher, _SubprocessScriptLauncher) and not (
+        launcher.cluster_environment.creates_processes_externally  # torchrun, SLURM: ranks already exist
+    )
+    if multirun and relaunches and trainer.num_devices > 1:
+        raise UserError(
+            f"trainer.strategy=ddp with {trainer.num_devices} devices cannot run inside a local sweep (-m); "
+            "use trainer.strategy=ddp_spawn on one machine, or hydra/launcher=slurm on a cluster"
+        )
 
 
 def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
@@ -109,9 +132,10 @@ def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
 def train(cfg: DictConfig) -> float:
     """Fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
     seed = L.seed_everything(cfg.seed, workers=True)
-    if cfg.ckpt_path:
-        check_checkpoint(cfg.ckpt_path)
+    ckpt = check_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
     datamodule, trainer = build(cfg)
+    if ckpt:
+        check_same_classes(ckpt, datamodule.classes)
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = final_metrics(trainer)
@@ -122,6 +146,10 @@ def train(cfg: DictConfig) -> float:
             log.warning("no best checkpoint was kept; testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         metrics.update(final_metrics(trainer))
+        pictures = next(c for c in trainer.callbacks if isinstance(c, RunPictures))
+        if pictures.confusion is not None:
+            metrics["test/confusion_matrix"] = pictures.confusion  # rows: true class, columns: predicted
+    metrics = per_class(metrics)
 
     throughput = next(c for c in trainer.callbacks if isinstance(c, Throughput))
     if throughput.images_per_s:
@@ -143,14 +171,19 @@ def train(cfg: DictConfig) -> float:
     return float(value)
 
 
+def check_same_classes(ckpt: dict[str, Any], classes: list[str]) -> None:
+    saved = ckpt.get("hyper_parameters", {}).get("classes")
+    if saved and saved != classes:
+        raise UserError(f"the checkpoint's classes {saved} differ from the data's {classes}; pick matching data or another checkpoint")
+
+
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint on the configured data and write ``metrics.json``."""
     L.seed_everything(cfg.seed, workers=True)
     ckpt = check_checkpoint(cfg.ckpt_path)
     saved = ckpt.get("hyper_parameters", {})
     datamodule, trainer = build(cfg, with_loggers=False)
-    if saved.get("classes") and saved["classes"] != datamodule.classes:
-        raise UserError(f"the checkpoint's classes {saved['classes']} differ from the data's {datamodule.classes}; pick matching data")
+    check_same_classes(ckpt, datamodule.classes)
     model = ImageClassifier(**saved)
     trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = final_metrics(trainer) | {"ckpt_path": str(cfg.ckpt_path), "status": "completed"}

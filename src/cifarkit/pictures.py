@@ -1,0 +1,124 @@
+"""Pictures every run leaves: what the model is fed, and where it goes wrong.
+
+* ``samples.png``: the first augmented training images of the run, denormalized, with their
+  class names (the tutorial's "look at your data" step), drawn once when training starts.
+* ``confusion_matrix.png``: the test confusion matrix (row-normalized, with counts), drawn
+  after testing.
+
+Both go to the run directory and, when a TensorBoard logger is attached, to its IMAGES tab.
+Figures are built on matplotlib's Agg canvas directly (no pyplot, no display needed).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+
+def render(fig: Figure) -> np.ndarray:
+    """The figure as an RGB uint8 array (H, W, 3)."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def samples_figure(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cols: int = 8) -> Figure:
+    """A grid of images in [0, 1] (B, 3, H, W), each titled with its class name."""
+    rows = math.ceil(len(images) / cols)
+    fig = Figure(figsize=(cols * 1.1, rows * 1.25), dpi=100)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        ax.imshow(img.permute(1, 2, 0).numpy(), interpolation="nearest")
+        ax.set_title(classes[int(label)], fontsize=7)
+        ax.axis("off")
+    fig.suptitle("augmented training images, as the model sees them", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def confusion_figure(counts: torch.Tensor, classes: list[str]) -> Figure:
+    """Rows: true class, columns: predicted; colour = share of the row, text = count."""
+    counts = counts.cpu().to(torch.int64)
+    rates = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    size = max(5.0, 0.55 * n + 2)
+    fig = Figure(figsize=(size, size), dpi=100)
+    ax = fig.add_subplot()
+    im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
+    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(n), classes, fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if n <= 20:  # beyond that the numbers no longer fit in their cells
+        for t in range(n):
+            for p in range(n):
+                colour = "white" if rates[t, p] > 0.5 else "black"
+                ax.text(p, t, str(int(counts[t, p])), ha="center", va="center", fontsize=7, color=colour)
+    acc = counts.diag().sum().item() / max(1, counts.sum().item())
+    ax.set_title(f"test confusion matrix (accuracy {acc:.1%})", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class RunPictures(L.Callback):
+    """Writes ``samples.png`` at the start of training and ``confusion_matrix.png`` after testing."""
+
+    def __init__(self, output_dir: str, num_samples: int = 64) -> None:
+        self.output_dir = Path(output_dir)
+        self.num_samples = num_samples
+        self.confusion: list[list[int]] | None = None  # the last test's counts, for metrics.json
+
+    def _publish(self, trainer: L.Trainer, name: str, fig: Figure) -> None:
+        image = render(fig)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.output_dir / f".{name}.png.tmp"
+        Image.fromarray(image).save(tmp, format="PNG")
+        tmp.replace(self.output_dir / f"{name}.png")
+        for logger in trainer.loggers:
+            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+                logger.experiment.add_image(name, image, trainer.global_step, dataformats="HWC")
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = trainer.datamodule
+        if not trainer.is_global_zero or dm is None or not hasattr(dm, "mean"):
+            return
+        xs, ys, n = [], [], 0
+        for x, y in trainer.train_dataloader:  # the epoch's own first batches: same seed, same crops
+            xs.append(x[: self.num_samples - n].detach().float().cpu())
+            ys.append(y[: self.num_samples - n].cpu())
+            n += len(ys[-1])
+            if n >= self.num_samples:
+                break
+        if not xs:
+            return
+        mean = torch.tensor(dm.mean)[:, None, None]
+        std = torch.tensor(dm.std)[:, None, None]
+        images = (torch.cat(xs) * std + mean).clamp(0, 1)
+        self._publish(trainer, "samples", samples_figure(images, torch.cat(ys), pl_module.hparams.classes))
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metric = getattr(pl_module, "test_confusion", None)
+        if metric is None or not metric.update_called:
+            return
+        counts = metric.compute()  # every rank: the sum over ranks is a collective
+        self.confusion = counts.cpu().tolist()
+        if trainer.is_global_zero:
+            self._publish(trainer, "confusion_matrix", confusion_figure(counts, pl_module.hparams.classes))
+
+
+def per_class(metrics: dict[str, Any], prefix: str = "test/acc_class/") -> dict[str, Any]:
+    """Fold ``test/acc_class/<name>`` scalars into one ``test/acc_class: {name: acc}`` entry."""
+    classes = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    out = {k: v for k, v in metrics.items() if not k.startswith(prefix)}
+    if classes:
+        out[prefix.rstrip("/")] = classes
+    return out
