@@ -82,6 +82,9 @@ def test_cli_train_then_eval(image_folder: Path, tmp_path: Path) -> None:
     evaluated = json.loads((eval_run / "metrics.json").read_text())
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
+    assert evaluated["test/acc_class"] == pytest.approx(metrics["test/acc_class"], abs=1e-6)
+    assert set(metrics["test/acc_class"]) == {"cat", "dog", "frog"}
+    assert sum(map(sum, evaluated["test/confusion_matrix"])) == 36
 
 
 def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_cfg, tmp_path: Path) -> None:

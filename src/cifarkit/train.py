@@ -120,6 +120,15 @@ def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
     return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
 
 
+def tested_metrics(trainer: L.Trainer) -> dict[str, Any]:
+    """After trainer.test: the scalars, per-class accuracy as one dict, and the confusion matrix."""
+    metrics = per_class(final_metrics(trainer))
+    pictures = next((c for c in trainer.callbacks if isinstance(c, RunPictures)), None)
+    if pictures is not None and pictures.confusion is not None:
+        metrics["test/confusion_matrix"] = pictures.confusion  # rows: true class, columns: predicted
+    return metrics
+
+
 def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
     path = Path(output_dir) / "metrics.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,11 +154,7 @@ def train(cfg: DictConfig) -> float:
         if not best:
             log.warning("no best checkpoint was kept; testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update(final_metrics(trainer))
-        pictures = next(c for c in trainer.callbacks if isinstance(c, RunPictures))
-        if pictures.confusion is not None:
-            metrics["test/confusion_matrix"] = pictures.confusion  # rows: true class, columns: predicted
-    metrics = per_class(metrics)
+        metrics.update(tested_metrics(trainer))
 
     throughput = next(c for c in trainer.callbacks if isinstance(c, Throughput))
     if throughput.images_per_s:
@@ -186,7 +191,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     check_same_classes(ckpt, datamodule.classes)
     model = ImageClassifier(**saved)
     trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    metrics = final_metrics(trainer) | {"ckpt_path": str(cfg.ckpt_path), "status": "completed"}
+    metrics = tested_metrics(trainer) | {"ckpt_path": str(cfg.ckpt_path), "status": "completed"}
     if trainer.is_global_zero:
         write_metrics(cfg.paths.output_dir, metrics)
     return metrics
