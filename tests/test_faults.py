@@ -126,6 +126,16 @@ def test_resume_at_epoch_boundary_gives_the_same_metrics(compose_cfg, image_fold
     assert (tmp_path / "first" / "checkpoints" / "last.ckpt").is_file()
 
 
+def test_resuming_a_finished_run_keeps_its_metrics(compose_cfg, image_folder, tmp_path):
+    """A kill can land after the last epoch's checkpoint: resuming then trains nothing, but
+    still tests and reports the run's best validation accuracy."""
+    first = run_in_process(compose_cfg, image_folder, tmp_path, "first", 1)
+    again = run_in_process(compose_cfg, image_folder, tmp_path, "again", 1,
+                           ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    assert again["status"] == "completed" and again["epochs"] == 1
+    assert again["val/acc_best"] == first["val/acc_best"] and again["test/acc"] == first["test/acc"]
+
+
 @pytest.fixture
 def saved(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Names of the files the trainer wrote through AtomicCheckpointIO (it is the trainer's plugin)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -148,6 +149,9 @@ def train(cfg: DictConfig) -> float:
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
     trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     metrics = final_metrics(trainer)
+    best_val = float(model.val_acc_best.max_value)  # persistent: known even when a resume had no epoch left
+    if "val/acc_best" not in metrics and math.isfinite(best_val):
+        metrics["val/acc_best"] = best_val
 
     if cfg.test:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
