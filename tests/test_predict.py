@@ -13,7 +13,8 @@ from PIL import Image
 
 from cifarkit.errors import UserError
 from cifarkit.model import BasicCNN
-from cifarkit.predict import check_targets, predict
+from cifarkit.callbacks import check_targets
+from cifarkit.predict import predict
 from cifarkit.train import train
 
 
@@ -85,6 +86,17 @@ def test_untrusted_net_target_is_refused(tmp_path: Path) -> None:
     r = run_cli("predict.py", [f"ckpt_path={ckpt}", f"inputs={tmp_path / 'img.png'}"], cwd=tmp_path)
     assert r.returncode == 1
     assert "os.system" in one_error_line(r.stderr)
+    assert not marker.exists()
+
+
+def test_eval_refuses_an_untrusted_net_target_too(image_folder: Path, tmp_path: Path) -> None:
+    """eval.py rebuilds the net from the checkpoint's config as well: the same check applies."""
+    marker = tmp_path / "pwned"
+    ckpt = crafted_checkpoint(tmp_path / "evil.ckpt", {"_target_": "os.system", "_args_": [f"touch {marker}"]})
+    args = [f"ckpt_path={ckpt}", "trainer=cpu", f"paths.log_dir={tmp_path / 'logs'}", *folder_overrides(image_folder, tmp_path)]
+    r = run_cli("eval.py", args, cwd=tmp_path)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "os.system" in r.stderr.strip().splitlines()[-1]
     assert not marker.exists()
 
 

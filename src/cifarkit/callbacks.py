@@ -15,6 +15,7 @@ import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -285,3 +286,25 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by train.py")
     return ckpt
+
+
+def check_targets(node: Any, trusted: Sequence[str], where: str = "net") -> None:
+    """Refuse any ``_target_`` in a saved config outside the trusted prefixes, and any interpolation.
+
+    train.py saves resolved configs, so a ``${...}`` can only be crafted: a resolver such as
+    ``oc.create`` could otherwise smuggle in a ``_target_`` that appears only once resolved.
+    """
+    if isinstance(node, dict):
+        target = node.get("_target_")
+        if target is not None and not (isinstance(target, str) and target.startswith(tuple(trusted))):
+            raise UserError(
+                f"the checkpoint's {where} config names _target_={target!r}, outside the trusted "
+                f"{list(trusted)}; refusing to build it (add its package to trusted_targets only if you trust the file)"
+            )
+        for key, value in node.items():
+            check_targets(value, trusted, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            check_targets(value, trusted, f"{where}[{i}]")
+    elif isinstance(node, str) and "${" in node:
+        raise UserError(f"the checkpoint's {where} config holds an interpolation {node!r}, which train.py never saves; refusing to build it")

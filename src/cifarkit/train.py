@@ -21,6 +21,7 @@ from cifarkit.callbacks import (
     NonFiniteGuard,
     Throughput,
     check_checkpoint,
+    check_targets,
 )
 from cifarkit.data import ImageDataModule
 from cifarkit.errors import UserError
@@ -193,6 +194,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     saved = ckpt.get("hyper_parameters", {})
     datamodule, trainer = build(cfg, with_loggers=False)
     check_same_classes(ckpt, datamodule.classes)
+    check_targets(saved.get("net", {}), list(cfg.trusted_targets))  # the net is built from the file's config
     model = ImageClassifier(**saved)
     trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
     metrics = tested_metrics(trainer) | {"ckpt_path": str(cfg.ckpt_path), "status": "completed"}
