@@ -82,9 +82,13 @@ def build(cfg: DictConfig, with_loggers: bool = True) -> tuple[ImageDataModule, 
     datamodule: ImageDataModule = instantiate(cfg.data)
     callbacks: list[L.Callback] = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c and "_target_" in c]
     output_dir = Path(cfg.paths.output_dir)
-    callbacks += [GracefulStop(str(output_dir / "checkpoints")), NonFiniteGuard(cfg.trainer.log_every_n_steps), Throughput()]
-    callbacks += [CarryCheckpoints()]
-    callbacks.append(RunPictures(str(output_dir)))
+    callbacks += [
+        GracefulStop(str(output_dir / "checkpoints")),
+        NonFiniteGuard(cfg.trainer.log_every_n_steps),
+        Throughput(),
+        CarryCheckpoints(),
+        RunPictures(str(output_dir)),
+    ]
     loggers = [instantiate(lg) for lg in cfg.get("logger", {}).values() if lg and "_target_" in lg] if with_loggers else []
     if loggers:
         callbacks.append(HParamsSummary(flat_config(cfg), SUMMARY_METRICS))
@@ -154,8 +158,8 @@ def train(cfg: DictConfig) -> float:
     if "val/acc_best" not in metrics and math.isfinite(best_val):
         metrics["val/acc_best"] = best_val
 
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if cfg.test:
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("no best checkpoint was kept; testing the current weights")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -170,7 +174,7 @@ def train(cfg: DictConfig) -> float:
         steps=trainer.global_step,
         seed=seed,
         precision=str(trainer.precision),
-        best_ckpt=trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else "",
+        best_ckpt=best,
     )
     if trainer.is_global_zero:
         write_metrics(cfg.paths.output_dir, metrics)
