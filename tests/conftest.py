@@ -127,7 +127,8 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("folder"))
 
 
-# Overrides that keep a CPU run to a few seconds on tiny data.
+# Overrides that keep a CPU run to a few seconds on tiny data. The progress bar is off only to
+# keep captured output short; DDP tests and test_defaults.py run with it on, as users do.
 FAST = [
     "trainer=cpu",
     "trainer.max_epochs=1",

@@ -1,18 +1,25 @@
-"""The DataModules: download + integrity check, caching, the split, mean/std, image folders, bad data."""
+"""The DataModules: download + integrity check, caching, the split, mean/std, image folders, bad data, edge inputs."""
 
 from __future__ import annotations
 
+import io
 import shutil
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES3, write_image_folder
+from conftest import CLASSES3, FAST, class_images, folder_overrides, run_cli, write_image_folder
 from PIL import Image
 
 from cifarkit import data as D
 from cifarkit.errors import UserError
+from cifarkit.predict import image_files
+
+# What macOS writes as ``._name.jpg`` beside a file copied to a non-Mac disk: not an image.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
 
 
 def cifar(tmp_path: Path, **kw) -> D.CIFAR10DataModule:
@@ -30,6 +37,21 @@ def test_cifar10_downloads_verifies_and_splits(tiny_cifar10: dict, tmp_path: Pat
     assert tx.shape == (150, 3, 32, 32) and tx.dtype == torch.uint8 and ty.dtype == torch.int64
     assert len(vy) == 50 and len(sy) == 100 and sx.shape[1:] == (3, 32, 32)
     assert dm.classes == D.CIFAR10_CLASSES
+    # The pixels and labels the fixture pickled (5 batches of 40, seeds 1..5; 100 test, seed 99), exactly.
+    batches = [class_images(40, 10, 32, seed) for seed in range(1, 6)]
+    train_x = torch.from_numpy(np.concatenate([x for x, _ in batches])).permute(0, 3, 1, 2)
+    train_y = torch.from_numpy(np.concatenate([y for _, y in batches]))
+    cached = torch.load(dm.cache_file, weights_only=True)
+    assert torch.equal(cached["train_x"], train_x) and torch.equal(cached["train_y"], train_y)
+    test_x, test_y = class_images(100, 10, 32, seed=99)
+    assert torch.equal(sx, torch.from_numpy(test_x).permute(0, 3, 1, 2)) and torch.equal(sy, torch.from_numpy(test_y))
+    # train + val hold every training image once, each still with its own label.
+    assert pairs(torch.cat([tx, vx]), torch.cat([ty, vy])) == pairs(train_x, train_y)
+
+
+def pairs(x: torch.Tensor, y: torch.Tensor) -> list[tuple[bytes, int]]:
+    """(image bytes, label) of each sample, sorted: equal for two sets of the same labelled images."""
+    return sorted((img.numpy().tobytes(), int(label)) for img, label in zip(x, y))
 
 
 def test_split_is_fixed_disjoint_and_complete(tiny_cifar10: dict, tmp_path: Path) -> None:
@@ -100,6 +122,35 @@ def test_image_folder_reads_png_jpeg_and_resizes(image_folder: Path, tmp_path: P
     assert any(torch.equal(expected, img) for img in sx)
 
 
+def test_image_folder_decodes_exact_pixels_with_labels_in_sorted_class_order(tmp_path: Path) -> None:
+    """Lossless 32x32 files come back bit for bit, class by class; a class's label is its sorted rank."""
+    root = tmp_path / "imgs"
+    classes = ["zebra", "ant", "moth"]  # written in this order; labelled ant=0, moth=1, zebra=2
+    rng = np.random.default_rng(5)
+    expected: dict[str, list[tuple[Path, np.ndarray, int]]] = {"train": [], "test": []}
+    for split, n in (("train", 4), ("test", 2)):
+        for name in classes:
+            for i in range(n):
+                path = root / split / name / ("deeper" if i == 0 else "") / f"{i:02d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+                if i == 1:  # a greyscale PNG comes back as three equal channels
+                    img = np.repeat(img[..., :1], 3, axis=2)
+                    Image.fromarray(img[..., 0]).save(path)  # mode L
+                else:
+                    Image.fromarray(img).save(path)
+                expected[split].append((path, img, sorted(classes).index(name)))
+    dm = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=3)
+    assert dm.classes == ["ant", "moth", "zebra"]
+    dm.prepare_data()
+    cached = torch.load(dm.cache_file, weights_only=True)
+    for split, items in expected.items():
+        items.sort(key=lambda item: (item[2], item[0]))  # class by class, sorted paths within one
+        x = torch.from_numpy(np.stack([img for _, img, _ in items])).permute(0, 3, 1, 2)
+        assert torch.equal(cached[f"{split}_x"], x), split
+        assert cached[f"{split}_y"].tolist() == [label for _, _, label in items], split
+
+
 def test_image_folder_cache_follows_the_files(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "imgs", n_train=6, n_test=3)
     dm = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=3)
@@ -160,3 +211,101 @@ def test_unknown_pipeline_and_half_stats_are_user_errors(tmp_path: Path) -> None
         D.ImageFolderDataModule(root="x", cache_dir=str(tmp_path), pipeline="gpu")
     with pytest.raises(UserError, match="data.mean and data.std"):
         D.ImageFolderDataModule(root="x", cache_dir=str(tmp_path), mean=[0.5, 0.5, 0.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# Edge inputs: camera photos, decompression bombs, macOS metadata files.
+
+
+@pytest.mark.parametrize(
+    "orientation,stored",
+    [(3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_90), (8, Image.Transpose.ROTATE_270)],
+)
+def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, stored: Image.Transpose) -> None:
+    """A camera stores its sensor's pixels plus a tag saying how to turn them: the image loads upright."""
+    upright = np.zeros((20, 40, 3), dtype=np.uint8)  # 40 wide: left half red, right half blue
+    upright[:, :20] = (255, 0, 0)
+    upright[:, 20:] = (0, 0, 255)
+    im = Image.fromarray(upright).transpose(stored)
+    exif = im.getexif()
+    exif[0x0112] = orientation  # Orientation
+    path = tmp_path / "photo.jpg"
+    im.save(path, quality=95, exif=exif)
+    out = D.load_image(path, 32).astype(np.float64)  # resized to 32x32 after turning
+    assert np.abs(out[:, :14].mean(axis=(0, 1)) - (255, 0, 0)).max() < 25, out[:, :14].mean(axis=(0, 1))
+    assert np.abs(out[:, 18:].mean(axis=(0, 1)) - (0, 0, 255)).max() < 25, out[:, 18:].mean(axis=(0, 1))
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A valid 8x8 PNG whose header (CRC fixed up) claims width x height: a bomb that costs no memory to make."""
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8), "white").save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes(data))
+    return path
+
+
+# 30000^2 is over PIL's error limit (2 * MAX_IMAGE_PIXELS); 10000^2 only over its warning limit.
+@pytest.mark.parametrize("side", [30_000, 10_000])
+def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side: int) -> None:
+    bomb = bomb_png(tmp_path / "huge.png", side, side)
+    with pytest.raises(UserError, match="too large to decode safely") as e:
+        D.load_image(bomb, 32)
+    message = str(e.value)
+    assert str(bomb) in message and message.endswith("remove or replace it") and "\n" not in message
+    if side == 10_000:  # the warning became an error inside load_image only
+        with pytest.warns(Image.DecompressionBombWarning), Image.open(bomb):
+            pass
+
+
+def test_decompression_bomb_in_an_image_folder_ends_train_py_in_one_line(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / "imgs", n_train=6, n_test=2)
+    bomb = bomb_png(root / "train" / "dog" / "0100.png", 10_000, 10_000)  # 100 megapixels
+    r = run_cli("train.py", FAST + folder_overrides(root, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"error: cannot read image {bomb}: too large to decode safely"), last
+    assert last.endswith("remove or replace it"), last
+
+
+def hide_metadata_beside(root: Path) -> None:
+    """What macOS and tools leave in a folder: ``._`` twins, .DS_Store, a hidden folder of a real image."""
+    for p in sorted(root.rglob("*.*")):
+        (p.parent / f"._{p.name}").write_bytes(APPLEDOUBLE)
+        (p.parent / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        hidden = p.parent / ".thumbnails" / p.name
+        hidden.parent.mkdir(exist_ok=True)
+        shutil.copy(p, hidden)
+
+
+def test_hidden_files_in_an_image_folder_are_not_images(tmp_path: Path) -> None:
+    root = write_image_folder(tmp_path / ".cache" / "imgs", n_train=2, n_test=1)  # a hidden parent is fine
+    real = {
+        split: [(p, label) for label, c in enumerate(CLASSES3) for p in sorted((root / split / c).iterdir())]
+        for split in ("train", "test")
+    }
+    hide_metadata_beside(root)
+    assert (root / "train" / "cat" / "._0000.png").read_bytes() == APPLEDOUBLE
+    dm = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=1)
+    assert dm._files() == real
+    dm.setup()
+    cached = torch.load(dm.cache_file, weights_only=True)
+    for split, items in real.items():
+        x = torch.from_numpy(np.stack([D.load_image(p, 32) for p, _ in items])).permute(0, 3, 1, 2)
+        assert torch.equal(cached[f"{split}_x"], x) and cached[f"{split}_y"].tolist() == [label for _, label in items]
+
+
+def test_predict_lists_no_hidden_files_in_a_folder(tmp_path: Path) -> None:
+    inputs = tmp_path / ".local" / "mine"  # a hidden parent is fine
+    (inputs / "nested").mkdir(parents=True)
+    Image.new("RGB", (32, 32), "red").save(inputs / "a.png")
+    Image.new("RGB", (32, 32), "blue").save(inputs / "nested" / "b.jpg")
+    hide_metadata_beside(inputs)
+    assert image_files(str(inputs)) == [inputs / "a.png", inputs / "nested" / "b.jpg"]
+    # named on its own, a hidden file is still what was asked for (and is reported as unreadable)
+    assert image_files(str(inputs / "._a.png")) == [inputs / "._a.png"]

@@ -10,11 +10,18 @@ from __future__ import annotations
 import json
 import math
 import os
+import pty
+import select
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
-from conftest import FAST, folder_overrides, run_cli, run_dirs
+from conftest import ROOT, folder_overrides, run_cli, run_dirs
 
 from cifarkit.data import DeviceLoader
 from cifarkit.train import evaluate
@@ -57,15 +64,19 @@ def test_epoch_indices_split_every_split_across_ranks() -> None:
     assert (len(e0), len(e1)) == (2, 2)
 
 
+# What a user types, on tiny data: the default callbacks (Rich progress bar, sanity check, pictures,
+# graceful stop...) stay on, since a rank-0-only progress bar is what deadlocked DDP before.
+DDP = ["trainer=ddp_sim", "trainer.max_epochs=2", "data.batch_size=8", "data.eval_batch_size=16"]
+PYTHONPATH = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+
+
 def test_ddp_sim_trains_one_run_on_split_data(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     logs, probe = tmp_path / "logs", tmp_path / "probe"
-    args = FAST + folder_overrides(image_folder, tmp_path) + [
-        "trainer=ddp_sim", "trainer.max_epochs=2", "data.augment.crop_padding=0", "data.augment.hflip_p=0",
+    args = DDP + folder_overrides(image_folder, tmp_path) + [
+        "data.augment.crop_padding=0", "data.augment.hflip_p=0",
         f"paths.log_dir={logs}", "+callbacks.rank_probe._target_=test_ddp.RankProbe", f"+callbacks.rank_probe.out={probe}",
     ]
-    tests_dir = str(Path(__file__).parent)
-    pythonpath = os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])
-    r = run_cli("train.py", args, cwd=tmp_path, env={"PYTHONPATH": pythonpath})
+    r = run_cli("train.py", args, cwd=tmp_path, env=PYTHONPATH, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
 
     (run,) = run_dirs(logs)  # one run directory, with one of everything
@@ -92,3 +103,101 @@ def test_ddp_sim_trains_one_run_on_split_data(image_folder: Path, tmp_path: Path
     single = evaluate(cfg)
     assert math.isclose(single["test/acc"], metrics["test/acc"], abs_tol=1e-6)
     assert math.isclose(single["test/loss"], metrics["test/loss"], rel_tol=1e-3)
+
+
+def in_terminal(args: list[str], cwd: Path, timeout: float = 240) -> tuple[int, str]:
+    """Run train.py with a pseudo-terminal as stdin/stdout/stderr, as from a shell: Rich draws live."""
+    master, slave = pty.openpty()
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
+                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    os.close(slave)
+    out, end = b"", time.monotonic() + timeout
+    while time.monotonic() < end:
+        if select.select([master], [], [], 1.0)[0]:
+            try:
+                chunk = os.read(master, 1 << 16)
+            except OSError:  # the terminal closed: every process writing to it is gone
+                break
+            if not chunk:
+                break
+            out += chunk
+        elif p.poll() is not None:
+            break
+    else:
+        p.kill()
+        raise AssertionError("train.py in a terminal did not finish: " + out.decode(errors="replace")[-2000:])
+    os.close(master)
+    return p.wait(timeout=30), out.decode(errors="replace")
+
+
+@pytest.mark.parametrize("how", ["terminal", "callbacks=none"])
+def test_ddp_sim_finishes_from_a_terminal_and_without_callbacks(how: str, image_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    args = DDP + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={logs}"]
+    if how == "terminal":
+        code, out = in_terminal(args, tmp_path)
+        assert code == 0, out[-3000:]
+    else:
+        r = run_cli("train.py", args + ["callbacks=none"], cwd=tmp_path, timeout=240)
+        code, out = r.returncode, r.stderr
+        assert code == 0, out[-3000:]
+    (run,) = run_dirs(logs)
+    (metrics_file,) = run.rglob("metrics.json")
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2 and "test/acc" in metrics
+    if how == "callbacks=none":  # nothing of the project's: no pictures, no throughput, no graceful stop
+        assert not list(run.glob("*.png")) and "train/images_per_s" not in metrics
+
+
+class StallRank1(L.Callback):
+    """Rank 1 stops taking part in its second epoch, as a hung data read or a dead GPU would."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_rank == 1 and trainer.global_step == 5:
+            time.sleep(3600)
+
+
+def leftover_processes(marker: Path) -> list[str]:
+    r = subprocess.run(["pgrep", "-f", str(marker)], capture_output=True, text=True)
+    return r.stdout.split()
+
+
+def test_a_stalled_rank_ends_the_run_in_one_line(image_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    # Long enough for rank 1 to start on a busy 2-core machine (the rendezvous waits as long).
+    args = DDP + folder_overrides(image_folder, tmp_path) + [
+        f"paths.log_dir={logs}", "trainer.strategy.timeout.seconds=40", "+callbacks.stall._target_=test_ddp.StallRank1"]
+    t0 = time.monotonic()
+    r = run_cli("train.py", args, cwd=tmp_path, env=PYTHONPATH, timeout=240)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert time.monotonic() - t0 < 200
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
+    assert errors and "DDP ranks lost each other" in errors[0] and "trainer.strategy.timeout.seconds" in errors[0], r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    time.sleep(2)
+    assert leftover_processes(tmp_path) == []  # the stalled rank was ended too
+    (run,) = run_dirs(logs)
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    assert (run / "checkpoints" / "last.ckpt").is_file()  # epoch 0's checkpoint survives, loadable
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
+def test_sigterm_to_rank_0_stops_every_rank(image_folder: Path, tmp_path: Path) -> None:
+    logs = tmp_path / "logs"
+    args = DDP + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={logs}", "trainer.max_epochs=1000"]
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 180
+    while not list(logs.glob("train/runs/*/checkpoints/last.ckpt")):
+        assert p.poll() is None and time.monotonic() < end, p.communicate()[1][-3000:]
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)  # to rank 0 only, as `kill PID` does
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "checkpoint saved, continue with ckpt_path=" in err and "Traceback" not in err
+    time.sleep(2)
+    assert leftover_processes(tmp_path) == []
+    (run,) = run_dirs(logs)
+    ckpt = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
+    assert ckpt["epoch"] >= 1

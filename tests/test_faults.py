@@ -15,7 +15,8 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from cifarkit.callbacks import AtomicCheckpointIO, TrainingStopped, check_checkpoint
+from cifarkit.callbacks import TrainingStopped
+from cifarkit.checkpoints import AtomicCheckpointIO, load_checkpoint
 from cifarkit.errors import UserError
 from cifarkit.train import train
 from conftest import FAST, ROOT, folder_overrides, run_cli, run_dirs
@@ -56,8 +57,8 @@ def long_run(image_folder: Path, tmp_path: Path) -> list[str]:
         "trainer.max_epochs=1000", f"paths.log_dir={tmp_path / 'logs'}"]
 
 
-def resume_to_completion(image_folder: Path, tmp_path: Path, ckpt: Path, epochs: int) -> dict:
-    args = FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
+def resume_to_completion(image_folder: Path, tmp_path: Path, ckpt: Path, epochs: int, extra: list[str] = []) -> dict:
+    args = FAST + SMALL + folder_overrides(image_folder, tmp_path) + extra + [
         f"trainer.max_epochs={epochs}", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'resumed'}"]
     r = run_cli("train.py", args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
@@ -97,9 +98,16 @@ def test_sigkill_mid_epoch_resumes_from_last(image_folder, tmp_path):
     time.sleep(1.0)  # somewhere in epoch 1
     p.kill()
     p.communicate(timeout=30)
-    assert check_checkpoint(last)["epoch"] >= 0  # whole, whatever the kill interrupted
-    metrics = resume_to_completion(image_folder, tmp_path, last, epochs=2)
-    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert load_checkpoint(last)["epoch"] in (0, 1)  # whole: epoch 0's, or epoch 1's if the kill came later
+    resumed = resume_to_completion(image_folder, tmp_path, last, epochs=2, extra=["data.batch_size=4"])
+    whole = run_cli("train.py", FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
+        "trainer.max_epochs=2", "data.batch_size=4", f"paths.log_dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    whole_metrics = json.loads((run_dirs(tmp_path / "whole")[0] / "metrics.json").read_text())
+    assert {k: resumed[k] for k in RESUME_KEYS} == {k: whole_metrics[k] for k in RESUME_KEYS}
+
+
+RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
 
 
 def run_in_process(compose_cfg, image_folder: Path, tmp_path: Path, name: str, epochs: int,
@@ -118,12 +126,36 @@ def test_resume_at_epoch_boundary_gives_the_same_metrics(compose_cfg, image_fold
     run_in_process(compose_cfg, image_folder, tmp_path, "first", 1)
     resumed = run_in_process(compose_cfg, image_folder, tmp_path, "resumed", 2,
                              ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
-    keys = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "epochs", "steps"]
-    assert {k: resumed[k] for k in keys} == {k: whole[k] for k in keys}
+    assert {k: resumed[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
     # the best checkpoint was carried into the new run folder, the old run's files untouched
     assert Path(resumed["best_ckpt"]).name == Path(whole["best_ckpt"]).name
     assert Path(resumed["best_ckpt"]).parent == tmp_path / "resumed" / "checkpoints"
     assert (tmp_path / "first" / "checkpoints" / "last.ckpt").is_file()
+
+
+class SignalAt(L.Callback):
+    """Sends ``sig`` to this process as training step ``step`` starts: a real signal, mid-epoch."""
+
+    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
+        self.step, self.sig = step, sig
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.sig)
+
+
+@pytest.mark.parametrize("step", [1, 6])  # 4 steps an epoch: in epoch 0, and in epoch 1
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(step, compose_cfg, image_folder, tmp_path, monkeypatch):
+    whole = run_in_process(compose_cfg, image_folder, tmp_path, "whole", 2)
+    add_callback(monkeypatch, SignalAt(step))
+    with pytest.raises(TrainingStopped, match=f"stopped by SIGTERM at epoch {step // 4}, step {step + 1}"):
+        run_in_process(compose_cfg, image_folder, tmp_path, "stopped", 2)
+    monkeypatch.undo()
+    ckpt = tmp_path / "stopped" / "checkpoints" / "interrupted.ckpt"
+    (loader_state,) = load_checkpoint(ckpt)["loops"]["fit_loop"]["state_dict"]["combined_loader"]
+    assert loader_state["epoch"] == step // 4 and loader_state["batches"] == (step + 1) % 4  # mid-epoch
+    resumed = run_in_process(compose_cfg, image_folder, tmp_path, "resumed", 2, ckpt=ckpt)
+    assert {k: resumed[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
 
 
 def test_resuming_a_finished_run_keeps_its_metrics(compose_cfg, image_folder, tmp_path):
@@ -232,7 +264,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, target)
     assert target.read_bytes() == before
-    assert check_checkpoint(target)["epoch"] == 0
+    assert load_checkpoint(target)["epoch"] == 0
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temp file left
 
 
@@ -245,10 +277,10 @@ def bad_checkpoints(tmp_path: Path) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("kind", ["missing", "text", "plain torch"])
-def test_check_checkpoint_rejects_in_one_line(kind, tmp_path):
+def test_load_checkpoint_rejects_in_one_line(kind, tmp_path):
     path = bad_checkpoints(tmp_path)[kind]
     with pytest.raises(UserError, match=f"ckpt_path={path} ") as e:
-        check_checkpoint(path)
+        load_checkpoint(path)
     assert "\n" not in str(e.value) and ".ckpt" in str(e.value)
 
 

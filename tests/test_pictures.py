@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from conftest import CLASSES3, FAST, folder_overrides
 from PIL import Image
@@ -17,19 +19,36 @@ from cifarkit.pictures import confusion_figure, per_class, render
 from cifarkit.train import train
 
 
-def tensorboard_images(run_dir: Path) -> set[str]:
+def tensorboard_images(run_dir: Path) -> dict[str, np.ndarray]:
+    """The pixels of each image tag's last TensorBoard event."""
     acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"images": 0})
     acc.Reload()
-    return set(acc.Tags()["images"])
+    return {tag: png_pixels(io.BytesIO(acc.Images(tag)[-1].encoded_image_string)) for tag in acc.Tags()["images"]}
+
+
+def png_pixels(file: Path | io.BytesIO) -> np.ndarray:
+    """A PNG's RGB pixels, checked to be a picture: large enough, and not a blank canvas."""
+    with Image.open(file) as im:
+        assert im.format == "PNG"
+        pixels = np.asarray(im.convert("RGB"))
+    assert min(pixels.shape[:2]) > 200, pixels.shape
+    assert colours(pixels) > 50  # one colour, or a few, is no figure
+    assert (pixels.min(axis=2) < 200).mean() > 0.02  # and more than a thin line on white
+    return pixels
+
+
+def colours(pixels: np.ndarray) -> int:
+    """How many distinct RGB colours an (H, W, 3) uint8 picture has."""
+    return len(np.unique(pixels.astype(np.int32) @ np.array([1 << 16, 1 << 8, 1], dtype=np.int32)))
 
 
 def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path)))
     out = tmp_path / "out"
-    for name in ("samples", "confusion_matrix"):
-        with Image.open(out / f"{name}.png") as im:
-            assert im.format == "PNG" and min(im.size) > 200
-    assert tensorboard_images(out) == {"samples", "confusion_matrix"}
+    files = {name: png_pixels(out / f"{name}.png") for name in ("samples", "confusion_matrix")}
+    logged = tensorboard_images(out)
+    assert sorted(logged) == sorted(files)
+    assert all(np.array_equal(logged[name], files[name]) for name in files)  # TensorBoard shows the same pixels
 
     metrics = json.loads((out / "metrics.json").read_text())
     per = metrics["test/acc_class"]
@@ -40,20 +59,25 @@ def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path
         assert abs(per[name] - counts[i, i].item() / counts[i].sum().item()) < 1e-6
     assert abs(metrics["test/acc"] - counts.diag().sum().item() / counts.sum().item()) < 1e-6
     assert not any(k.startswith("test/acc_class/") for k in metrics)
+    # The picture is these very counts drawn: pixel for pixel the figure of metrics.json's matrix.
+    assert np.array_equal(files["confusion_matrix"], render(confusion_figure(counts, CLASSES3)))
 
 
 def test_no_test_no_confusion_matrix(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
     out = tmp_path / "out"
-    assert (out / "samples.png").is_file()
+    png_pixels(out / "samples.png")
     assert not (out / "confusion_matrix.png").exists()
     assert "test/acc_class" not in json.loads((out / "metrics.json").read_text())
 
 
 def test_fast_dev_run_draws_both(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["trainer.fast_dev_run=true"]))
-    assert (tmp_path / "out" / "samples.png").is_file()
-    assert (tmp_path / "out" / "confusion_matrix.png").is_file()
+    out = tmp_path / "out"
+    png_pixels(out / "samples.png")
+    counts = torch.tensor(json.loads((out / "metrics.json").read_text())["test/confusion_matrix"])
+    assert counts.sum() == 16  # one test batch (data.eval_batch_size=16)
+    assert np.array_equal(png_pixels(out / "confusion_matrix.png"), render(confusion_figure(counts, CLASSES3)))
 
 
 def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: Path, compose_cfg, monkeypatch) -> None:
@@ -65,8 +89,8 @@ def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: 
     original = pictures.samples_figure
 
     def spy(images: torch.Tensor, labels: torch.Tensor, classes: list[str], cols: int = 8):
-        seen.update(images=images, labels=labels, classes=classes)
-        return original(images, labels, classes, cols)
+        seen.update(images=images, labels=labels, classes=classes, figure=original(images, labels, classes, cols))
+        return seen["figure"]
 
     monkeypatch.setattr(pictures, "samples_figure", spy)
     train(cfg)
@@ -79,6 +103,8 @@ def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: 
     for img, label in zip(seen["images"], seen["labels"]):
         dist, j = (flat - img.flatten()).abs().amax(dim=1).min(dim=0)
         assert dist < 1e-3 and train_y[j] == label
+    # samples.png is that figure, pixel for pixel.
+    assert np.array_equal(png_pixels(tmp_path / "out" / "samples.png"), render(seen["figure"]))
 
 
 def test_per_class_folds_scalars() -> None:
@@ -87,8 +113,23 @@ def test_per_class_folds_scalars() -> None:
     assert per_class({"val/acc": 0.1}) == {"val/acc": 0.1}
 
 
+def test_confusion_figure_shows_row_shares_and_counts() -> None:
+    """Colour is the share of the true class (a row of zeros stays 0), each cell's text its count."""
+    counts = torch.tensor([[5, 1, 0], [2, 2, 0], [0, 0, 0]])
+    ax = confusion_figure(counts, CLASSES3).axes[0]
+    shares = np.array([[5 / 6, 1 / 6, 0], [0.5, 0.5, 0], [0, 0, 0]])
+    assert np.allclose(ax.images[0].get_array(), shares, atol=1e-6)
+    cells = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts}
+    assert cells == {(t, p): str(int(counts[t, p])) for t in range(3) for p in range(3)}
+    assert "accuracy 70.0%" in ax.get_title()  # 7 of 10
+    assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES3
+
+
 def test_confusion_figure_many_classes() -> None:
     """100 classes (CIFAR-100 style) draw without per-cell numbers and without error."""
-    counts = torch.randint(0, 5, (100, 100))
-    image = render(confusion_figure(counts, [f"c{i}" for i in range(100)]))
+    counts = torch.randint(0, 5, (100, 100), generator=torch.Generator().manual_seed(0))
+    fig = confusion_figure(counts, [f"c{i}" for i in range(100)])
+    assert not fig.axes[0].texts
+    image = render(fig)
     assert image.ndim == 3 and image.shape[2] == 3
+    assert colours(image) > 50

@@ -17,6 +17,8 @@ MEAN = torch.tensor([0.49, 0.48, 0.45])
 STD = torch.tensor([0.25, 0.24, 0.26])
 ZERO, ONE = torch.zeros(3), torch.ones(3)
 PAD = 4
+# Pearson chi-square critical values at p = 0.001: a fair sampler exceeds them once in 1000 seeds.
+CHI2_CRITICAL = {1: 10.83, 8: 26.12, 161: 222.19}
 
 
 def random_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -62,6 +64,12 @@ def drawn_offsets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return dy, dx, flip
 
 
+def chi_square(counts: torch.Tensor) -> float:
+    """Pearson's statistic of ``counts`` against equal expected counts (len(counts) - 1 degrees of freedom)."""
+    expected = counts.sum() / len(counts)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
 def loader(images: torch.Tensor, labels: torch.Tensor, train: bool = True, **kw) -> DeviceLoader:
     mean, std = kw.pop("mean", MEAN), kw.pop("std", STD)
     return DeviceLoader(images, labels, mean, std, kw.pop("batch_size", 64), train=train, padding=PAD, flip_p=0.5, **kw)
@@ -84,10 +92,12 @@ def test_every_offset_and_flip_occurs_uniformly() -> None:
     for axis in (0, 1):
         counts = torch.bincount(d[:, axis], minlength=2 * PAD + 1)
         assert len(counts) == 2 * PAD + 1, counts  # no offset outside 0..8
-        assert (counts > 0.6 * len(d) / 9).all() and (counts < 1.4 * len(d) / 9).all(), counts
-    assert 0.45 < d[:, 2].float().mean() < 0.55
-    # dy, dx and flip are drawn independently: all 162 combinations show up.
-    assert len(torch.unique(d, dim=0)) == 9 * 9 * 2
+        assert chi_square(counts) < CHI2_CRITICAL[8], counts
+    flips = torch.bincount(d[:, 2], minlength=2)
+    assert chi_square(flips) < CHI2_CRITICAL[1], flips
+    # dy, dx and flip are drawn independently: the 162 combinations are equally likely too.
+    joint = torch.bincount((d[:, 0] * (2 * PAD + 1) + d[:, 1]) * 2 + d[:, 2], minlength=162)
+    assert len(joint) == 162 and (joint > 0).all() and chi_square(joint) < CHI2_CRITICAL[161], joint
 
 
 @pytest.fixture(scope="module")
@@ -137,11 +147,35 @@ def test_train_batches_shapes_dtypes_and_variation(datamodule: ImageFolderDataMo
         assert bx.device.type == by.device.type == "cpu"
         assert bx.shape[1:] == (3, 32, 32) and len(bx) == len(by)
     assert [len(b[1]) for b in batches] == [8] * (len(y) // 8) + ([len(y) % 8] if len(y) % 8 else [])
-    # The labels come out shuffled but complete; the images are augmented, not the stored pixels.
-    assert sorted(torch.cat([b[1] for b in batches]).tolist()) == sorted(y.tolist())
-    plain = normalize(x, torch.tensor(datamodule.mean), torch.tensor(datamodule.std))
-    got = torch.cat([b[0] for b in batches])
-    assert sum(any(torch.equal(g, p) for p in plain) for g in got) < len(got) // 2
+    # Each output, denormalized, is exactly one crop/flip of a training image, with that image's label.
+    mean, std = torch.tensor(datamodule.mean)[:, None, None], torch.tensor(datamodule.std)[:, None, None]
+    pixels = (torch.cat([b[0] for b in batches]) * std + mean).mul(255).round().to(torch.uint8)
+    crops = crops_of(x)
+    found = [crops.get(img.numpy().tobytes()) for img in pixels]
+    assert None not in found  # no output is anything but a crop/flip of a stored image
+    assert sorted(i for i, _ in found) == list(range(len(y)))  # every training image once per epoch
+    assert [int(y[i]) for i, _ in found] == torch.cat([b[1] for b in batches]).tolist()
+    # ...and augmented: the identity (centre crop, no flip) is 1 draw in 162, the flip one in 2.
+    draws = [draw for _, draw in found]
+    assert draws.count((PAD, PAD, False)) <= 5 and 10 <= sum(flip for *_, flip in draws) <= len(y) - 10
+
+
+def crops_of(images: torch.Tensor) -> dict[bytes, tuple[int, tuple[int, int, bool]]]:
+    """Every (dy, dx, flip) crop of every zero-padded image, by its bytes: (image index, draw).
+
+    Built with plain slicing, independently of ``augment_batch``.
+    """
+    padded = torch.nn.functional.pad(images, (PAD,) * 4)
+    h, w = images.shape[2:]
+    table = {}
+    for dy in range(2 * PAD + 1):
+        for dx in range(2 * PAD + 1):
+            crop = padded[:, :, dy : dy + h, dx : dx + w]
+            for flip in (False, True):
+                for i, img in enumerate(crop.flip(-1) if flip else crop):
+                    table[img.contiguous().numpy().tobytes()] = (i, (dy, dx, flip))
+    assert len(table) == len(images) * (2 * PAD + 1) ** 2 * 2  # all distinct, so a match is unambiguous
+    return table
 
 
 def test_crops_and_flips_vary_between_batches_and_epochs() -> None:

@@ -13,7 +13,8 @@ from PIL import Image
 
 from cifarkit.errors import UserError
 from cifarkit.model import BasicCNN
-from cifarkit.callbacks import check_targets
+from cifarkit.checkpoints import check_net_config, rebuild_net
+from cifarkit.data import load_image, normalize
 from cifarkit.predict import predict
 from cifarkit.train import train
 
@@ -62,6 +63,16 @@ def test_predicts_a_folder(image_folder: Path, tmp_path: Path, compose_cfg) -> N
         assert 0.99 < sum(probs) <= 1 + 1e-5
     assert "notes.txt" in r.stderr and "Traceback" not in r.stderr
 
+    # the probabilities are the net's own, on images prepared as the checkpoint says
+    net, info = rebuild_net(ckpt, ["cifarkit."])
+    for row in rows:
+        x = torch.from_numpy(load_image(Path(row["path"]), info["image_size"])).permute(2, 0, 1)[None]
+        with torch.no_grad():
+            probs = net(normalize(x, torch.tensor(info["mean"]), torch.tensor(info["std"]))).softmax(1)[0]
+        expected = sorted(zip(probs.tolist(), info["classes"]), reverse=True)
+        assert [name for name, _ in row["top"]] == [name for _, name in expected]
+        assert [p for _, p in row["top"]] == pytest.approx([p for p, _ in expected], abs=1e-5)
+
     r = run_cli("predict.py", [f"ckpt_path={ckpt}", f"inputs={inputs / 'a.png'}", "top_k=2"], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     path, *top = r.stdout.strip().split("\t")
@@ -101,22 +112,29 @@ def test_eval_refuses_an_untrusted_net_target_too(image_folder: Path, tmp_path: 
 
 
 def test_nested_targets_are_checked() -> None:
-    check_targets({"_target_": "cifarkit.model.BasicCNN", "image_size": 32}, ["cifarkit."])
-    with pytest.raises(UserError, match="net.block._target_|subprocess.run"):
-        check_targets({"_target_": "cifarkit.model.BasicCNN", "block": {"_target_": "subprocess.run"}}, ["cifarkit."])
-    with pytest.raises(UserError, match="builtins.eval"):
-        check_targets({"_target_": "cifarkit.model.BasicCNN", "layers": [{"_target_": "builtins.eval"}]}, ["cifarkit."])
+    check_net_config({"_target_": "cifarkit.model.BasicCNN", "image_size": 32}, ["cifarkit."])
+    with pytest.raises(UserError, match=r"net.block .*subprocess.run"):
+        check_net_config({"_target_": "cifarkit.model.BasicCNN", "block": {"_target_": "subprocess.run"}}, ["cifarkit."])
+    with pytest.raises(UserError, match=r"net.layers\[0\] .*builtins.eval"):
+        check_net_config({"_target_": "cifarkit.model.BasicCNN", "layers": [{"_target_": "builtins.eval"}]}, ["cifarkit."])
     # a resolver would build this target only at instantiation time
     smuggled = {"_target_": "cifarkit.model.BasicCNN", "block": "${oc.create:{_target_: os.system, _args_: [ls]}}"}
     with pytest.raises(UserError, match="interpolation"):
-        check_targets(smuggled, ["cifarkit."])
+        check_net_config(smuggled, ["cifarkit."])
+    # judged on the resolved object: numpy and torch reached through a trusted module's attributes
+    for target in ("cifarkit.data.np.savetxt", "cifarkit.model.nn.Linear", "cifarkit.model.torch.nn.Linear"):
+        with pytest.raises(UserError, match="only nn.Module classes defined under"):
+            check_net_config({"_target_": target}, ["cifarkit."])
+    for key in ("_partial_", "_args_", "_recursive_", "_convert_"):
+        with pytest.raises(UserError, match=key):
+            check_net_config({"_target_": "cifarkit.model.BasicCNN", key: True}, ["cifarkit."])
 
 
 def test_cifarkit_target_that_is_not_a_net_is_refused(tmp_path: Path, compose_cfg) -> None:
     ckpt = crafted_checkpoint(tmp_path / "odd.ckpt", {"_target_": "cifarkit.cli.fail", "message": "x"})
     Image.new("RGB", (32, 32)).save(tmp_path / "img.png")
     cfg = compose_cfg([f"ckpt_path={ckpt}", f"inputs={tmp_path / 'img.png'}"], config_name="predict")
-    with pytest.raises(UserError, match="not a torch nn.Module"):
+    with pytest.raises(UserError, match="not an nn.Module class"):
         predict(cfg)
 
 

@@ -6,11 +6,13 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import CONFIG_DIR, FAST, folder_overrides, run_cli
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from PIL import Image
 
 from cifarkit.sweep import SweepSummary
 
@@ -21,6 +23,26 @@ TINY = FAST + ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 def read_summary(sweep_dir: Path) -> list[dict]:
     with open(sweep_dir / "summary.csv") as f:
         return list(csv.DictReader(f))
+
+
+def assert_rows_match_jobs(sweep_dir: Path, rows: list[dict]) -> None:
+    """Each summary row says what its job's own files say: its overrides, status and metrics."""
+    for row in rows:
+        job = sweep_dir / row["job"]
+        assert row["overrides"] == " ".join(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+        done = job / "metrics.json"
+        metrics = json.loads(done.read_text()) if done.exists() else {"status": "failed"}  # killed: no file
+        assert row["status"] == metrics["status"], row
+        for key in ("val/acc_best", "test/acc", "epochs"):
+            assert (float(row[key]) == metrics[key]) if key in metrics else row[key] == "", (key, row)
+
+
+def assert_plot(path: Path) -> None:
+    """summary.png is a drawn figure, not an empty or blank file."""
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) >= 300, im.size
+        pixels = np.asarray(im.convert("RGB")).astype(np.int32)
+    assert len(np.unique(pixels @ np.array([1 << 16, 1 << 8, 1]))) > 50  # axes, text, coloured lines
 
 
 def sweep_dirs(log_dir: Path) -> list[Path]:
@@ -45,13 +67,15 @@ def test_summary_lists_every_job_and_marks_failures(tmp_path: Path, capsys: pyte
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
 
     rows = read_summary(sweep)
+    assert list(rows[0]) == ["job", "status", "model.optimizer.lr", "val/acc_best", "test/acc", "epochs", "overrides"]
     assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
     assert [r["status"] for r in rows] == ["completed", "failed", "failed", "completed"]
     assert [r["model.optimizer.lr"] for r in rows] == ["0.01", "0.001", "0.0001", "0.1"]
     assert rows[0]["val/acc_best"] == "0.5" and rows[0]["test/acc"] == "0.4" and rows[0]["epochs"] == "3"
     assert rows[1]["val/acc_best"] == "" and "trainer=cpu" in rows[1]["overrides"]
     assert "trainer=cpu" not in rows[0]  # the same in every job: not a column of its own
-    assert (sweep / "summary.png").stat().st_size > 0
+    assert_rows_match_jobs(sweep, rows)
+    assert_plot(sweep / "summary.png")
     assert "2/4 completed" in capsys.readouterr().out
 
 
@@ -66,9 +90,12 @@ def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path
     assert [(r["job"], r["model.optimizer.lr"], r["status"]) for r in rows] == [
         ("0", "0.01", "completed"), ("1", "0.001", "completed"), ("2", "-1", "failed")
     ]
-    assert all(0 <= float(r["val/acc_best"]) <= 1 and r["epochs"] == "1" for r in rows[:2])
+    assert list(rows[0]) == ["job", "status", "model.optimizer.lr", "val/acc_best", "test/acc", "epochs", "overrides"]
+    assert all(0 <= float(r["val/acc_best"]) <= 1 and 0 <= float(r["test/acc"]) <= 1 and r["epochs"] == "1" for r in rows[:2])
+    assert_rows_match_jobs(sweep, rows)
+    assert rows[2]["val/acc_best"] == rows[2]["test/acc"] == ""
     assert "Invalid learning rate" in json.loads((sweep / "2" / "metrics.json").read_text())["error"]
-    assert (sweep / "summary.png").stat().st_size > 0
+    assert_plot(sweep / "summary.png")
     assert "2/3 completed" in r.stdout
 
 
@@ -92,9 +119,14 @@ def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path
     assert study.best_value == max(t.value for t in study.trials[:2])
 
     one, two = sweep_dirs(logs)
-    assert [r["status"] for r in read_summary(one)] == ["completed", "completed"]
-    assert [r["status"] for r in read_summary(two)] == ["failed", "failed"]
-    assert [float(r["model.optimizer.lr"]) for r in read_summary(two)] == pytest.approx(lrs[2:])
+    first_rows, second_rows = read_summary(one), read_summary(two)
+    assert [r["status"] for r in first_rows] == ["completed", "completed"]
+    assert [r["status"] for r in second_rows] == ["failed", "failed"]
+    assert [float(r["model.optimizer.lr"]) for r in first_rows + second_rows] == pytest.approx(lrs)
+    # The table and the study agree: each completed trial's value is its row's val/acc_best.
+    assert [float(r["val/acc_best"]) for r in first_rows] == pytest.approx([t.value for t in study.trials[:2]])
+    assert_rows_match_jobs(one, first_rows)
+    assert_rows_match_jobs(two, second_rows)
 
 
 def test_sweep_and_slurm_presets_compose() -> None:

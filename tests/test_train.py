@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from conftest import FAST, folder_overrides, run_cli, run_dirs, write_image_folder
@@ -131,7 +132,8 @@ def _bad(tmp_path: Path, args: list[str], script: str = "train.py") -> str:
         (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
         (["trainer=tpu9"], "Could not find 'trainer/tpu9'"),
         (["model.optimizer.lr=0.1", "optimized_metric=val/acc_best", "+data.colour=1"], "colour"),
-        (["trainer.accelerator=gpu"], "no CUDA GPU is available"),
+        pytest.param(["trainer.accelerator=gpu"], "no CUDA GPU is available",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
         (["data.download=false"], "data.download=true"),
     ],
 )
@@ -150,3 +152,89 @@ def test_bad_image_folder_from_the_command_line(tmp_path: Path) -> None:
         for name in ("cat", "dog"):
             (empty / split / name).mkdir(parents=True)
     assert "no PNG or JPEG images" in _bad(tmp_path, FAST + folder_overrides(empty, tmp_path))
+
+
+def test_val_size_0_trains_on_everything_tests_and_exits_0(image_folder: Path, tmp_path: Path) -> None:
+    """The tutorial trains on all training images: no validation split, so no val/acc_best,
+    and the final weights are tested; a sweep's optimized metric falls back to test/acc."""
+    logs = tmp_path / "logs"
+    args = FAST + folder_overrides(image_folder, tmp_path) + ["data.val_size=0", "trainer.max_epochs=2", f"paths.log_dir={logs}"]
+    r = run_cli("train.py", args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (run,) = run_dirs(logs)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2
+    assert metrics["steps"] == 2 * 9  # all 72 training images, batch 8
+    assert "val/acc_best" not in metrics and 0 <= metrics["test/acc"] <= 1
+    assert sum(map(sum, metrics["test/confusion_matrix"])) == 36
+    assert "returning test/acc instead" in r.stdout + r.stderr
+
+
+class BatchDigests(L.Callback):
+    """Records, per epoch, a digest of every training batch and the epoch's mean training loss."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[float]] = []
+        self.losses: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self.batches.append([])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.batches[-1].append(float(batch[0].double().sum()) + 1e3 * float(batch[1].sum()))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.losses.append(float(trainer.callback_metrics["train/loss"]))
+
+
+def test_debug_overfit_repeats_the_same_batches_and_overfits(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    import cifarkit.train as ct
+
+    probe, real_build = BatchDigests(), ct.build
+
+    def build(cfg, **kwargs):
+        datamodule, trainer = real_build(cfg, **kwargs)
+        trainer.callbacks.append(probe)
+        return datamodule, trainer
+
+    monkeypatch.setattr(ct, "build", build)
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["debug=overfit", "trainer.max_epochs=30", "test=false"])
+    train(cfg)
+    assert len(probe.batches) == 30 and len(probe.batches[0]) == 4  # debug=overfit: 30 epochs of 4 batches
+    assert all(epoch == probe.batches[0] for epoch in probe.batches)  # the same 4 batches every epoch
+    assert probe.losses[-1] < 0.2 * probe.losses[0]
+
+
+def test_precision_auto_never_picks_emulated_bf16(monkeypatch) -> None:
+    from cifarkit.train import resolve_precision
+
+    asked: list[dict] = []
+
+    def bf16_supported(including_emulation: bool = True) -> bool:  # a pre-Ampere GPU: emulation only
+        asked.append({"including_emulation": including_emulation})
+        return including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    assert resolve_precision("auto", "cuda") == "16-mixed"
+    assert asked == [{"including_emulation": False}]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere and later
+    assert resolve_precision("auto", "cuda") == "bf16-mixed"
+    assert resolve_precision("32-true", "cuda") == "32-true"
+    cpu = resolve_precision("auto", "cpu")
+    assert cpu == ("bf16-mixed" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "32-true")
+
+
+def test_eval_prepares_images_as_the_checkpoint_says(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
+    """A net trained on 16-pixel, unnormalized images with its own validation split is scored on
+    images prepared the same way, whatever eval.py's data options say."""
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
+        "data.image_size=16", "data.normalize=false", "data.val_size=6", "trainer.max_epochs=2"])
+    train(cfg)
+    trained = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    ecfg = compose_cfg(["trainer=cpu", f"ckpt_path={trained['best_ckpt']}", *folder_overrides(image_folder, tmp_path)],
+                       config_name="eval")
+    assert ecfg.data.image_size == 32 and ecfg.data.normalize and ecfg.data.val_size == 12  # what the options say
+    evaluated = evaluate(ecfg)
+    assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-4)
+    assert evaluated["test/confusion_matrix"] == trained["test/confusion_matrix"]

@@ -1,58 +1,32 @@
-"""Callbacks and plugins that train.py adds to every run: they are how a run stays safe and visible.
+"""The run's own callbacks, all composed from configs/callbacks/ (``callbacks=none`` drops them).
 
-* ``AtomicCheckpointIO``: a checkpoint is written beside its target and renamed into place.
-* ``GracefulStop``: SIGTERM / Ctrl-C save a checkpoint and end the run within a step.
-* ``CarryCheckpoints``: a run resumed into a new folder keeps the old run's best checkpoint.
+* ``GracefulStop``: SIGTERM / Ctrl-C save a checkpoint and end the run within a step, on every rank.
 * ``NonFiniteGuard``: a NaN/inf loss stops training before a bad checkpoint is written.
 * ``Throughput``: training images per second, logged as ``train/images_per_s``.
-* ``HParamsSummary``: the run's config in TensorBoard's HPARAMS tab, next to its final metrics.
+* ``HParamsSummary``: the run's hyperparameters in TensorBoard's HPARAMS tab, next to its final metrics.
+(``CarryCheckpoints`` lives with the checkpoints, ``RunPictures`` with the pictures.)
+
+Under DDP every rank runs the same hooks, but the progress bar runs on rank 0 only, and at the
+end of a training epoch it computes (and so syncs across ranks) the epoch's metrics. A
+collective issued from ``on_train_epoch_end`` would then meet a different collective on the
+other ranks and wait forever, so these callbacks agree across ranks only at a training batch's
+end or after validation, where every rank is at the same point.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import tempfile
+import sys
+import threading
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
-
-from cifarkit.errors import UserError
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, fsync, then ``os.replace``.
-
-    A run killed mid-save leaves the previous ``last.ckpt`` intact (at worst a hidden
-    ``.last.ckpt.*.tmp`` file after a SIGKILL), never a truncated checkpoint under the real name.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 class TrainingStopped(Exception):
@@ -67,24 +41,48 @@ class GracefulStop(L.Callback):
     """On SIGTERM or SIGINT, finish the current step, save ``checkpoints/interrupted.ckpt``, stop.
 
     The handlers only set a flag (they replace Lightning's own SIGTERM handler and its
-    KeyboardInterrupt path while training); the save happens after a training step
-    or a validation, where the state is whole and resumable. All ranks agree on the stop, so
-    DDP does not hang. A second Ctrl-C while saving is ignored rather than leaving a
-    half-written file, and diverged weights are never saved.
+    KeyboardInterrupt path while training); the save happens after a training step or a
+    validation, where the state is whole and resumable (the device loader's position is in
+    it, so a resume continues mid-epoch exactly). Under DDP, rank 0 passes the signal on to the
+    ranks it started and all ranks agree on the stop before saving. A second Ctrl-C while saving
+    is ignored, and diverged weights are never saved. If no step ends within ``grace_s`` after
+    the signal (a stalled run), the process says so in one line and exits anyway; and if rank 0
+    fails, it ends the ranks it started rather than leave them waiting.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 20) -> None:
+    def __init__(self, dirpath: str, every_n_steps: int = 20, grace_s: float = 120.0) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
+        self.grace_s = grace_s
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._children: list[Any] = []
+        self._watchdog: threading.Timer | None = None
 
     def _handler(self, signum: int, frame: Any) -> None:
+        first = self.signum is None
         self.signum = signum
+        if not first:
+            return
+        for proc in self._children:  # the ranks Lightning's launcher started from this process
+            if proc.poll() is None:
+                proc.send_signal(signum)
+        self._watchdog = threading.Timer(self.grace_s, self._give_up, args=(signum,))
+        self._watchdog.daemon = True
+        self._watchdog.start()
+
+    def _give_up(self, signum: int) -> None:
+        print(
+            f"stopped by {signal.Signals(signum).name}: no training step ended within {self.grace_s:g} s "
+            f"(a stalled run?); exiting without a new checkpoint, those in {self.dirpath} are intact",
+            file=sys.stderr, flush=True,
+        )
+        os._exit(128 + signum)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning has installed its SIGTERM handler (so ours replaces it, not wraps it).
         self.signum = None
+        self._children = list(getattr(getattr(trainer.strategy, "launcher", None), "procs", []))
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handler)
 
@@ -118,62 +116,28 @@ class GracefulStop(L.Callback):
         if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
             self._maybe_stop(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def _finish(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         self._restore()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._finish()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore()
-
-
-class CarryCheckpoints(L.Callback):
-    """Resuming into a new run folder keeps ``ModelCheckpoint``'s best and top-k.
-
-    ``ckpt_path=<old run>/checkpoints/last.ckpt`` starts a new run folder, and Lightning's
-    ``ModelCheckpoint`` forgets its scores when its folder changes: the resumed run would
-    then pick its best among the new epochs only and test other weights than a run that was
-    never stopped. The kept checkpoints are linked (or copied) into the new folder and the
-    saved state is pointed at them before ``ModelCheckpoint`` loads it.
-    """
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("callbacks", {})
-        for cb in trainer.checkpoint_callbacks:
-            state = states.get(cb.state_key)
-            if not state or not cb.dirpath or state.get("dirpath") in (None, cb.dirpath):
-                continue
-            new = Path(cb.dirpath)
-            if trainer.is_global_zero:
-                new.mkdir(parents=True, exist_ok=True)
-                for old in state.get("best_k_models", {}):
-                    _link_or_copy(Path(old), new / Path(old).name)
-            trainer.strategy.barrier("CarryCheckpoints")
-
-            def moved(p: str) -> str:
-                return str(new / Path(p).name) if p else p
-
-            kept = {moved(p): v for p, v in state.get("best_k_models", {}).items()}
-            state["best_k_models"] = {p: v for p, v in kept.items() if Path(p).is_file()}
-            for key in ("best_model_path", "kth_best_model_path"):  # empty where the old file is gone
-                path = moved(state.get(key, ""))
-                state[key] = path if path in state["best_k_models"] else ""
-            state["last_model_path"] = moved(state.get("last_model_path", ""))
-            state["dirpath"] = cb.dirpath
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists() or not src.is_file():
-        return
-    try:
-        os.link(src, dst)  # no extra disk; ModelCheckpoint deleting it later leaves the old run's file
-    except OSError:
-        shutil.copy2(src, dst)
+        self._finish()
+        if not isinstance(exception, TrainingStopped):  # a failing rank 0 takes down the ranks it started,
+            for proc in self._children:  # which would otherwise wait for it until their timeout, or forever
+                if proc.poll() is None:
+                    proc.kill()
 
 
 class NonFiniteGuard(L.Callback):
     """Stop with the step number when the training loss becomes NaN or infinite.
 
     On an accelerator the check stays on the device (no host sync per step) and is read every
-    ``check_every_n_steps`` steps and before each validation (on the CPU: every step), so no
+    ``check_every_n_steps`` steps, at the epoch's last step and before each validation (on the
+    CPU: every step), so no
     checkpoint of diverged weights is ever saved: ``last.ckpt`` stays the last good one. The
     ranks of a DDP run decide together, so they all stop.
     """
@@ -193,15 +157,15 @@ class NonFiniteGuard(L.Callback):
         bad = ~torch.isfinite(loss.detach())
         step = trainer.global_step  # already advanced past this step's optimizer update
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
-        if step % self.every == 0 or loss.device.type == "cpu":  # on the CPU a check costs no sync
+        # On the CPU a check costs no sync. The epoch's last step is checked too, before a run
+        # without validation saves its checkpoint at the epoch's end (not from on_train_epoch_end:
+        # see the module docstring).
+        if step % self.every == 0 or loss.device.type == "cpu" or batch_idx + 1 >= trainer.num_training_batches:
             self._check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._check(trainer)
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:
         local = self.first_bad is not None and int(self.first_bad) >= 0
@@ -253,58 +217,36 @@ class Throughput(L.Callback):
 
 
 class HParamsSummary(L.Callback):
-    """Register the run's flattened config with the metrics that TensorBoard's HPARAMS tab shows.
+    """The run's hyperparameters (the model's as ``model/...``, the data's as ``data/...``, and the
+    trainer's precision and epochs) in TensorBoard's HPARAMS tab, beside ``metrics``.
 
     Only the metric names are declared here; their values are the scalars the run logs, so
     the tab fills in as the run ends (and a killed run still shows its last values).
     """
 
-    def __init__(self, params: dict[str, Any], metrics: list[str]) -> None:
-        self.params, self.metrics = params, metrics
+    def __init__(self, metrics: list[str]) -> None:
+        self.metrics = list(metrics)
 
     @rank_zero_only
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from torch.utils.tensorboard.summary import hparams
 
+        params = flatten({
+            "model": dict(pl_module.hparams),
+            "data": dict(getattr(trainer.datamodule, "hparams", {})),
+            "trainer": {"precision": trainer.precision, "max_epochs": trainer.max_epochs, "world_size": trainer.world_size},
+        })
         for logger in trainer.loggers:
             if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-                exp, ssi, sei = hparams(self.params, {m: 0.0 for m in self.metrics})
+                exp, ssi, sei = hparams(params, {m: 0.0 for m in self.metrics})
                 writer = logger.experiment._get_file_writer()
                 for summary in (exp, ssi, sei):
                     writer.add_summary(summary)
 
 
-def check_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (no code runs: ``weights_only``) or stop with one clear line."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"ckpt_path={path} is not a readable checkpoint ({e.__class__.__name__}); pass a .ckpt written by train.py") from e
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise UserError(f"ckpt_path={path} is not a Lightning checkpoint (no state_dict); pass a .ckpt written by train.py")
-    return ckpt
-
-
-def check_targets(node: Any, trusted: Sequence[str], where: str = "net") -> None:
-    """Refuse any ``_target_`` in a saved config outside the trusted prefixes, and any interpolation.
-
-    train.py saves resolved configs, so a ``${...}`` can only be crafted: a resolver such as
-    ``oc.create`` could otherwise smuggle in a ``_target_`` that appears only once resolved.
-    """
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"optimizer": {"lr": 0.001}}}`` as ``{"model/optimizer/lr": 0.001}``; other values as text."""
     if isinstance(node, dict):
-        target = node.get("_target_")
-        if target is not None and not (isinstance(target, str) and target.startswith(tuple(trusted))):
-            raise UserError(
-                f"the checkpoint's {where} config names _target_={target!r}, outside the trusted "
-                f"{list(trusted)}; refusing to build it (add its package to trusted_targets only if you trust the file)"
-            )
-        for key, value in node.items():
-            check_targets(value, trusted, f"{where}.{key}")
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            check_targets(value, trusted, f"{where}[{i}]")
-    elif isinstance(node, str) and "${" in node:
-        raise UserError(f"the checkpoint's {where} config holds an interpolation {node!r}, which train.py never saves; refusing to build it")
+        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}/").items()}
+    value = node if isinstance(node, (int, float, str, bool)) else str(node)
+    return {prefix.rstrip("/"): value}

@@ -110,10 +110,14 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             print("stopped by SIGTERM outside training; nothing new was saved", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         except Exception as e:
-            user = isinstance(e, USER_ERRORS)
+            lost = lost_ranks(e)
+            user = lost or isinstance(e, USER_ERRORS)
             if not multirun and not user:
                 raise  # a bug: Hydra prints the traceback
             msg = one_line(e) if user else f"{e.__class__.__name__}: {e}"
+            if lost:
+                msg = (f"the DDP ranks lost each other ({msg[:200]}): a rank stalled or died; the checkpoints already "
+                       "saved are intact; raise trainer.strategy.timeout.seconds if a step legitimately takes longer")
             _mark_failed("failed", msg)
             if multirun:
                 (log.error if user else log.exception)("job failed: %s", msg)
@@ -121,6 +125,15 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             fail(msg)
 
     return wrapper
+
+
+def lost_ranks(e: BaseException) -> bool:
+    """Whether ``e`` is a distributed collective or rendezvous that failed (a timeout, a dead peer)."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    words = ("timed out", "timeout", "pair closure", "connection closed by peer", "connection reset by peer")
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(w in text for w in words))
 
 
 def _mark_failed(status: str, message: str) -> None:

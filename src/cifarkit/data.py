@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from pathlib import Path
@@ -25,10 +24,11 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from cifarkit.checkpoints import atomic_write
 from cifarkit.errors import UserError
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -73,9 +73,14 @@ class DeviceLoader:
 
     For training, each epoch draws a permutation and the crop offsets/flips from generators
     seeded by (seed, epoch), so every DDP rank draws the same permutation and takes its own
-    strided, equal-sized share, and a run resumed at an epoch boundary sees the same batches
-    as one that was never stopped. Everything random is drawn once per epoch on the CPU and
+    strided, equal-sized share. Everything random is drawn once per epoch on the CPU and
     moved in one copy, so the loop itself never syncs the host with the device.
+
+    Its state (``state_dict``, saved by Lightning in every checkpoint) is the seed, the epoch
+    and how many of the epoch's batches the trainer has consumed (``position``), which is all
+    it takes to redraw the epoch and continue after them: a run resumed mid-epoch sees exactly
+    the batches of one that was never stopped. With ``fixed_order`` (Lightning's
+    ``overfit_batches``) every epoch repeats epoch 0's batches.
     """
 
     def __init__(
@@ -90,6 +95,8 @@ class DeviceLoader:
         padding: int = 0,
         flip_p: float = 0.0,
         epoch: Callable[[], int] = lambda: 0,
+        position: Callable[[], int] = lambda: 0,
+        fixed_order: bool = False,
         rank: int = 0,
         world_size: int = 1,
         device: torch.device | str = "cpu",
@@ -100,7 +107,16 @@ class DeviceLoader:
         self.mean, self.std = mean.to(self.device), std.to(self.device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
         self.padding, self.flip_p = padding, flip_p
-        self.epoch, self.rank, self.world_size = epoch, rank, world_size
+        self.epoch, self.position, self.fixed_order = epoch, position, fixed_order
+        self.rank, self.world_size = rank, world_size
+        self.resume_at: tuple[int, int] = (-1, 0)  # (epoch, batches already consumed) from a checkpoint
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch(), "batches": self.position()}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed = int(state["seed"])
+        self.resume_at = (int(state["epoch"]), int(state["batches"]))
 
     def _per_rank(self) -> int:
         n = len(self.labels)
@@ -121,13 +137,17 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         epoch = self.epoch()
-        idx = self.epoch_indices(epoch)
+        draw = 0 if self.fixed_order else epoch
+        idx = self.epoch_indices(draw)
         if self.train:
-            g = torch.Generator().manual_seed((self.seed * 100_003 + epoch) * 1_009 + self.rank + 1)
+            g = torch.Generator().manual_seed((self.seed * 100_003 + draw) * 1_009 + self.rank + 1)
             m = len(idx)
             dy = torch.randint(0, 2 * self.padding + 1, (m,), generator=g)
             dx = torch.randint(0, 2 * self.padding + 1, (m,), generator=g)
             flip = torch.rand(m, generator=g) < self.flip_p
+            if self.resume_at[0] == epoch:  # the same draws, minus the batches trained before the stop
+                skip = self.resume_at[1] * self.batch_size
+                idx, dy, dx, flip = idx[skip:], dy[skip:], dx[skip:], flip[skip:]
             dy, dx, flip = (t.to(self.device, non_blocking=True) for t in (dy, dx, flip))
         idx = idx.to(self.device, non_blocking=True)
         # Whole chunks of batches are gathered, augmented and normalized at once, then sliced:
@@ -159,19 +179,6 @@ class PILDataset(Dataset):
 
 # ---------------------------------------------------------------------------------------------
 # The DataModules.
-
-
-def _atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write next to ``path`` and rename, so a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -213,6 +220,8 @@ class ImageDataModule(L.LightningDataModule):
         if (mean is None) != (std is None):
             raise UserError("set both data.mean and data.std, or neither (then they are computed)")
         augment = {"crop_padding": 4, "hflip_p": 0.5, **(augment or {})}  # the tutorial's unless told
+        mean, std = (list(mean), list(std)) if mean is not None else (None, None)
+        self.save_hyperparameters()  # plain values: TensorBoard's HPARAMS tab and the checkpoint show them
         self.cache_dir = Path(cache_dir)
         self.image_size, self.val_size, self.split_seed = image_size, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -220,7 +229,7 @@ class ImageDataModule(L.LightningDataModule):
         self.padding = int(augment.get("crop_padding") or 0)
         self.flip_p = float(augment.get("hflip_p") or 0.0)
         self.do_normalize = normalize
-        self._fixed_stats = (list(mean), list(std)) if mean is not None else None
+        self._fixed_stats = (mean, std) if mean is not None else None
         self.mean: list[float] = [0.0, 0.0, 0.0]
         self.std: list[float] = [1.0, 1.0, 1.0]
         self.seed = 0
@@ -250,7 +259,8 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Decode once and cache the uint8 tensors (rank 0 only; the others wait)."""
         if not self.cache_file.exists():
-            _atomic_torch_save(self._decode(), self.cache_file)
+            data = self._decode()
+            atomic_write(self.cache_file, lambda f: torch.save(data, f))
 
     def _load_cache(self) -> dict[str, torch.Tensor]:
         try:
@@ -286,9 +296,7 @@ class ImageDataModule(L.LightningDataModule):
             stats = json.loads(stats_file.read_text())
             return stats["mean"], stats["std"]
         mean, std = channel_stats(train_x)
-        tmp = stats_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"mean": mean, "std": std}))
-        os.replace(tmp, stats_file)
+        atomic_write(stats_file, lambda f: f.write(json.dumps({"mean": mean, "std": std}).encode()))
         return mean, std
 
     def describe(self) -> dict[str, Any]:
@@ -301,12 +309,15 @@ class ImageDataModule(L.LightningDataModule):
         batch = self.batch_size if train else self.eval_batch_size
         if self.pipeline == "device":
             trainer = self.trainer
+            if trainer is None:  # used outside a Trainer
+                return DeviceLoader(x, y, torch.tensor(self.mean), torch.tensor(self.std), batch, train=train,
+                                    seed=self.seed, padding=self.padding, flip_p=self.flip_p)
             return DeviceLoader(
                 x, y, torch.tensor(self.mean), torch.tensor(self.std), batch, train=train, seed=self.seed,
                 padding=self.padding, flip_p=self.flip_p,
-                epoch=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
-                rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
-                device=trainer.strategy.root_device if trainer else "cpu",
+                epoch=lambda: trainer.current_epoch, position=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                fixed_order=bool(trainer.overfit_batches), rank=trainer.global_rank, world_size=trainer.world_size,
+                device=trainer.strategy.root_device,
             )
         return DataLoader(
             PILDataset(x, y, self.pil_transform(train)), batch_size=batch, shuffle=train,
@@ -408,14 +419,22 @@ class ImageFolderDataModule(ImageDataModule):
         return train
 
     def _files(self) -> dict[str, list[tuple[Path, int]]]:
+        """Each split's (image, label) pairs, class by class, in sorted path order.
+
+        Hidden files and folders are skipped: macOS writes an AppleDouble ``._name.jpg`` beside
+        every file it copies to a foreign disk, and those (like ``.git``) are not images.
+        """
         files: dict[str, list[tuple[Path, int]]] = {}
         for split in ("train", "test"):
-            files[split] = [
-                (p, label)
-                for label, name in enumerate(self.classes)
-                for p in sorted((self.root / split / name).rglob("*"))
-                if p.suffix.lower() in IMAGE_SUFFIXES
-            ]
+            files[split] = []
+            for label, name in enumerate(self.classes):
+                class_dir = self.root / split / name
+                files[split] += [
+                    (p, label)
+                    for p in sorted(class_dir.rglob("*"))
+                    if p.suffix.lower() in IMAGE_SUFFIXES
+                    and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
+                ]
             if not files[split]:
                 raise UserError(f"no PNG or JPEG images under {self.root / split}; add images to its class folders")
         return files
@@ -440,12 +459,21 @@ class ImageFolderDataModule(ImageDataModule):
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode one image file to RGB uint8 (size, size, 3), resizing when it is another size."""
+    """Decode one image file to RGB uint8 (size, size, 3), upright, resized when it is another size.
+
+    A camera's EXIF orientation tag is applied, so a phone photo is not learned sideways. An
+    image over PIL's decompression-bomb limit (warning level included: ~90 megapixels) is
+    refused before decoding, as one bad file must not take gigabytes of memory.
+    """
     try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
-            return np.asarray(im)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im = ImageOps.exif_transpose(im).convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                return np.asarray(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise UserError(f"cannot read image {path}: too large to decode safely ({e}); remove or replace it") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise UserError(f"cannot read image {path} ({e}); remove or replace it") from e

@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.wrappers import ClasswiseWrapper
 
 
 def _plain(cfg: Any) -> Any:
@@ -25,7 +26,7 @@ def _plain(cfg: Any) -> Any:
 class ImageClassifier(L.LightningModule):
     def __init__(
         self,
-        net: dict,
+        net: dict | nn.Module,
         classes: list[str],
         optimizer: dict,
         scheduler: dict | None = None,
@@ -33,12 +34,14 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
-        """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes``; ``optimizer`` and
-        ``scheduler``: ``_partial_`` Hydra configs completed with the parameters / optimizer."""
+        """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
+        rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
+        Hydra configs completed with the parameters / optimizer."""
         super().__init__()
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
-        self.save_hyperparameters()
-        self.net: nn.Module = instantiate(net, num_classes=len(classes))
+        built = isinstance(net, nn.Module)
+        self.save_hyperparameters(ignore=["net"] if built else None)
+        self.net: nn.Module = net if built else instantiate(net, num_classes=len(classes))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
         # Kept out of the module tree so the state dict stays the plain net's.
@@ -49,9 +52,11 @@ class ImageClassifier(L.LightningModule):
         # value back to the host, a stall per step on a GPU; NonFiniteGuard watches the loss instead.
         self.train_loss = MeanMetric(nan_strategy="disable")
         self.train_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
+        for metric in (self.train_loss, self.train_acc):  # a run resumed mid-epoch keeps the epoch's first part
+            metric.persistent(True)
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(2))
-        self.test_class_acc = MulticlassAccuracy(n, average=None)
+        self.test_class_acc = ClasswiseWrapper(MulticlassAccuracy(n, average=None), labels=classes, prefix="test/acc_class/")
         self.test_confusion = MulticlassConfusionMatrix(n)
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives a resume from checkpoint
@@ -63,6 +68,11 @@ class ImageClassifier(L.LightningModule):
         x, y = batch
         logits = self(x)
         return self.criterion(logits, y), logits, y
+
+    def on_train_epoch_start(self) -> None:
+        # Not called when resuming mid-epoch: then the restored sums of the epoch's first part stay.
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._step(batch)
@@ -101,8 +111,7 @@ class ImageClassifier(L.LightningModule):
         self.test_confusion.reset()
 
     def on_test_epoch_end(self) -> None:
-        for name, acc in zip(self.hparams.classes, self.test_class_acc.compute()):
-            self.log(f"test/acc_class/{name}", acc)
+        self.log_dict(self.test_class_acc.compute(), sync_dist=True)  # equal on every rank already; says so
 
     def configure_optimizers(self) -> Any:
         optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())

@@ -22,6 +22,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cifarkit.checkpoints import atomic_write
+
 
 def render(fig: Figure) -> np.ndarray:
     """The figure as an RGB uint8 array (H, W, 3)."""
@@ -75,14 +77,10 @@ class RunPictures(L.Callback):
     def __init__(self, output_dir: str, num_samples: int = 64) -> None:
         self.output_dir = Path(output_dir)
         self.num_samples = num_samples
-        self.confusion: list[list[int]] | None = None  # the last test's counts, for metrics.json
 
     def _publish(self, trainer: L.Trainer, name: str, fig: Figure) -> None:
         image = render(fig)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.output_dir / f".{name}.png.tmp"
-        Image.fromarray(image).save(tmp, format="PNG")
-        tmp.replace(self.output_dir / f"{name}.png")
+        atomic_write(self.output_dir / f"{name}.png", lambda f: Image.fromarray(image).save(f, format="PNG"))
         for logger in trainer.loggers:
             if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
                 logger.experiment.add_image(name, image, trainer.global_step, dataformats="HWC")
@@ -110,7 +108,6 @@ class RunPictures(L.Callback):
         if metric is None or not metric.update_called:
             return
         counts = metric.compute()  # every rank: the sum over ranks is a collective
-        self.confusion = counts.cpu().tolist()
         if trainer.is_global_zero:
             self._publish(trainer, "confusion_matrix", confusion_figure(counts, pl_module.hparams.classes))
 

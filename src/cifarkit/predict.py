@@ -1,27 +1,22 @@
 """Classify your own image files with a trained checkpoint: ``python predict.py ckpt_path=... inputs=...``.
 
 The checkpoint carries everything needed (the net's config, class names, mean/std, image
-size), so no dataset is needed. Nothing in it runs as code: it is read with
-``weights_only=True``, and the net is only built from a ``_target_`` under a trusted package
-prefix, since instantiating an arbitrary ``_target_`` (``os.system``...) would run it.
+size), so no dataset is needed. Nothing in it runs as code: cifarkit/checkpoints.py loads it
+with ``weights_only=True`` and rebuilds only trusted ``nn.Module`` classes.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
-from torch import nn
 
-from cifarkit.callbacks import check_checkpoint, check_targets
+from cifarkit.checkpoints import rebuild_net
 from cifarkit.data import load_image, normalize
 from cifarkit.errors import UserError
 from cifarkit.train import resolve_accelerator
@@ -29,41 +24,19 @@ from cifarkit.train import resolve_accelerator
 BATCH = 256
 
 
-def is_module_class(target: Any) -> bool:
-    """Whether ``target`` ("package.module.Class") names an ``nn.Module`` subclass."""
-    module, _, name = str(target).rpartition(".")
-    try:
-        obj = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError):
-        return False
-    return isinstance(obj, type) and issubclass(obj, nn.Module)
-
-
-def load_predictor(ckpt_path: str, trusted: Sequence[str], device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """The checkpoint's net in eval mode on ``device``, and its data_info (classes, mean, std, image_size)."""
-    ckpt = check_checkpoint(ckpt_path)
-    info, hparams = ckpt.get("data_info"), ckpt.get("hyper_parameters")
-    net_cfg = hparams.get("net") if isinstance(hparams, dict) else None
-    if not isinstance(info, dict) or not {"classes", "mean", "std", "image_size"} <= info.keys() or not isinstance(net_cfg, dict):
-        raise UserError(f"ckpt_path={ckpt_path} lacks the net config or data_info (classes, mean/std, image size); pass a .ckpt written by train.py")
-    check_targets(net_cfg, trusted)
-    if not is_module_class(net_cfg.get("_target_")):
-        raise UserError(f"the checkpoint's net _target_={net_cfg.get('_target_')!r} is not a torch nn.Module class; pass a .ckpt written by train.py")
-    net: nn.Module = instantiate(net_cfg, num_classes=len(info["classes"]))
-    try:
-        net.load_state_dict({k.removeprefix("net."): v for k, v in ckpt["state_dict"].items() if k.startswith("net.")})
-    except (RuntimeError, AttributeError, TypeError) as e:  # missing/odd-shaped weights, or no dict at all
-        raise UserError(f"ckpt_path={ckpt_path}: its weights do not fit its net config ({str(e).splitlines()[0]}); pass a .ckpt written by train.py") from e
-    return net.to(device).eval(), info
-
-
 def image_files(inputs: str) -> list[Path]:
-    """The file itself, or every file under the folder (recursively, sorted)."""
+    """The file itself, or every file under the folder (recursively, sorted).
+
+    In a folder, hidden files and folders are left out: macOS's AppleDouble ``._name.jpg``
+    twins (and ``.git``, ``.DS_Store``) are not images and would only be reported as unreadable.
+    """
     p = Path(inputs)
     if p.is_file():
         return [p]
     if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file())
+        return sorted(
+            f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
+        )
     raise UserError(f"inputs={inputs} does not exist; pass an image file or a folder of images")
 
 
@@ -92,7 +65,8 @@ def predict(cfg: DictConfig) -> int:
         raise UserError(f"top_k={cfg.top_k} must be at least 1")
     files = image_files(str(cfg.inputs))
     device = resolve_accelerator(cfg.device)
-    net, info = load_predictor(str(cfg.ckpt_path), list(cfg.trusted_targets), device)
+    net, info = rebuild_net(str(cfg.ckpt_path), list(cfg.trusted_targets))
+    net = net.to(device)
     classes = info["classes"]
     mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
     k = min(int(cfg.top_k), len(classes))
