@@ -131,6 +131,7 @@ def in_terminal(args: list[str], cwd: Path, timeout: float = 240) -> tuple[int, 
     return p.wait(timeout=30), out.decode(errors="replace")
 
 
+@pytest.mark.slow  # two more DDP runs; the default-callbacks DDP run above stays in the default suite
 @pytest.mark.parametrize("how", ["terminal", "callbacks=none"])
 def test_ddp_sim_finishes_from_a_terminal_and_without_callbacks(how: str, image_folder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
@@ -163,6 +164,7 @@ def leftover_processes(marker: Path) -> list[str]:
     return r.stdout.split()
 
 
+@pytest.mark.slow  # waits out a 40 s collective timeout
 def test_a_stalled_rank_ends_the_run_in_one_line(image_folder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     # Long enough for rank 1 to start on a busy 2-core machine (the rendezvous waits as long).
@@ -183,6 +185,7 @@ def test_a_stalled_rank_ends_the_run_in_one_line(image_folder: Path, tmp_path: P
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
 
 
+@pytest.mark.slow
 def test_sigterm_to_rank_0_stops_every_rank(image_folder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     args = DDP + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={logs}", "trainer.max_epochs=1000"]

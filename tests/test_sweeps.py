@@ -99,6 +99,21 @@ def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path
     assert "2/3 completed" in r.stdout
 
 
+def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp_path: Path) -> None:
+    """Plain ddp starts rank 1 by re-running the command line, which inside -m would re-run the sweep."""
+    logs = tmp_path / "logs"
+    args = ["-m", *TINY, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}", "trainer=ddp_sim",
+            "model.optimizer.lr=1e-3,1e-4"]
+    r = run_cli("train.py", args, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (sweep,) = sweep_dirs(logs)
+    rows = read_summary(sweep)
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    for job in ("0", "1"):
+        error = json.loads((sweep / job / "metrics.json").read_text())["error"]
+        assert "cannot run inside a local sweep" in error and "+trainer.strategy.start_method=spawn" in error
+
+
 def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path) -> None:
     import optuna
 
