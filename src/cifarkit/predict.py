@@ -3,13 +3,16 @@
 The checkpoint carries everything needed (the net's config, class names, mean/std, image
 size), so no dataset is needed. Nothing in it runs as code: cifarkit/checkpoints.py loads it
 with ``weights_only=True`` and rebuilds only trusted ``nn.Module`` classes.
+
+``ckpt_path=model.onnx`` (written by export.py) runs the model with ONNX Runtime on the CPU
+instead, reading the classes and image size from the model's metadata; the output is the same.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +22,10 @@ from omegaconf import DictConfig
 from cifarkit.checkpoints import rebuild_net
 from cifarkit.data import load_image, normalize
 from cifarkit.errors import UserError
-from cifarkit.train import resolve_accelerator
 
 BATCH = 256
+# uint8 images (B, size, size, 3) -> class probabilities (B, C)
+Scorer = Callable[[np.ndarray], torch.Tensor]
 
 
 def image_files(inputs: str) -> list[Path]:
@@ -56,6 +60,51 @@ def decoded(files: list[Path], size: int) -> Iterator[tuple[list[Path], np.ndarr
         yield paths, np.stack(images)
 
 
+def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
+    """The checkpoint's net on ``cfg.device``, fed as in training; its classes and image size."""
+    from cifarkit.train import resolve_accelerator  # the training stack: loaded for a .ckpt only
+
+    device = resolve_accelerator(cfg.device)
+    net, info = rebuild_net(str(cfg.ckpt_path), list(cfg.trusted_targets))
+    net = net.to(device)
+    mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
+
+    def score(images: np.ndarray) -> torch.Tensor:
+        x = normalize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2), mean, std)
+        return net(x).float().softmax(dim=1)
+
+    return score, info["classes"], int(info["image_size"])
+
+
+def onnx_scorer(path: str) -> tuple[Scorer, list[str], int]:
+    """An export.py ONNX model in ONNX Runtime (CPU provider), whose graph does the preprocessing
+    and softmax itself; the classes and image size come from its metadata."""
+    import onnxruntime as ort  # only this path needs it
+
+    if not Path(path).is_file():
+        raise UserError(f"ckpt_path={path} does not exist; pass a .ckpt, or a .onnx written by export.py")
+    try:
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        meta = session.get_modelmeta().custom_metadata_map
+        classes, size = json.loads(meta["classes"]), json.loads(meta["image_size"])
+        inputs = session.get_inputs()
+    except Exception as e:  # not ONNX, or ONNX without export.py's metadata
+        raise UserError(f"ckpt_path={path} is not an ONNX model written by export.py ({e.__class__.__name__}); export one with export.py") from e
+    valid = (
+        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
+        and isinstance(size, int) and not isinstance(size, bool) and size > 0
+        and len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and inputs[0].shape[1:] == [3, size, size]
+    )
+    if not valid:
+        raise UserError(f"ckpt_path={path} lacks export.py's metadata or its uint8 (N, 3, H, W) input; export it again with export.py")
+    name = inputs[0].name
+
+    def score(images: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(images.transpose(0, 3, 1, 2))})[0])
+
+    return score, classes, size
+
+
 @torch.inference_mode()
 def predict(cfg: DictConfig) -> int:
     """Print the top-k classes of every image under ``cfg.inputs``; return how many were classified."""
@@ -64,16 +113,12 @@ def predict(cfg: DictConfig) -> int:
     if int(cfg.top_k) < 1:
         raise UserError(f"top_k={cfg.top_k} must be at least 1")
     files = image_files(str(cfg.inputs))
-    device = resolve_accelerator(cfg.device)
-    net, info = rebuild_net(str(cfg.ckpt_path), list(cfg.trusted_targets))
-    net = net.to(device)
-    classes = info["classes"]
-    mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
+    is_onnx = Path(str(cfg.ckpt_path)).suffix.lower() == ".onnx"
+    score, classes, size = onnx_scorer(str(cfg.ckpt_path)) if is_onnx else checkpoint_scorer(cfg)
     k = min(int(cfg.top_k), len(classes))
     done = 0
-    for paths, images in decoded(files, int(info["image_size"])):
-        x = normalize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2), mean, std)
-        probs, idx = net(x).float().softmax(dim=1).topk(k, dim=1)
+    for paths, images in decoded(files, size):
+        probs, idx = score(images).topk(k, dim=1)
         for path, p_row, i_row in zip(paths, probs.tolist(), idx.tolist()):
             top = [[classes[i], round(p, 6)] for p, i in zip(p_row, i_row)]
             if cfg.format == "json":
