@@ -1,8 +1,12 @@
-"""Networks. ``BasicCNN`` is the tutorial's BasicBlock CNN, layer for layer."""
+"""Networks. ``BasicCNN`` is the tutorial's BasicBlock CNN, layer for layer; ``AirbenchNet``
+is airbench94's net; ``ResNet18`` is ResNet-18 with a stem for 32x32 images."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -43,3 +47,187 @@ class BasicCNN(nn.Module):
         x = self.block3(self.block2(self.block1(x)))
         x = torch.flatten(x, start_dim=1)
         return self.fc3(self.relu(self.fc2(self.relu(self.fc1(x)))))
+
+
+# ---------------------------------------------------------------------------------------------
+# airbench: Keller Jordan's fast CIFAR-10 net (github.com/KellerJordan/cifar10-airbench,
+# legacy/airbench94.py; arXiv 2404.00498), rebuilt here as a plain nn.Module.
+
+AIRBENCH_BN_EPS = 1e-12  # airbench's (PyTorch's default is 1e-5)
+
+
+def _airbench_norm(channels: int, momentum: float) -> nn.BatchNorm2d:
+    """BatchNorm with airbench's settings: only the bias is trained; the scale stays at 1,
+    as the conv that follows can scale its input itself."""
+    norm = nn.BatchNorm2d(channels, eps=AIRBENCH_BN_EPS, momentum=momentum)
+    norm.weight.requires_grad_(False)
+    return norm
+
+
+def _partial_identity_(conv: nn.Conv2d) -> None:
+    """Make the conv's first ``in_channels`` filters copy their input channel (the rest keep
+    their random init): the net starts close to passing the whitened image through, which
+    airbench found trains faster than a fully random start."""
+    with torch.no_grad():
+        nn.init.dirac_(conv.weight[: conv.in_channels])
+
+
+class AirbenchConvGroup(nn.Module):
+    """conv3x3 -> MaxPool2d(2) -> BN -> GELU -> conv3x3 -> BN -> GELU: halves the spatial size.
+
+    Pooling straight after the first conv runs everything after it on a quarter of the pixels.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bn_momentum: float) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.pool = nn.MaxPool2d(2)
+        self.norm1 = _airbench_norm(out_channels, bn_momentum)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.norm2 = _airbench_norm(out_channels, bn_momentum)
+        self.act = nn.GELU()
+        _partial_identity_(self.conv1)
+        _partial_identity_(self.conv2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.norm1(self.pool(self.conv1(x))))
+        return self.act(self.norm2(self.conv2(x)))
+
+
+class AirbenchNet(nn.Module):
+    """airbench94's net: a frozen 2x2 patch-whitening conv (3 -> 24), GELU, one
+    ``AirbenchConvGroup`` per width, a global max pool and a bias-free linear head whose
+    output is multiplied by ``scale``.
+
+    1,972,792 parameters with the default widths (64, 256, 256) and 10 classes. Whitening makes
+    the input's 2x2 patches uncorrelated with unit variance, so the first trained conv sees
+    well-conditioned input; its filters come from the training images (``init_from_images``)
+    or, for a rebuilt net, from the state dict, and are never trained. ``scale`` (airbench:
+    1/9) keeps the initial logits small. ``bn_momentum`` is PyTorch's (weight of the new batch
+    statistics): airbench's 0.6 for the old running value is 0.4 here; BatchNorm eps is 1e-12.
+    The whitening bias is trained (airbench freezes it after 3 epochs: a recipe's choice).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        widths: Sequence[int] = (64, 256, 256),
+        bn_momentum: float = 0.4,
+        scale: float = 1 / 9,
+    ) -> None:
+        super().__init__()
+        if not widths:
+            raise ValueError("widths must name at least one conv group")
+        # Two filters (v and -v) per eigenvector of the 12-dim patch covariance: the GELU that
+        # follows would otherwise lose the negative half of each whitened component.
+        self.whiten = nn.Conv2d(3, 2 * 3 * 2 * 2, kernel_size=2, bias=True)
+        self.whiten.weight.requires_grad_(False)
+        with torch.no_grad():
+            self.whiten.bias.zero_()  # trained: shifts each whitened component before the GELU
+        self.act = nn.GELU()
+        channels = [self.whiten.out_channels, *widths]
+        self.groups = nn.Sequential(*(AirbenchConvGroup(i, o, bn_momentum) for i, o in zip(channels, channels[1:])))
+        self.head = nn.Linear(channels[-1], num_classes, bias=False)
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.groups(self.act(self.whiten(x)))
+        # Global max pool: airbench's MaxPool2d(3) on the 3x3 map left from 32x32, any size here.
+        return self.head(x.amax(dim=(2, 3))) * self.scale
+
+    @torch.no_grad()
+    def init_from_images(self, images: torch.Tensor, eps: float = 5e-4, chunk: int = 256) -> None:
+        """Set the frozen whitening filters from normalized training images (N, 3, H, W).
+
+        Every 2x2 patch (12 values) is taken; the patches' covariance C = V diag(l) V^T gives
+        the filters V / sqrt(l + eps) and their negatives, so each positive filter's outputs on
+        these images have unit variance and are uncorrelated with the others. ``eps`` (airbench's
+        5e-4) bounds the gain of near-constant directions. The sums run in float64 over chunks of
+        ``chunk`` images (bounded memory), and each eigenvector's sign is fixed (its largest entry
+        positive), so the same images always give the same filters.
+        """
+        if images.ndim != 4 or images.shape[1] != self.whiten.in_channels:
+            raise ValueError(f"init_from_images needs images shaped (N, 3, H, W), got {tuple(images.shape)}")
+        size = self.whiten.in_channels * self.whiten.kernel_size[0] * self.whiten.kernel_size[1]
+        count, total, products = 0, torch.zeros(size, dtype=torch.float64), torch.zeros(size, size, dtype=torch.float64)
+        for batch in images.detach().split(chunk):
+            # (B, 12, L) -> (B*L, 12), each row one patch in the conv weight's (channel, row, column) order.
+            patches = F.unfold(batch.to("cpu", torch.float64), self.whiten.kernel_size).transpose(1, 2).reshape(-1, size)
+            count += len(patches)
+            total += patches.sum(0)
+            products += patches.T @ patches
+        mean = total / count
+        covariance = products / count - torch.outer(mean, mean)
+        values, vectors = torch.linalg.eigh(covariance)  # ascending; eigenvectors in columns
+        values, vectors = values.flip(0), vectors.flip(1)
+        largest = vectors.gather(0, vectors.abs().argmax(0, keepdim=True))
+        vectors = vectors * torch.sign(largest)
+        filters = (vectors / torch.sqrt(values.clamp(min=0) + eps)).T.reshape(size, *self.whiten.weight.shape[1:])
+        self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        self.whiten.weight.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# ResNet-18 for 32x32 images, as in Lightning's CIFAR-10 baseline tutorial (torchvision's
+# resnet18 with a 3x3 stride-1 stem and no max pool).
+
+
+class ResidualBlock(nn.Module):
+    """He et al.'s basic block: conv3x3-BN-ReLU-conv3x3-BN, plus the shortcut, then ReLU.
+
+    The shortcut is the input itself, or a 1x1 conv + BN where the stride or width changes
+    (the input must then be resized to be added).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                nn.BatchNorm2d(out_channels),
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with a CIFAR stem: 11,173,962 parameters for 10 classes.
+
+    The stem is a 3x3 stride-1 conv (64) + BN + ReLU with no max pool: ImageNet's 7x7 stride-2
+    conv and pool would shrink a 32x32 image to 8x8 before the first stage. Then four stages of
+    two ``ResidualBlock`` (``widths``, default 64/128/256/512; stages 2-4 halve the size),
+    average pooling and a linear head. Convs start as torchvision's (Kaiming normal, fan-out).
+    """
+
+    def __init__(self, num_classes: int = 10, widths: Sequence[int] = (64, 128, 256, 512)) -> None:
+        super().__init__()
+        if len(widths) != 4:
+            raise ValueError(f"ResNet18 has four stages, so widths needs four numbers, got {list(widths)}")
+        self.stem = nn.Sequential(
+            nn.Conv2d(3, widths[0], kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(widths[0]),
+            nn.ReLU(),
+        )
+        stages, in_channels = [], widths[0]
+        for i, width in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(ResidualBlock(in_channels, width, stride), ResidualBlock(width, width)))
+            in_channels = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_channels, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.stages(self.stem(x)))
+        return self.fc(torch.flatten(x, start_dim=1))

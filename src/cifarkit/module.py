@@ -15,8 +15,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
+
+from cifarkit.data import normalize
+
+
+WHITENING_IMAGES = 5000  # training images a data-initialised net (AirbenchNet) learns its first layer from
 
 
 def _plain(cfg: Any) -> Any:
@@ -58,8 +63,18 @@ class ImageClassifier(L.LightningModule):
         self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(2))
         self.test_class_acc = ClasswiseWrapper(MulticlassAccuracy(n, average=None), labels=classes, prefix="test/acc_class/")
         self.test_confusion = MulticlassConfusionMatrix(n)
+        self.test_calibration = MulticlassCalibrationError(n, n_bins=15, norm="l1")  # expected calibration error
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # survives a resume from checkpoint
+
+    def setup(self, stage: str) -> None:
+        # A net that starts from statistics of the training images (airbench's whitening layer)
+        # gets them here, before a resumed run's weights are loaded over them.
+        dm = self.trainer.datamodule if self._trainer else None
+        if stage == "fit" and hasattr(self.net, "init_from_images") and dm is not None:
+            images, _ = dm.splits["train"]
+            sample = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:WHITENING_IMAGES]]
+            self.net.init_from_images(normalize(sample, torch.tensor(dm.mean), torch.tensor(dm.std)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x.contiguous(memory_format=self.memory_format))
@@ -103,8 +118,10 @@ class ImageClassifier(L.LightningModule):
         self.test_acc(logits, y)
         self.test_class_acc.update(logits, y)
         self.test_confusion.update(logits, y)
+        self.test_calibration.update(logits.float().softmax(dim=1), y)  # probabilities, never guessed from logits
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        self.log("test/calibration_error", self.test_calibration, on_step=False, on_epoch=True)
 
     def on_test_epoch_start(self) -> None:
         self.test_class_acc.reset()
