@@ -266,6 +266,9 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert target.read_bytes() == before
     assert load_checkpoint(target)["epoch"] == 0
     assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"]  # no temp file left
+    plain = tmp_path / "plain"
+    plain.write_bytes(b"")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # as shareable as a plain file
 
 
 def bad_checkpoints(tmp_path: Path) -> dict[str, Path]:

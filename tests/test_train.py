@@ -84,6 +84,8 @@ def test_cli_train_then_eval(image_folder: Path, tmp_path: Path) -> None:
     assert evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(metrics["test/loss"], rel=1e-4)
     assert evaluated["test/acc_class"] == pytest.approx(metrics["test/acc_class"], abs=1e-6)
+    assert 0 < metrics["test/calibration_error"] < 1
+    assert evaluated["test/calibration_error"] == pytest.approx(metrics["test/calibration_error"], abs=1e-6)
     assert set(metrics["test/acc_class"]) == {"cat", "dog", "frog"}
     assert sum(map(sum, evaluated["test/confusion_matrix"])) == 36
 
@@ -187,7 +189,7 @@ class BatchDigests(L.Callback):
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
-def test_debug_overfit_repeats_the_same_batches_and_overfits(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch) -> None:
+def overfit_run(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch, epochs: int) -> BatchDigests:
     import cifarkit.train as ct
 
     probe, real_build = BatchDigests(), ct.build
@@ -198,10 +200,20 @@ def test_debug_overfit_repeats_the_same_batches_and_overfits(image_folder: Path,
         return datamodule, trainer
 
     monkeypatch.setattr(ct, "build", build)
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["debug=overfit", "trainer.max_epochs=30", "test=false"])
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["debug=overfit", f"trainer.max_epochs={epochs}", "test=false"])
     train(cfg)
-    assert len(probe.batches) == 30 and len(probe.batches[0]) == 4  # debug=overfit: 30 epochs of 4 batches
+    assert len(probe.batches) == epochs and len(probe.batches[0]) == 4  # overfit_batches=4
     assert all(epoch == probe.batches[0] for epoch in probe.batches)  # the same 4 batches every epoch
+    return probe
+
+
+def test_debug_overfit_repeats_the_same_batches(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    overfit_run(image_folder, compose_cfg, tmp_path, monkeypatch, epochs=3)
+
+
+@pytest.mark.slow
+def test_debug_overfit_overfits(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    probe = overfit_run(image_folder, compose_cfg, tmp_path, monkeypatch, epochs=30)  # debug=overfit's own 30
     assert probe.losses[-1] < 0.2 * probe.losses[0]
 
 

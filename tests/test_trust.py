@@ -39,7 +39,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CLASSES3, FAST, folder_overrides, run_cli
+from conftest import CLASSES3, folder_overrides, run_cli
 from PIL import Image
 
 from cifarkit.model import BasicCNN

@@ -32,15 +32,22 @@ from torch import nn
 from cifarkit.errors import UserError
 
 PLAIN = (str, int, float, bool, type(None))
+_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
+os.umask(_UMASK)
 DATA_INFO_KEYS = ("classes", "mean", "std", "image_size")
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename it into place."""
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename it into place.
+
+    The file gets the permissions a plain ``open`` would give it (``mkstemp`` alone makes it
+    owner-only), so checkpoints and exported models can be shared as before.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -21,7 +21,7 @@ from cifarkit.module import ImageClassifier
 from cifarkit.pictures import per_class
 
 log = logging.getLogger(__name__)
-SUMMARY_METRICS = ["val/acc_best", "test/acc", "test/loss", "train/images_per_s"]
+SUMMARY_METRICS = ["val/acc_best", "test/acc", "test/loss", "test/calibration_error", "train/images_per_s"]
 
 
 def resolve_accelerator(accelerator: str) -> str:

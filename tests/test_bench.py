@@ -1,0 +1,100 @@
+"""The benchmark runs on a fresh clone (no data: synthetic images) and the GPU check's script runs
+its steps on the CPU (--dry-run). Only that the figures exist and are sane is checked: speed on a
+shared machine is no test."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks" / "bench.py"
+
+
+def basic_cnn_train_flops(num_classes: int = 10, size: int = 32) -> int:
+    """BasicCNN's training FLOPs per image by hand: multiply-adds of its convolutions (3x3, same
+    padding; each block halves the size) and linear layers, x2 FLOPs per multiply-add, x3 for the
+    forward, the input gradient and the weight gradient."""
+    convs = [(3, 16, size), (16, 32, size), (32, 64, size // 2), (64, 128, size // 2), (128, 128, size // 4), (128, 256, size // 4)]
+    macs = sum(c_in * c_out * 9 * s * s for c_in, c_out, s in convs)
+    macs += 256 * (size // 8) ** 2 * 2048 + 2048 * 256 + 256 * num_classes
+    return 2 * 3 * macs
+
+
+def no_data_env() -> dict[str, str]:
+    """The environment of a fresh clone: no image folder named."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("CIFARKIT_DATA_ROOT", None)
+    return env
+
+
+def bench(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=cwd, env=no_data_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict[str, Any]:
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def check_figures(res: dict[str, Any]) -> None:
+    assert res["data"] == "synthetic"
+    assert res["machine"]["cpu_capability"] and res["machine"]["device"]
+    assert res["pipeline_speedup"] > 0 and res["train_speedup"] > 0
+    assert all(v > 0 for v in [*res["images_per_s"].values(), *res["pipeline_images_per_s"].values(), res["tutorial_images_per_s"]])
+    flops = res["flops_per_image"]["tutorial"]
+    assert abs(flops / basic_cnn_train_flops() - 1) < 0.1, flops
+    assert res["matmul_peak_gflops"]["fp32"] > 0
+    assert {"tutorial_b32", "raw_loop_b32", "default_b32"} <= set(res["training"])
+    for name, fig in res["training"].items():
+        assert fig["images_per_s"] > 0 and fig["gflops"] > 0, name
+        assert 0 < fig["peak_fraction"] < 1.5, (name, fig, res["matmul_peak_gflops"])
+
+
+def test_bench_without_data_uses_synthetic_images(tmp_path: Path) -> None:
+    """--tiny: one round of each contender; run where no ./data is, with no --root."""
+    res = last_json(bench(["--tiny", "--data-dir", str(tmp_path / "cache")], tmp_path, timeout=300))
+    check_figures(res)
+    assert res["mode"] == "tiny" and res["accelerator"] == "cpu"
+
+
+def test_bench_missing_root_is_one_line(tmp_path: Path) -> None:
+    proc = bench(["--tiny", "--root", str(tmp_path / "missing")], tmp_path, timeout=120)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench: no image folder at"), proc.stderr
+
+
+@pytest.mark.slow
+def test_bench_quick_without_data(tmp_path: Path) -> None:
+    """The issue's command as it stands: --quick on a fresh clone, with the train.py memory run and batch 512."""
+    res = last_json(bench(["--quick", "--data-dir", str(tmp_path / "cache")], tmp_path, timeout=1200))
+    check_figures(res)
+    assert res["train_images"] == 45_000 and res["peak_rss_mb"] > 0
+    assert {"tutorial_b512", "default_b512"} <= set(res["training"]) and "512" in res["train_speedup_by_batch"]
+
+
+def test_gpu_check_dry_run(tmp_path: Path, image_folder: Path) -> None:
+    """The GPU machine's script, on the CPU: both steps run and one JSON holds their results."""
+    out = tmp_path / "out"
+    env = {**no_data_env(), "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--root", str(image_folder)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + (out / "train.log").read_text()[-2000:]
+    res = json.loads((out / "gpu_check.json").read_text())
+    assert set(res) == {"dry_run", "gpu", "train", "bench", "bench_rc", "bench_error", "total_wall_s"}
+    assert res["dry_run"] is True and res["bench_rc"] == 0 and res["bench_error"] is None
+    train = res["train"]
+    assert train["rc"] == 0 and train["wall_s"] > 0 and train["max_time"] == "00:00:00:20"
+    assert f"data.root={image_folder}" in train["command"] and "trainer.accelerator=cpu" in train["command"]
+    assert train["metrics"]["status"] == "completed" and 0 <= train["metrics"]["test/acc"] <= 1
+    assert {"pipeline_speedup", "train_speedup", "lightning_overhead", "training", "matmul_peak_gflops"} <= set(res["bench"])
+    assert res["bench"]["data"] == "synthetic"
+    assert (out / "train.log").is_file() and (out / "bench.log").is_file()
