@@ -1,21 +1,31 @@
 """Speed of cifarkit's default path against the tutorial's plain PyTorch loop, on the same data.
 
-    python benchmarks/bench.py [--root /tmp/cifar10-full] [--quick] [--override key=value ...]
+    python benchmarks/bench.py [--root DIR | --synthetic] [--quick | --tiny] [--device auto|cpu|cuda]
+                               [--override key=value ...]
 
-Reads an image-folder tree (root/train/<class>/*, root/test/<class>/*), decodes it once into
-the project's uint8 cache (not timed), then times, in alternating rounds so that a change in
-machine load hits every contender alike:
+The data: the image-folder tree ``--root`` (root/train/<class>/*, root/test/<class>/*; also
+``CIFARKIT_DATA_ROOT``), else a CIFAR-10 that ``train.py`` downloaded into ./data, else (or with
+``--synthetic``) 50,000 + 10,000 random 3x32x32 images in memory, which time the same code: speed
+does not depend on the pixels. Image files are decoded once into the project's uint8 cache (not
+timed); then, in alternating rounds so that a change in machine load hits every contender alike,
+it times:
 
 * the data pipelines alone: the device pipeline vs torchvision's per-sample PIL transforms;
 * training at batch 32: the tutorial loop (fp32, per-sample PIL transforms in a DataLoader),
   a raw PyTorch loop with the default path's model, precision, memory format, optimizer and
   DeviceLoader batches, and train.py's default path (the composed config, ``build()``,
   ``ImageClassifier`` under ``Trainer``, its callbacks and logger);
-* the default path at batch 128 and 512, and the peak memory of a real ``train.py`` run.
+* the tutorial loop and the default path at batch 128 and 512, and the peak memory of a real
+  CPU ``train.py`` run;
+* an n x n matrix product in fp32, and in bf16 and the default path's autocast dtype where the
+  hardware computes them natively: the machine's peak, against which each training figure's
+  FLOP/s (the net's training FLOPs per image times images/s) is given as a fraction. On a GPU,
+  cuDNN runs fp32 convolutions in TF32 by default, while the fp32 peak is plain fp32 matmul.
 
-Warm-up steps are excluded and every figure is the median of the rounds. It prints a table,
-then one JSON object as its last line. ``--override`` takes Hydra overrides of train.yaml
-(e.g. ``trainer.precision=32-true``), which is how the defaults were chosen.
+Warm-up steps are excluded and every figure is the median of the rounds (the matmul peak: the
+best of them). ``--device`` picks the accelerator (default: the config's, a GPU when there is
+one; there every timed window has GPU_STEPS times the steps). It prints a table, then one JSON object as its last line. ``--override`` takes Hydra
+overrides of train.yaml (e.g. ``trainer.precision=32-true``), which is how the defaults were chosen.
 """
 
 from __future__ import annotations
@@ -45,41 +55,93 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import nn
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 
 from cifarkit.data import DeviceLoader, ImageDataModule, PILDataset
+from cifarkit.errors import UserError
 from cifarkit.model import BasicCNN
 from cifarkit.train import build, resolve_accelerator
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5)
-FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100)
+# rounds; timed steps per contender and round; torchvision pipeline batches; timed steps at the
+# larger batches; steps of the train.py memory run (0: none); seconds of matrix products per dtype and round.
+FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100, peak_s=1.0)
+QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5, peak_s=0.5)
+# For tests: each contender once, on 1,024 + 64 synthetic images, no train.py run; the figures mean little.
+TINY = dict(rounds=1, steps=1, pipe_tv=2, big={}, rss_steps=0, peak_s=0.2)
+TINY_SYNTHETIC = ["+data.train_images=1024", "+data.test_images=64", "data.val_size=64"]
+# A GPU step is far shorter than a CPU one: more of them keep each window well above launch and clock noise.
+GPU_STEPS = 10
+# The dtype the default path's matrix work runs in, per Lightning precision (anything else: fp32).
+COMPUTE_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+SYNTHETIC = ["data=cifar10", "data._target_=synthetic_data.SyntheticCIFAR10"]  # benchmarks/synthetic_data.py
+ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--root", default=os.environ.get("CIFARKIT_DATA_ROOT", "/tmp/cifar10-full"), help="image-folder tree")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--root", default=os.environ.get("CIFARKIT_DATA_ROOT"), help="image-folder tree (default: $CIFARKIT_DATA_ROOT)")
+    src.add_argument("--synthetic", action="store_true", help="random full-size images in memory, whatever data is there")
     p.add_argument("--data-dir", default="/tmp/cifarkit-bench", help="paths.data_dir: where the uint8 cache is kept")
-    p.add_argument("--quick", action="store_true", help="fewer rounds and steps (about 2 minutes on 2 CPU cores)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="fewer rounds and steps")
+    size.add_argument("--tiny", action="store_true", help="for tests: one round of one step each, no train.py run, 1,024 synthetic images")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the config's trainer.accelerator")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); also for the train.py run")
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides of train.yaml for the default path")
     return p.parse_args()
 
 
-def machine() -> dict[str, Any]:
+def data_source(args: argparse.Namespace) -> tuple[list[str], str]:
+    """The data overrides of train.yaml and what to call the data in the report.
+
+    An image folder that was asked for but is missing is an error; with none asked for, the
+    CIFAR-10 that ``train.py`` (``data=cifar10``) downloads into ./data, else synthetic images.
+    """
+    synthetic = SYNTHETIC + (TINY_SYNTHETIC if args.tiny else []), "synthetic"
+    if args.synthetic:
+        return synthetic
+    if args.root:
+        if not (Path(args.root) / "train").is_dir():
+            sys.exit(f"bench: no image folder at {args.root} (expected train/<class>/ and test/<class>/); "
+                     "pass --root DIR, or leave it out (and CIFARKIT_DATA_ROOT unset) for synthetic images")
+        return ["data=image_folder", f"data.root={Path(args.root).resolve()}"], str(Path(args.root).resolve())
+    downloaded = Path("data").resolve()  # paths.data_dir of a train.py run from this directory
+    if (downloaded / "cifar-10-batches-py").is_dir():
+        return (["data=cifar10", f"data.data_dir={downloaded}", "data.download=false", f"+data.cache_dir={args.data_dir}/cache"],
+                f"cifar10:{downloaded}")
+    return synthetic
+
+
+def native(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the hardware computes in ``dtype`` itself: an emulated dtype's peak is no ceiling to compare with."""
+    if dtype == torch.float32:
+        return True
+    if device.type == "cuda":
+        return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+def machine(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on; the load average says how busy the machine was."""
     cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, StopIteration):
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "device": dev,
+    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch": torch.__version__, "device": dev, "bf16_native": native(device, torch.bfloat16),
             "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
-def compose_cfg(root: str, data_dir: str, out: Path, overrides: list[str]) -> DictConfig:
-    """train.yaml as train.py composes it, with outputs under ``out`` and validation off."""
+def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
+    """train.yaml as train.py composes it, with outputs under ``out``."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = compose("train", overrides=["data=image_folder", f"data.root={root}", f"paths.data_dir={data_dir}", *overrides])
+        cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
         cfg.paths.output_dir, cfg.paths.log_dir = str(out), str(out / "logs")
     return cfg
@@ -116,13 +178,45 @@ def forever(make: Callable[[], Any]) -> Iterator[Any]:
         yield from make()
 
 
+# -- the machine's peak and the nets' work ----------------------------------------------------
+
+
+def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """The best rate of n x n matrix products over ``seconds``: the ceiling the training figures are set against."""
+    n, reps = (8192, 10) if device.type == "cuda" else (2048, 1)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    out = torch.empty_like(a)
+    torch.mm(a, b, out=out)  # library and kernel selection, outside the clock
+    sync(device)
+    best, end = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - t0))
+    return best / 1e9
+
+
+def train_flops_per_image(net: nn.Module, image_size: int, num_classes: int) -> float:
+    """FLOPs of one training step per image: forward and backward of the convolutions and matrix
+    products as ``torch.utils.flop_counter`` counts them (2 per multiply-add; about 3x the forward,
+    as the first layer needs no input gradient); elementwise ops, pooling and the optimizer step
+    are not counted. Device and dtype do not change the count, so it runs on the CPU in fp32."""
+    x = torch.randn(2, 3, image_size, image_size)
+    y = torch.arange(2) % num_classes
+    with FlopCounterMode(display=False) as counter:
+        nn.functional.cross_entropy(net.cpu().float()(x), y).backward()
+    return counter.get_total_flops() / len(y)
+
+
 # -- the contenders ---------------------------------------------------------------------------
 
 
-def tutorial_loop(dm: ImageDataModule, device: torch.device) -> Iterator[None]:
-    """The tutorial's loop (seed_baseline.py): fp32, Adam(1e-3), per-sample PIL transforms, batch 32."""
+def tutorial_loop(dm: ImageDataModule, device: torch.device, batch_size: int = 32) -> Iterator[None]:
+    """The tutorial's loop (seed_baseline.py): fp32, Adam(1e-3), per-sample PIL transforms, batch 32 unless told."""
     x, y = dm.splits["train"]
-    loader = DataLoader(PILDataset(x, y, dm.pil_transform(train=True)), batch_size=32, shuffle=True, num_workers=0)
+    loader = DataLoader(PILDataset(x, y, dm.pil_transform(train=True)), batch_size=batch_size, shuffle=True, num_workers=0)
     model = BasicCNN(len(dm.classes)).to(device)
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -149,7 +243,7 @@ def raw_loop(cfg: DictConfig, dm: ImageDataModule, device: torch.device, precisi
     net = instantiate(cfg.model.net, num_classes=len(dm.classes)).to(device, memory_format=fmt)
     forward = torch.compile(net) if cfg.model.compile else net
     optim = instantiate(cfg.model.optimizer)(params=net.parameters())
-    half = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    half = COMPUTE_DTYPE.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
     loss_fn = nn.CrossEntropyLoss()
     loader = train_loader(dm, device, cfg.data.batch_size)
@@ -164,14 +258,16 @@ def raw_loop(cfg: DictConfig, dm: ImageDataModule, device: torch.device, precisi
 
 
 class StepTimes(L.Callback):
-    """The time at the end of every training step, for per-step timing inside Trainer.fit."""
+    """The time at the end of two training steps; the device is synced there alone, so the steps
+    between queue their work as they do in train.py (a sync per step would stall a GPU)."""
 
-    def __init__(self) -> None:
-        self.ends: list[float] = []
+    def __init__(self, first: int, last: int) -> None:
+        self.at: dict[int, float] = {first: 0.0, last: 0.0}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        sync(pl_module.device)
-        self.ends.append(time.perf_counter())
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx in self.at:
+            sync(pl_module.device)
+            self.at[batch_idx] = time.perf_counter()
 
 
 def lightning_window(cfg: DictConfig, dm: ImageDataModule, model: L.LightningModule, warm: int, n: int) -> float:
@@ -179,19 +275,20 @@ def lightning_window(cfg: DictConfig, dm: ImageDataModule, model: L.LightningMod
     with open_dict(cfg):
         cfg.trainer.limit_train_batches = warm + n
     _, trainer = build(cfg)
-    timer = StepTimes()
+    timer = StepTimes(warm - 1, warm + n - 1)
     trainer.callbacks.append(timer)
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.fit(model, datamodule=dm)
-    return (timer.ends[-1] - timer.ends[warm - 1]) / n
+    return (timer.at[warm + n - 1] - timer.at[warm - 1]) / n
 
 
-def peak_rss_mb(args: argparse.Namespace, steps: int, out: Path) -> float:
-    """Peak resident memory of a real CPU ``train.py`` run on the full set (a child process)."""
-    cmd = [sys.executable, str(ROOT / "train.py"), "data=image_folder", f"data.root={args.root}", f"paths.data_dir={args.data_dir}",
-           f"paths.log_dir={out / 'rss-logs'}", "trainer=cpu", "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}",
-           "trainer.limit_val_batches=2", "trainer.limit_test_batches=2", "callbacks.progress_bar=null"]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
+def peak_rss_mb(args: argparse.Namespace, data: list[str], steps: int, out: Path) -> float:
+    """Peak resident memory of a real CPU ``train.py`` run on the same data (a child process)."""
+    cmd = [sys.executable, str(ROOT / "train.py"), *data, f"paths.data_dir={args.data_dir}", f"paths.log_dir={out / 'rss-logs'}",
+           "trainer=cpu", "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=2",
+           "trainer.limit_test_batches=2", "callbacks.progress_bar=null"]
+    path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))  # synthetic_data
+    env = {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     done = subprocess.run(cmd, cwd=out, capture_output=True, text=True, env=env)
     if done.returncode:
         sys.exit(f"bench: the train.py memory run failed ({done.stderr.strip().splitlines()[-1:]}); run it by hand: {' '.join(cmd)}")
@@ -203,96 +300,150 @@ def peak_rss_mb(args: argparse.Namespace, steps: int, out: Path) -> float:
 
 def main() -> None:
     args = parse_args()
-    if not (Path(args.root) / "train").is_dir():
-        sys.exit(f"bench: no image folder at {args.root} (expected train/<class>/ and test/<class>/); pass --root DIR or set CIFARKIT_DATA_ROOT")
-    p = QUICK if args.quick else FULL
+    data, source = data_source(args)
+    preset = TINY if args.tiny else QUICK if args.quick else FULL
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     L.seed_everything(0, verbose=False)
-    with tempfile.TemporaryDirectory(prefix="cifarkit-bench-") as tmp:
-        out = Path(tmp)
-        rss = peak_rss_mb(args, p["rss_steps"], out)  # first, so RUSAGE_CHILDREN is this run's alone
-        overrides = ["trainer.max_epochs=1", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
-                     "trainer.enable_model_summary=false", "trainer.enable_checkpointing=false", "callbacks.model_checkpoint=null",
-                     *args.override]
-        cfg = compose_cfg(args.root, args.data_dir, out, overrides)
-        device = torch.device(resolve_accelerator(cfg.trainer.accelerator))
-        dm: ImageDataModule = instantiate(cfg.data)
-        dm.prepare_data()  # decodes once into the cache; everything below reads uint8 tensors
-        dm.setup()
-        model = instantiate(cfg.model, classes=dm.classes)
-        precision = str(build(cfg, with_loggers=False)[1].precision)
+    try:
+        with tempfile.TemporaryDirectory(prefix="cifarkit-bench-") as tmp:
+            result = run(args, data, source, preset, Path(tmp))
+    except UserError as e:
+        sys.exit(f"bench: {e}")
+    print_table(result)
+    print(json.dumps(result))
 
-        x, y = dm.splits["train"]
-        tv = DataLoader(PILDataset(x, y, dm.pil_transform(train=True)), batch_size=32, shuffle=True)
-        pipe_tv = (xb.to(device) for xb, _ in forever(lambda: tv))
-        tut, raw = tutorial_loop(dm, device), raw_loop(cfg, dm, device, precision)
-        r: dict[str, list[float]] = {k: [] for k in ("pipe_dev", "pipe_dev512", "pipe_tv", "tutorial", "raw", "lightning")}
-        for _ in range(p["rounds"]):
-            r["pipe_dev"].append(epoch_images_per_s(train_loader(dm, device, 32), device))
-            r["pipe_dev512"].append(epoch_images_per_s(train_loader(dm, device, 512), device))
-            r["pipe_tv"].append(32 / timed(pipe_tv, device, 1, p["pipe_tv"]))
-            r["tutorial"].append(timed(tut, device, 1, p["steps"]))
-            before = timed(raw, device, 1, p["steps"])  # the raw loop brackets Lightning: load drifts
-            r["lightning"].append(lightning_window(cfg, dm, model, 2, p["steps"]))
-            r["raw"].append((before + timed(raw, device, 1, p["steps"])) / 2)
-        big = {}
-        for bs, n in p["big"].items():
-            dm.batch_size = bs
-            big[bs] = bs / lightning_window(cfg, dm, model, 1, n)
-        dm.batch_size = cfg.data.batch_size
+
+def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str, Any], out: Path) -> dict[str, Any]:
+    """Every measurement; the report as a dict."""
+    accelerator = [f"trainer.accelerator={ACCELERATOR[args.device]}"] if args.device != "auto" else []
+    overrides = [*data, f"paths.data_dir={args.data_dir}", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
+                 "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "trainer.enable_checkpointing=false",
+                 "callbacks.model_checkpoint=null", *accelerator, *args.override]
+    cfg = compose_cfg(overrides, out)
+    device = torch.device(resolve_accelerator(cfg.trainer.accelerator))
+    scale = GPU_STEPS if device.type == "cuda" else 1
+    p = {**preset, "steps": preset["steps"] * scale, "big": {b: n * scale for b, n in preset["big"].items()}}
+    rss = peak_rss_mb(args, data, p["rss_steps"], out) if p["rss_steps"] else None  # the first child: RUSAGE_CHILDREN is its alone
+    dm: ImageDataModule = instantiate(cfg.data)
+    dm.prepare_data()  # decodes once into the cache; everything below reads uint8 tensors
+    dm.setup()
+    model = instantiate(cfg.model, classes=dm.classes)
+    precision = str(build(cfg, with_loggers=False)[1].precision)
+    n_cls = len(dm.classes)
+    flops = {"tutorial": train_flops_per_image(BasicCNN(n_cls), dm.image_size, n_cls),
+             "default_path": train_flops_per_image(instantiate(cfg.model.net, num_classes=n_cls), dm.image_size, n_cls)}
+    dtypes = {"tutorial": torch.float32, "default_path": COMPUTE_DTYPE.get(precision, torch.float32)}
+    peak_dtypes = [dt for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtypes["default_path"]]) if native(device, dt)]
+
+    x, y = dm.splits["train"]
+    tv = DataLoader(PILDataset(x, y, dm.pil_transform(train=True)), batch_size=32, shuffle=True)
+    pipe_tv = (xb.to(device) for xb, _ in forever(lambda: tv))
+    tut, raw = tutorial_loop(dm, device), raw_loop(cfg, dm, device, precision)
+    r: dict[str, list[float]] = {k: [] for k in ("pipe_dev", "pipe_dev512", "pipe_tv", "tutorial", "raw", "lightning")}
+    peaks: dict[torch.dtype, list[float]] = {dt: [] for dt in peak_dtypes}
+    for _ in range(p["rounds"]):
+        r["pipe_dev"].append(epoch_images_per_s(train_loader(dm, device, 32), device))
+        r["pipe_dev512"].append(epoch_images_per_s(train_loader(dm, device, 512), device))
+        r["pipe_tv"].append(32 / timed(pipe_tv, device, 1, p["pipe_tv"]))
+        r["tutorial"].append(timed(tut, device, 1, p["steps"]))
+        before = timed(raw, device, 1, p["steps"])  # the raw loop brackets Lightning: load drifts
+        r["lightning"].append(lightning_window(cfg, dm, model, 2, p["steps"]))
+        r["raw"].append((before + timed(raw, device, 1, p["steps"])) / 2)
+        for dt in peak_dtypes:
+            peaks[dt].append(matmul_gflops(device, dt, p["peak_s"]))
+    big, tut_big = {}, {}
+    for bs, n in p["big"].items():
+        tut_big[bs] = bs / timed(tutorial_loop(dm, device, bs), device, 1, n)
+        dm.batch_size = bs
+        big[bs] = bs / lightning_window(cfg, dm, model, 1, n)
+    dm.batch_size = cfg.data.batch_size
 
     med = {k: statistics.median(v) for k, v in r.items()}
+    peak = {dt: max(v) for dt, v in peaks.items()}
 
     def ratio(a: str, b: str) -> float:
         """Median over rounds of a/b, each pair measured back to back."""
         return statistics.median(x / y for x, y in zip(r[a], r[b]))
 
-    result = {
+    def figure(images_per_s: float, net: str) -> dict[str, Any]:
+        """One training figure with the FLOP/s it reaches and its share of the peak of the dtype it
+        computes in (None where the hardware only emulates that dtype)."""
+        gflops = flops[net] * images_per_s / 1e9
+        dt = dtypes[net]
+        return {"images_per_s": round(images_per_s, 1), "dtype": DTYPE_NAME[dt], "gflops": round(gflops, 1),
+                "peak_fraction": round(gflops / peak[dt], 3) if dt in peak else None}
+
+    training = {"tutorial_b32": figure(32 / med["tutorial"], "tutorial"), "raw_loop_b32": figure(32 / med["raw"], "default_path"),
+                "default_b32": figure(32 / med["lightning"], "default_path")}
+    for bs in big:
+        training[f"tutorial_b{bs}"] = figure(tut_big[bs], "tutorial")
+        training[f"default_b{bs}"] = figure(big[bs], "default_path")
+    return {
         "pipeline_speedup": round(ratio("pipe_dev", "pipe_tv"), 2),
         "train_speedup": round(ratio("tutorial", "lightning"), 3),
+        "train_speedup_by_batch": {"32": round(ratio("tutorial", "lightning"), 3),
+                                   **{str(b): round(big[b] / tut_big[b], 3) for b in big}},
         "lightning_overhead": round(ratio("lightning", "raw") - 1, 4),
         "images_per_s": {"32": round(32 / med["lightning"], 1), **{str(b): round(v, 1) for b, v in big.items()}},
         "tutorial_images_per_s": round(32 / med["tutorial"], 1),
         "raw_loop_images_per_s": round(32 / med["raw"], 1),
         "pipeline_images_per_s": {"device_b32": round(med["pipe_dev"]), "device_b512": round(med["pipe_dev512"]),
                                   "torchvision_b32": round(med["pipe_tv"])},
-        "peak_rss_mb": round(rss),
+        "flops_per_image": {k: round(v) for k, v in flops.items()},
+        "matmul_peak_gflops": {DTYPE_NAME[dt]: round(v, 1) for dt, v in peak.items()},
+        "training": training,
+        "peak_rss_mb": None if rss is None else round(rss),
         "precision": precision,
         "channels_last": bool(cfg.model.channels_last),
         "fused_adam": bool(cfg.model.optimizer.get("fused")),
         "compile": bool(cfg.model.compile),
         "overrides": args.override,
+        "data": source,
         "quick": args.quick,
+        "mode": "tiny" if args.tiny else "quick" if args.quick else "full",
         "rounds": p["rounds"],
         "train_images": len(y),
-        "machine": machine(),
+        "accelerator": device.type,
+        "machine": machine(device),
         "per_round": {k: [round(v, 4) for v in vals] for k, vals in r.items()},  # img/s for pipe_*, else s/step
     }
-    print_table(result)
-    print(json.dumps(result))
 
 
 def print_table(res: dict[str, Any]) -> None:
-    m, ips, pipe = res["machine"], res["images_per_s"], res["pipeline_images_per_s"]
+    m, ips, pipe, tr = res["machine"], res["images_per_s"], res["pipeline_images_per_s"], res["training"]
     setup = f"{res['precision']}, channels_last={res['channels_last']}, fused Adam={res['fused_adam']}, compile={res['compile']}"
+    peaks = ", ".join(f"{k} {v:,.1f}" for k, v in res["matmul_peak_gflops"].items())
+    flops = res["flops_per_image"]
+
+    def train_row(name: str) -> str:
+        f = tr[name]
+        share = f"{f['peak_fraction']:.2f} of {f['dtype']} peak" if f["peak_fraction"] is not None else f"{f['dtype']} emulated: no peak"
+        return f"{f['images_per_s']:>10,.1f} img/s  {f['gflops']:>8,.1f} GFLOP/s = {share}"
+
     rows = [
-        ("machine", f"{m['cpu']}, {m['cores']} cores ({m['threads']} torch threads), {m['device']}, torch {m['torch']}, load {m['load_avg_1m']}"),
+        ("machine", f"{m['cpu']} ({m['cpu_capability']}), {m['cores']} cores ({m['threads']} torch threads), {m['device']}, "
+                    f"bf16 native={m['bf16_native']}, torch {m['torch']}, load {m['load_avg_1m']}"),
+        ("data", f"{res['data']}, {res['train_images']:,} training images"),
         ("default path", setup + (f"; overrides {' '.join(res['overrides'])}" if res["overrides"] else "")),
+        ("matmul peak", f"{peaks} GFLOP/s"),
+        ("training FLOPs per image", f"tutorial {flops['tutorial'] / 1e6:,.1f} M, default path {flops['default_path'] / 1e6:,.1f} M"),
         ("pipeline, torchvision per-sample (b32)", f"{pipe['torchvision_b32']:>10,} img/s"),
         ("pipeline, device (b32)", f"{pipe['device_b32']:>10,} img/s"),
         ("pipeline, device (b512)", f"{pipe['device_b512']:>10,} img/s"),
-        ("train, tutorial loop fp32 (b32)", f"{res['tutorial_images_per_s']:>10,.1f} img/s"),
-        ("train, raw PyTorch loop, default settings (b32)", f"{res['raw_loop_images_per_s']:>10,.1f} img/s"),
-        *((f"train, default path train.py (b{b})", f"{v:>10,.1f} img/s") for b, v in ips.items()),
+        ("train, tutorial loop fp32 (b32)", train_row("tutorial_b32")),
+        ("train, raw PyTorch loop, default settings (b32)", train_row("raw_loop_b32")),
+        *((f"train, default path train.py (b{b})", train_row(f"default_b{b}")) for b in ips),
+        *((f"train, tutorial loop fp32 (b{b})", train_row(f"tutorial_b{b}")) for b in ips if b != "32"),
         ("pipeline_speedup", f"{res['pipeline_speedup']:>10.2f} x   (target >= 10)"),
-        ("train_speedup (b32)", f"{res['train_speedup']:>10.2f} x   (target >= 2)"),
+        *((f"train_speedup (b{b})", f"{v:>10.2f} x" + ("   (target >= 2)" if b == "32" else ""))
+          for b, v in res["train_speedup_by_batch"].items()),
         ("lightning_overhead (b32)", f"{res['lightning_overhead']:>+10.3f}     (target <= 0.05)"),
-        ("peak RSS, train.py on the full set", f"{res['peak_rss_mb']:>10,} MB  (limit 3000)"),
+        *([("peak RSS, train.py on the same data", f"{res['peak_rss_mb']:>10,} MB  (limit 3000)")] if res["peak_rss_mb"] else []),
     ]
     width = max(len(k) for k, _ in rows)
-    print(f"cifarkit benchmark ({'quick' if res['quick'] else 'full'}, medians of {res['rounds']} rounds)")
+    print(f"cifarkit benchmark ({res['mode']}, {res['accelerator']}, medians of {res['rounds']} rounds)")
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
 
