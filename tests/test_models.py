@@ -110,3 +110,35 @@ def test_one_batch_trains(model: str, image_folder: Path, compose_cfg, tmp_path:
     train(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 1
+
+
+def test_train_whitens_airbench_from_the_training_split(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch) -> None:
+    """train() hands AirbenchNet its training images before the first step: the first layer's
+    positive filters then decorrelate the training split's 2x2 patches."""
+    import lightning as L
+
+    import cifarkit.train as ct
+    from cifarkit.data import normalize
+
+    seen: dict[str, torch.Tensor] = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, pl_module) -> None:
+            dm = trainer.datamodule
+            seen["weight"] = pl_module.net.whiten.weight.detach().clone()
+            seen["images"] = normalize(dm.splits["train"][0], torch.tensor(dm.mean), torch.tensor(dm.std))
+
+    real_build = ct.build
+
+    def build(cfg, **kwargs):
+        datamodule, trainer = real_build(cfg, **kwargs)
+        trainer.callbacks.append(Capture())
+        return datamodule, trainer
+
+    monkeypatch.setattr(ct, "build", build)
+    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["model=airbench", "debug=fdr"]))
+    w = seen["weight"]
+    assert torch.equal(w[12:], -w[:12]) and not torch.equal(w, AirbenchNet().whiten.weight)
+    out = torch.nn.functional.conv2d(seen["images"].double(), w[:12].double())  # (N, 12, 31, 31)
+    cov = torch.cov(out.transpose(0, 1).reshape(12, -1))
+    assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=0.05)
