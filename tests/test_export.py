@@ -8,6 +8,9 @@ and both are compared with the checkpoint, run as predict.py runs it, on 120 ima
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import CLASSES3, CONFIG_DIR, FAST, class_images, folder_overrides, run_cli
+from conftest import CLASSES3, CONFIG_DIR, FAST, ROOT, class_images, folder_overrides, run_cli, run_dirs
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -121,6 +124,35 @@ def test_predict_runs_the_onnx_model(exported: Exported, capsys: pytest.CaptureF
         assert a["path"] == b["path"] and len(a["top"]) == 2
         assert a["top"][0][0] == b["top"][0][0]
         assert [p for _, p in a["top"]] == pytest.approx([p for _, p in b["top"]], abs=1e-4)
+
+
+def predict_without_lightning(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """predict.py as ``run_cli`` runs it, in a Python where ``import lightning`` fails (a None in
+    ``sys.modules`` makes any import of it raise ImportError), as on a box without Lightning."""
+    code = (
+        "import runpy, sys; sys.modules['lightning'] = sys.modules['pytorch_lightning'] = None; "
+        f"sys.argv = ['predict.py', *sys.argv[1:]]; runpy.run_path({str(ROOT / 'predict.py')!r}, run_name='__main__')"
+    )
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def test_predict_runs_the_onnx_model_without_lightning(exported: Exported, tmp_path: Path) -> None:
+    """The .onnx path needs torch, onnxruntime and Hydra only: same output, same one-line errors."""
+    args = [f"ckpt_path={exported.onnx}", f"inputs={exported.images}", "format=json"]
+    normal = run_cli("predict.py", args, cwd=exported.root)
+    assert normal.returncode == 0, normal.stderr
+    r = predict_without_lightning(args, cwd=exported.root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == normal.stdout and len(r.stdout.splitlines()) == N_IMAGES
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = predict_without_lightning([f"ckpt_path={exported.onnx}", f"inputs={empty}"], cwd=tmp_path)
+    assert r.returncode == 1
+    assert "no PNG or JPEG image could be read" in one_error_line(r.stderr)
+    (run,) = run_dirs(tmp_path / "logs", "predict")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
 
 
 def test_untrusted_net_target_is_refused(tmp_path: Path) -> None:

@@ -28,13 +28,7 @@ import torch
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-
-class TrainingStopped(Exception):
-    """Raised to end fit() early; train.py turns it into one line and an exit code."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
+from cifarkit.errors import TrainingStopped
 
 
 class GracefulStop(L.Callback):

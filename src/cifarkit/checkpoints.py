@@ -10,8 +10,9 @@ A checkpoint is a file a stranger can hand you, so ``eval.py``, ``predict.py`` a
   ``__module__``, not the string's prefix), nested configs included; no other Hydra key, no
   interpolation. The whole config is judged before any class is called.
 
-``atomic_write`` is the one way the project writes a file that a reader may open at any moment
-(checkpoints, the dataset cache, metrics.json, pictures): a crash leaves the old file or none.
+``atomic_write`` (cifarkit/files.py) is the one way the project writes a file that a reader may
+open at any moment (checkpoints, the dataset cache, metrics.json, pictures): a crash leaves the
+old file or none.
 """
 
 from __future__ import annotations
@@ -19,10 +20,9 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import lightning as L
 import torch
@@ -30,38 +30,10 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch import nn
 
 from cifarkit.errors import UserError
+from cifarkit.files import atomic_write
 
 PLAIN = (str, int, float, bool, type(None))
-_UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
-os.umask(_UMASK)
 DATA_INFO_KEYS = ("classes", "mean", "std", "image_size")
-
-
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], Any]) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename it into place.
-
-    The file gets the permissions a plain ``open`` would give it (``mkstemp`` alone makes it
-    owner-only), so checkpoints and exported models can be shared as before.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -9,7 +9,9 @@ its ``metrics.json`` and the sweep goes on.
 
 from __future__ import annotations
 
+import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -21,27 +23,54 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from cifarkit.callbacks import TrainingStopped
-from cifarkit.errors import UserError
+from cifarkit.errors import TrainingStopped, UserError
+from cifarkit.files import write_metrics
 from cifarkit.sweep import register_resolvers
 
 log = logging.getLogger(__name__)
-USER_ERRORS = (UserError, HydraException, OmegaConfBaseException, MisconfigurationException)
+USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)  # and Lightning's, see _misconfiguration
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
 # goes on (optuna 2.x raises on NaN), the basic sweeper ignores it; metrics.json says "failed".
 FAILED_JOB = None
 
 
+def _lightning(module: str, name: str) -> tuple[Any, ...]:
+    """``(module.name,)`` from Lightning, or ``()`` if Lightning was never imported.
+
+    Then none of its exceptions can have been raised and no strategy has set the rank; and
+    predict.py on an ``.onnx`` model must run where Lightning is not installed, so nothing here
+    imports it.
+    """
+    if sys.modules.get("lightning") is None:
+        return ()
+    return (getattr(importlib.import_module(module), name),)
+
+
+def _misconfiguration() -> tuple[type[Exception], ...]:
+    """Lightning's configuration error, bad input like Hydra's and OmegaConf's."""
+    return _lightning("lightning.fabric.utilities.exceptions", "MisconfigurationException")
+
+
+def _rank() -> int:
+    """This process's global rank: Lightning's ``rank_zero_only.rank`` (its strategy sets it), or,
+    without Lightning, the environment read by Lightning's own rule (``fabric``'s ``_get_rank``)."""
+    rank_zero_only = _lightning("lightning.pytorch.utilities", "rank_zero_only")
+    if rank_zero_only:
+        return rank_zero_only[0].rank
+    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
+        rank = os.environ.get(key)
+        if rank is not None:
+            return int(rank)
+    return 0
+
+
 def one_line(e: BaseException) -> str:
     """An exception (and the config error that caused it) as a single line."""
     parts = [str(e)]
-    if isinstance(e.__cause__, (OmegaConfBaseException, MisconfigurationException)):
+    if isinstance(e.__cause__, (OmegaConfBaseException, *_misconfiguration())):
         parts.append(str(e.__cause__).splitlines()[0])
     text = " ".join(part.strip() for p in parts for part in p.splitlines() if part.strip())
     return text.replace("\t", " ")
@@ -105,13 +134,14 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             if multirun and e.exit_code == 1:  # a diverged job, not a user's Ctrl-C: the sweep goes on
                 return FAILED_JOB
             raise SystemExit(e.exit_code) from None
-        except SIGTERMException:  # Lightning's own, outside the training loop (sanity check, test)
+        except _lightning("lightning.pytorch.utilities.exceptions", "SIGTERMException"):
+            # Lightning's own SIGTERM (a SystemExit(0)), outside the training loop (sanity check, test)
             _mark_failed("interrupted", "stopped by SIGTERM outside training")
             print("stopped by SIGTERM outside training; nothing new was saved", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         except Exception as e:
             lost = lost_ranks(e)
-            user = lost or isinstance(e, USER_ERRORS)
+            user = lost or isinstance(e, (*USER_ERRORS, *_misconfiguration()))
             if not multirun and not user:
                 raise  # a bug: Hydra prints the traceback
             msg = one_line(e) if user else f"{e.__class__.__name__}: {e}"
@@ -138,10 +168,8 @@ def lost_ranks(e: BaseException) -> bool:
 
 def _mark_failed(status: str, message: str) -> None:
     """Record a run that did not complete, unless it already wrote its metrics."""
-    from cifarkit.train import write_metrics
-
     out = _output_dir()
-    if rank_zero_only.rank == 0 and out is not None and not (out / "metrics.json").exists():
+    if _rank() == 0 and out is not None and not (out / "metrics.json").exists():
         write_metrics(out, {"status": status, "error": message})
 
 

@@ -22,7 +22,8 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from cifarkit.checkpoints import DATA_INFO_KEYS, atomic_write, rebuild_net
+from cifarkit.checkpoints import DATA_INFO_KEYS, rebuild_net
+from cifarkit.files import atomic_write
 from cifarkit.errors import UserError
 
 log = logging.getLogger(__name__)

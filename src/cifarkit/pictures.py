@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cifarkit.checkpoints import atomic_write
+from cifarkit.files import atomic_write
 
 
 def render(fig: Figure) -> np.ndarray:

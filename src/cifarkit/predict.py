@@ -6,6 +6,8 @@ with ``weights_only=True`` and rebuilds only trusted ``nn.Module`` classes.
 
 ``ckpt_path=model.onnx`` (written by export.py) runs the model with ONNX Runtime on the CPU
 instead, reading the classes and image size from the model's metadata; the output is the same.
+That path never imports Lightning, so it also runs where Lightning is not installed (torch,
+onnxruntime, Pillow and Hydra suffice).
 """
 
 from __future__ import annotations
@@ -19,9 +21,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cifarkit.checkpoints import rebuild_net
-from cifarkit.data import load_image, normalize
 from cifarkit.errors import UserError
+from cifarkit.images import load_image, normalize
 
 BATCH = 256
 # uint8 images (B, size, size, 3) -> class probabilities (B, C)
@@ -62,7 +63,8 @@ def decoded(files: list[Path], size: int) -> Iterator[tuple[list[Path], np.ndarr
 
 def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
     """The checkpoint's net on ``cfg.device``, fed as in training; its classes and image size."""
-    from cifarkit.train import resolve_accelerator  # the training stack: loaded for a .ckpt only
+    from cifarkit.checkpoints import rebuild_net  # the training stack (Lightning): loaded for a .ckpt only
+    from cifarkit.train import resolve_accelerator
 
     device = resolve_accelerator(cfg.device)
     net, info = rebuild_net(str(cfg.ckpt_path), list(cfg.trusted_targets))

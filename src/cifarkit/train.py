@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,9 +12,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cifarkit.callbacks import Throughput
-from cifarkit.checkpoints import AtomicCheckpointIO, atomic_write, data_info, load_checkpoint, rebuild_classifier
+from cifarkit.checkpoints import AtomicCheckpointIO, data_info, load_checkpoint, rebuild_classifier
 from cifarkit.data import ImageDataModule
 from cifarkit.errors import UserError
+from cifarkit.files import write_metrics
 from cifarkit.module import ImageClassifier
 from cifarkit.pictures import per_class
 
@@ -96,11 +95,6 @@ def tested_metrics(trainer: L.Trainer, model: ImageClassifier) -> dict[str, Any]
     if model.test_confusion.update_called:  # every rank: the sum over ranks is a collective
         metrics["test/confusion_matrix"] = model.test_confusion.compute().cpu().tolist()  # rows: true, columns: predicted
     return metrics
-
-
-def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
-    text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
-    return atomic_write(Path(output_dir) / "metrics.json", lambda f: f.write(text.encode()))
 
 
 def train(cfg: DictConfig) -> float:
