@@ -20,13 +20,13 @@ from cifarkit.sweep import SweepSummary
 TINY = FAST + ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
 
 
-def read_summary(sweep_dir: Path) -> list[dict]:
-    with open(sweep_dir / "summary.csv") as f:
+def read_jobs(sweep_dir: Path, name: str = "jobs.csv") -> list[dict]:
+    with open(sweep_dir / name) as f:
         return list(csv.DictReader(f))
 
 
 def assert_rows_match_jobs(sweep_dir: Path, rows: list[dict]) -> None:
-    """Each summary row says what its job's own files say: its overrides, status and metrics."""
+    """Each jobs.csv row says what its job's own files say: its overrides, status and metrics."""
     for row in rows:
         job = sweep_dir / row["job"]
         assert row["overrides"] == " ".join(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
@@ -49,10 +49,11 @@ def sweep_dirs(log_dir: Path) -> list[Path]:
     return sorted(p for p in (log_dir / "train" / "multiruns").glob("*") if p.is_dir())
 
 
-def fake_job(sweep: Path, job: str, lr: str, metrics: dict | None) -> None:
+def fake_job(sweep: Path, job: str, lr: str, metrics: dict | None, seed: int | None = None) -> None:
     d = sweep / job
     (d / ".hydra").mkdir(parents=True)
-    (d / ".hydra" / "overrides.yaml").write_text(f"- trainer=cpu\n- model.optimizer.lr={lr}\n")
+    seeded = f"- seed={seed}\n" if seed is not None else ""
+    (d / ".hydra" / "overrides.yaml").write_text(f"- trainer=cpu\n- model.optimizer.lr={lr}\n{seeded}")
     (d / ".hydra" / "config.yaml").write_text(f"model:\n  optimizer:\n    lr: {lr}\n")
     if metrics is not None:
         (d / "metrics.json").write_text(json.dumps(metrics))
@@ -66,7 +67,7 @@ def test_summary_lists_every_job_and_marks_failures(tmp_path: Path, capsys: pyte
     fake_job(sweep, "10", "0.1", {"status": "completed", "val/acc_best": 0.25, "test/acc": 0.2, "epochs": 3})
     SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
 
-    rows = read_summary(sweep)
+    rows = read_jobs(sweep)
     assert list(rows[0]) == ["job", "status", "model.optimizer.lr", "val/acc_best", "test/acc", "epochs", "overrides"]
     assert [r["job"] for r in rows] == ["0", "1", "2", "10"]
     assert [r["status"] for r in rows] == ["completed", "failed", "failed", "completed"]
@@ -79,6 +80,43 @@ def test_summary_lists_every_job_and_marks_failures(tmp_path: Path, capsys: pyte
     assert "2/4 completed" in capsys.readouterr().out
 
 
+def test_jobs_differing_only_in_seed_are_summarized_with_mean_std_and_n(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    sweep = tmp_path / "sweep"
+    accs = {"0.01": [0.50, 0.54, 0.58], "0.001": [0.60, 0.70]}
+    job = 0
+    for lr, values in accs.items():
+        for seed, acc in enumerate(values):
+            fake_job(sweep, str(job), lr, {"status": "completed", "val/acc_best": acc, "test/acc": acc - 0.1, "epochs": 2}, seed)
+            job += 1
+    fake_job(sweep, str(job), "0.001", {"status": "failed", "error": "NaN"}, seed=2)  # not counted in n
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+
+    assert len(read_jobs(sweep)) == 6
+    configs = read_jobs(sweep, "summary.csv")
+    assert list(configs[0]) == ["model.optimizer.lr", "status", "n", "failed", "val/acc_best", "val/acc_best_std",
+                                "test/acc", "test/acc_std", "jobs"]
+    first, second = configs
+    assert (first["model.optimizer.lr"], first["n"], first["failed"], first["jobs"]) == ("0.01", "3", "0", "0 1 2")
+    assert float(first["val/acc_best"]) == pytest.approx(0.54) and float(first["val/acc_best_std"]) == pytest.approx(0.04)
+    assert float(first["test/acc"]) == pytest.approx(0.44) and float(first["test/acc_std"]) == pytest.approx(0.04)
+    assert (second["n"], second["failed"], second["status"]) == ("2", "1", "partly failed")
+    assert float(second["val/acc_best"]) == pytest.approx(0.65) and float(second["val/acc_best_std"]) == pytest.approx(0.0707107)
+    assert_plot(sweep / "summary.png")
+    out = capsys.readouterr().out
+    assert "mean ± std over seeds" in out and "0.5400" in out
+
+
+def test_one_configuration_over_seeds_still_gets_a_plot(tmp_path: Path) -> None:
+    """``-m experiment=... seed=0,1,2``: nothing but the seed varies, so one bar group, one row."""
+    sweep = tmp_path / "sweep"
+    for seed, acc in enumerate([0.9, 0.92, 0.94]):
+        fake_job(sweep, str(seed), "0.001", {"status": "completed", "val/acc_best": acc, "test/acc": acc, "epochs": 10}, seed)
+    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    (config,) = read_jobs(sweep, "summary.csv")
+    assert config["n"] == "3" and float(config["test/acc"]) == pytest.approx(0.92) and float(config["test/acc_std"]) == pytest.approx(0.02)
+    assert_plot(sweep / "summary.png")
+
+
 def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     lrs = "model.optimizer.lr=1e-2,1e-3,-1"  # Adam rejects -1: that job fails
@@ -86,7 +124,7 @@ def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path
     r = run_cli("train.py", args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]  # the failed job does not end the sweep
     (sweep,) = sweep_dirs(logs)
-    rows = read_summary(sweep)
+    rows = read_jobs(sweep)
     assert [(r["job"], r["model.optimizer.lr"], r["status"]) for r in rows] == [
         ("0", "0.01", "completed"), ("1", "0.001", "completed"), ("2", "-1", "failed")
     ]
@@ -95,6 +133,10 @@ def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path
     assert_rows_match_jobs(sweep, rows)
     assert rows[2]["val/acc_best"] == rows[2]["test/acc"] == ""
     assert "Invalid learning rate" in json.loads((sweep / "2" / "metrics.json").read_text())["error"]
+    configs = read_jobs(sweep, "summary.csv")  # no seeds: one configuration per job
+    assert [(c["model.optimizer.lr"], c["n"], c["status"]) for c in configs] == [
+        ("0.01", "1", "completed"), ("0.001", "1", "completed"), ("-1", "0", "failed")]
+    assert [float(c["test/acc"]) for c in configs[:2]] == [float(r["test/acc"]) for r in rows[:2]]
     assert_plot(sweep / "summary.png")
     assert "2/3 completed" in r.stdout
 
@@ -107,7 +149,7 @@ def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp
     r = run_cli("train.py", args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     (sweep,) = sweep_dirs(logs)
-    rows = read_summary(sweep)
+    rows = read_jobs(sweep)
     assert [r["status"] for r in rows] == ["failed", "failed"]
     for job in ("0", "1"):
         error = json.loads((sweep / job / "metrics.json").read_text())["error"]
@@ -134,7 +176,7 @@ def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path
     assert study.best_value == max(t.value for t in study.trials[:2])
 
     one, two = sweep_dirs(logs)
-    first_rows, second_rows = read_summary(one), read_summary(two)
+    first_rows, second_rows = read_jobs(one), read_jobs(two)
     assert [r["status"] for r in first_rows] == ["completed", "completed"]
     assert [r["status"] for r in second_rows] == ["failed", "failed"]
     assert [float(r["model.optimizer.lr"]) for r in first_rows + second_rows] == pytest.approx(lrs)

@@ -2,9 +2,11 @@
 
 * ``SweepSummary`` (a Hydra callback, registered in configs/hydra/default.yaml): after any
   multirun (grid or Optuna) it reads each job's ``.hydra/overrides.yaml`` and ``metrics.json``
-  from disk, so it works whatever launcher ran the jobs, and writes ``summary.csv`` and
-  ``summary.png`` (metric against learning rate) in the sweep directory, and prints the table.
-  A job without a ``metrics.json`` (killed, or crashed before writing one) is listed as failed.
+  from disk, so it works whatever launcher ran the jobs, and writes in the sweep directory
+  ``jobs.csv`` (one row per job), ``summary.csv`` (one row per configuration: jobs that differ
+  only in ``seed`` are grouped, with each metric's mean, standard deviation and n, as airbench
+  reports its records) and ``summary.png``, and prints the table. A job without a
+  ``metrics.json`` (killed, or crashed before writing one) is listed as failed.
 * ``study_seed`` (the ``${study_seed:...}`` resolver): the Optuna sampler's seed plus the
   study's trial count, so that rerunning an interrupted search continues it instead of
   replaying its first (random start-up) trials, and a search stays repeatable.
@@ -16,6 +18,7 @@ import csv
 import json
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +71,27 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
     return rows, varying
 
 
+def by_config(rows: list[Row], varying: list[str], metrics: list[str], x_key: str) -> list[Row]:
+    """One row per configuration (the varying overrides but ``seed``, and ``x_key``): how many
+    jobs completed (n), failed, and each metric's mean and sample standard deviation over them."""
+    keys = list(dict.fromkeys([*(k for k in varying if k != "seed"), x_key]))
+    groups: dict[tuple, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(tuple(str(row.get(k, "")) for k in keys), []).append(row)
+    out = []
+    for key, members in groups.items():
+        done = [r for r in members if r["status"] == "completed"]
+        status = "completed" if len(done) == len(members) else "partly failed" if done else "failed"
+        row: Row = dict(zip(keys, key)) | {"status": status, "n": len(done), "failed": len(members) - len(done)}
+        for m in metrics:
+            values = [v for v in (_number(r[m]) for r in done) if v is not None]
+            row[m] = statistics.fmean(values) if values else ""
+            row[f"{m}_std"] = statistics.stdev(values) if len(values) > 1 else ""
+        row["jobs"] = " ".join(r["job"] for r in members)
+        out.append(row)
+    return out
+
+
 def write_csv(rows: list[Row], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -80,32 +104,56 @@ def _positive(value: Any) -> float | None:
     return x if x is not None and x > 0 else None
 
 
-def plot(rows: list[Row], metrics: list[str], x_key: str, path: Path) -> bool:
-    """Each metric against ``x_key`` (log axis), failed jobs as red crosses at 0; False if x does not vary."""
-    if len({_positive(r[x_key]) for r in rows} - {None}) < 2:
-        return False
+def plot(configs: list[Row], metrics: list[str], x_key: str, path: Path) -> None:
+    """Each metric's mean (error bars: standard deviation over seeds) against ``x_key`` on a log
+    axis when it varies, else one group of bars per configuration; failed ones as red crosses."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    done = sorted((r for r in rows if r["status"] == "completed" and _positive(r[x_key])), key=lambda r: _positive(r[x_key]))
-    for m in metrics:
-        pts = [(_positive(r[x_key]), _number(r[m])) for r in done if _number(r[m]) is not None]
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=m)
-    failed = [_positive(r[x_key]) for r in rows if r["status"] != "completed" and _positive(r[x_key])]
+    along_x = len({_positive(c[x_key]) for c in configs} - {None}) >= 2
+    done = [c for c in configs if c["n"]]
+    if along_x:
+        done = sorted((c for c in done if _positive(c[x_key])), key=lambda c: _positive(c[x_key]))
+        where = [_positive(c[x_key]) for c in done]
+        failed = [_positive(c[x_key]) for c in configs if not c["n"] and _positive(c[x_key])]
+        ax.set_xscale("log")
+        ax.set_xlabel(x_key)
+    else:
+        where = list(range(len(done)))
+        failed = []
+        ax.set_xticks(where, [_config_label(c, x_key) for c in done], rotation=20, ha="right", fontsize=7)
+    for i, m in enumerate(metrics):
+        pts = [(x, _number(c[m]), _number(c[f"{m}_std"]) or 0.0) for x, c in zip(where, done) if _number(c[m]) is not None]
+        if not pts:
+            continue
+        xs, ys, errs = zip(*pts)
+        if not along_x:
+            xs = [x + (i - (len(metrics) - 1) / 2) * 0.15 for x in xs]
+        ax.errorbar(xs, ys, yerr=errs, fmt="o-" if along_x else "o", capsize=3, label=m)
     if failed:
         ax.plot(failed, [0.0] * len(failed), "rx", markersize=9, label="failed")
-    ax.set_xscale("log")
-    ax.set(xlabel=x_key, ylabel="metric", title=f"sweep {path.parent.name}")
+    n = sorted({c["n"] for c in done})
+    ax.set(ylabel="metric (mean, bars: std)", title=f"sweep {path.parent.name} (n = {'/'.join(map(str, n)) or 0} per point)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return True
+
+
+def _config_label(config: Row, x_key: str) -> str:
+    keys = [k for k in config if k not in ("status", "n", "failed", "jobs") and not k.endswith("_std") and "/" not in k]
+    return " ".join(f"{k}={config[k]}" for k in keys if config[k] != "") or "all jobs"
+
+
+def _mean_std(config: Row, metric: str) -> str:
+    mean, std = _number(config[metric]), _number(config[f"{metric}_std"])
+    if mean is None:
+        return ""
+    return f"{mean:.4f} ± {std:.4f} (n={config['n']})" if std is not None else f"{mean:.4f} (n={config['n']})"
 
 
 def print_table(rows: list[Row], columns: list[str], title: str) -> None:
@@ -140,12 +188,18 @@ class SweepSummary(Callback):
         if not rows:
             log.warning("no jobs found in %s; no summary written", sweep_dir)
             return
-        write_csv(rows, sweep_dir / "summary.csv")
-        plotted = plot(rows, self.metrics, self.x, sweep_dir / "summary.png")
+        write_csv(rows, sweep_dir / "jobs.csv")
+        configs = by_config(rows, varying, self.metrics, self.x)
+        write_csv(configs, sweep_dir / "summary.csv")
+        plot(configs, self.metrics, self.x, sweep_dir / "summary.png")
         columns = ["job", "status", *dict.fromkeys([*varying, self.x]), *self.metrics, "epochs"]
         completed = sum(r["status"] == "completed" for r in rows)
         print_table(rows, columns, f"sweep {sweep_dir.name}: {completed}/{len(rows)} completed")
-        log.info("summary: %s%s", sweep_dir / "summary.csv", " and summary.png" if plotted else "")
+        if len(configs) < len(rows):  # seeds grouped: the statistics per configuration too
+            stats = [c | {m: _mean_std(c, m) for m in self.metrics} for c in configs]
+            columns = [k for k in configs[0] if k not in self.metrics and not k.endswith("_std") and k != "jobs"]
+            print_table(stats, [*columns, *self.metrics], f"sweep {sweep_dir.name}: mean ± std over seeds")
+        log.info("summary: %s, %s and summary.png", sweep_dir / "summary.csv", sweep_dir / "jobs.csv")
 
 
 def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
