@@ -317,3 +317,15 @@ def test_sigterm_before_training_is_one_line_not_exit_0(compose_cfg, image_folde
         guarded(train)(cfg)
     assert e.value.code == 128 + signal.SIGTERM
     assert last_line(capsys.readouterr().err) == "stopped by SIGTERM outside training; nothing new was saved"
+
+
+def test_last_ckpt_follows_every_epoch_even_without_a_new_best(compose_cfg, image_folder, tmp_path):
+    """lr=0: val/acc never improves after epoch 0, yet last.ckpt must be the latest epoch's."""
+    cfg = compose_cfg(FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
+        "trainer.max_epochs=3", "model.optimizer.lr=0", "test=false", "data.batch_size=16"])
+    train(cfg)
+    ckpts = tmp_path / "out" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
+    last = load_checkpoint(ckpts / "last.ckpt")
+    assert (last["epoch"], last["global_step"]) == (2, 3 * 4)
+    assert load_checkpoint(ckpts / "epoch_000.ckpt")["global_step"] == 4

@@ -101,8 +101,9 @@ def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_
     assert "test/acc" not in metrics and metrics["epochs"] == 2
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
     (opt,) = ckpt["optimizer_states"]
-    # saved at the end of epoch 2, before that epoch's scheduler step: halved once
-    assert opt["param_groups"][0]["momentum"] == 0.9 and opt["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5)
+    # last.ckpt is written at the end of epoch 2, after that epoch's scheduler step: halved twice
+    assert ckpt["epoch"] == 1 and ckpt["lr_schedulers"][0]["last_epoch"] == 2
+    assert opt["param_groups"][0]["momentum"] == 0.9 and opt["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5**2)
 
 
 def test_eval_refuses_mismatched_classes(image_folder: Path, compose_cfg, tmp_path: Path) -> None:

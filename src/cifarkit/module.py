@@ -7,6 +7,7 @@ network is rebuilt from its config.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import lightning as L
@@ -19,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from cifarkit.data import normalize
+from cifarkit import optim
 
 
 WHITENING_IMAGES = 5000  # training images a data-initialised net (AirbenchNet) learns its first layer from
@@ -35,15 +37,19 @@ class ImageClassifier(L.LightningModule):
         classes: list[str],
         optimizer: dict,
         scheduler: dict | None = None,
+        param_groups: dict | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
         """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
         rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
-        Hydra configs completed with the parameters / optimizer."""
+        Hydra configs completed with the parameters / optimizer (and ``total_steps``, the run's
+        optimizer steps, for a scheduler that takes it: it then steps every step);
+        ``param_groups``: options of ``cifarkit.optim.param_groups`` (none: one group)."""
         super().__init__()
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
+        param_groups = _plain(param_groups)
         built = isinstance(net, nn.Module)
         self.save_hyperparameters(ignore=["net"] if built else None)
         self.net: nn.Module = net if built else instantiate(net, num_classes=len(classes))
@@ -131,10 +137,19 @@ class ImageClassifier(L.LightningModule):
         self.log_dict(self.test_class_acc.compute(), sync_dist=True)  # equal on every rank already; says so
 
     def configure_optimizers(self) -> Any:
-        optimizer = instantiate(self.hparams.optimizer)(params=self.parameters())
+        make_optimizer = instantiate(self.hparams.optimizer)
+        params: Any = self.parameters()
+        if self.hparams.param_groups:
+            settings = make_optimizer.keywords
+            params = optim.param_groups(self.net, settings["lr"], settings.get("weight_decay", 0.0), **self.hparams.param_groups)
+        optimizer = make_optimizer(params=params)
         if not self.hparams.scheduler:
             return optimizer
-        scheduler = instantiate(self.hparams.scheduler)(optimizer=optimizer)
+        make_scheduler = instantiate(self.hparams.scheduler)
+        if "total_steps" in inspect.signature(make_scheduler.func).parameters:  # sized from this run
+            scheduler = make_scheduler(optimizer=optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
