@@ -141,23 +141,24 @@ FAST = [
 
 
 def folder_overrides(root: Path, tmp: Path) -> list[str]:
-    return [f"data=image_folder", f"data.root={root}", f"paths.data_dir={tmp / 'data'}", "data.val_size=12"]
+    return ["data=image_folder", f"data.root={root}", f"paths.data_dir={tmp / 'data'}", "data.val_size=12"]
+
+
+def compose_in(tmp: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
+    """The composed config with its outputs (out/, logs/) under ``tmp``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name=config_name, overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp / "out")
+        cfg.paths.log_dir = str(tmp / "logs")
+    return cfg
 
 
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
     """compose_cfg(overrides, config_name='train') -> DictConfig with outputs under tmp_path."""
-
-    def _compose(overrides: list[str], config_name: str = "train") -> DictConfig:
-        GlobalHydra.instance().clear()
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = compose(config_name=config_name, overrides=overrides)
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "out")
-            cfg.paths.log_dir = str(tmp_path / "logs")
-        return cfg
-
-    return _compose
+    return lambda overrides, config_name="train": compose_in(tmp_path, overrides, config_name)
 
 
 def run_cli(script: str, args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -18,10 +18,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import CLASSES3, CONFIG_DIR, FAST, ROOT, class_images, folder_overrides, run_cli, run_dirs
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, open_dict
+from conftest import CLASSES3, FAST, ROOT, class_images, compose_in, folder_overrides, run_cli, run_dirs
 from PIL import Image
 
 from cifarkit.checkpoints import rebuild_net
@@ -33,17 +30,6 @@ from cifarkit.train import train
 
 TRUSTED = ["cifarkit."]
 N_IMAGES = 120
-
-
-def compose_in(tmp: Path, overrides: list[str], config_name: str) -> DictConfig:
-    """conftest's ``compose_cfg`` for a fixture wider than one test."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp / "out")
-        cfg.paths.log_dir = str(tmp / "logs")
-    return cfg
 
 
 @dataclass
