@@ -81,6 +81,7 @@ def test_bench_quick_without_data(tmp_path: Path) -> None:
     assert {"tutorial_b512", "default_b512"} <= set(res["training"]) and "512" in res["train_speedup_by_batch"]
 
 
+@pytest.mark.slow  # a training run and a benchmark through the script: CI runs it with -m slow
 def test_gpu_check_dry_run(tmp_path: Path, image_folder: Path) -> None:
     """The GPU machine's script, on the CPU: both steps run and one JSON holds their results."""
     out = tmp_path / "out"

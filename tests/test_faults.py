@@ -144,7 +144,7 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.sig)
 
 
-@pytest.mark.parametrize("step", [1, 6])  # 4 steps an epoch: in epoch 0, and in epoch 1
+@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 6])  # 4 steps an epoch: in epoch 0, in epoch 1
 def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(step, compose_cfg, image_folder, tmp_path, monkeypatch):
     whole = run_in_process(compose_cfg, image_folder, tmp_path, "whole", 2)
     add_callback(monkeypatch, SignalAt(step))

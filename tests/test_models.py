@@ -104,7 +104,8 @@ def test_trusted_rebuild_accepts_the_config(model: str, compose_cfg) -> None:
     assert build_net({"_target_": net_cfg["_target_"]}, 3, ["cifarkit."])(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
-@pytest.mark.parametrize("model", ["airbench", pytest.param("resnet18", marks=pytest.mark.slow)])
+@pytest.mark.slow  # airbench's run: test_train_whitens_airbench_from_the_training_split
+@pytest.mark.parametrize("model", ["airbench", "resnet18"])
 def test_one_batch_trains(model: str, image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [f"model={model}", "debug=fdr"])
     train(cfg)
@@ -137,6 +138,7 @@ def test_train_whitens_airbench_from_the_training_split(image_folder: Path, comp
 
     monkeypatch.setattr(ct, "build", build)
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["model=airbench", "debug=fdr"]))
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["status"] == "completed"
     w = seen["weight"]
     assert torch.equal(w[12:], -w[:12]) and not torch.equal(w, AirbenchNet().whiten.weight)
     out = torch.nn.functional.conv2d(seen["images"].double(), w[:12].double())  # (N, 12, 31, 31)

@@ -156,6 +156,7 @@ def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp
         assert "cannot run inside a local sweep" in error and "+trainer.strategy.start_method=spawn" in error
 
 
+@pytest.mark.slow  # two sweep commands of two trials each
 def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path) -> None:
     import optuna
 

@@ -233,7 +233,17 @@ def assert_refused(case: Case, r, tmp_path: Path) -> None:
     assert not late, f"refused only once building was under way ({late}): {last}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+# The default run takes a representative few through each entry point (each run is a Python
+# start-up); `-m slow` (CI) takes every case through both.
+FAST_PREDICT = {"nested_module_attribute", "torch_class_via_trusted_module", "interpolation_in_key", "untrusted_module_class"}
+FAST_EVAL = {"nested_module_attribute", "trusted_function_nested"}
+
+
+def cases(only: set[str], subset: list[Case] = CASES) -> list:
+    return [c if c.id in only else pytest.param(c, marks=pytest.mark.slow) for c in subset]
+
+
+@pytest.mark.parametrize("case", cases(FAST_PREDICT), ids=str)
 def test_predict_refuses(case: Case, tmp_path: Path) -> None:
     ckpt, env = prepare(case, tmp_path)
     img = tmp_path / "img.png"
@@ -243,7 +253,7 @@ def test_predict_refuses(case: Case, tmp_path: Path) -> None:
     assert r.stdout.strip() == "", r.stdout  # no prediction printed
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.run_eval], ids=str)
+@pytest.mark.parametrize("case", cases(FAST_EVAL, [c for c in CASES if c.run_eval]), ids=str)
 def test_eval_refuses(case: Case, image_folder: Path, tmp_path: Path) -> None:
     ckpt, env = prepare(case, tmp_path)
     args = [f"ckpt_path={ckpt}", "trainer=cpu", f"paths.log_dir={tmp_path / 'logs'}", *folder_overrides(image_folder, tmp_path)]
