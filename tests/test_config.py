@@ -46,7 +46,8 @@ def test_defaults_are_the_tutorial_recipe() -> None:
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.max_epochs == 100
     assert list(cfg.logger) == ["tensorboard"] and cfg.test is True and cfg.optimized_metric == "val/acc_best"
     assert {"model_checkpoint", "progress_bar", "lr_monitor"} <= set(cfg.callbacks)
-    assert cfg.callbacks.model_checkpoint.monitor == "val/acc" and cfg.callbacks.model_checkpoint.save_last
+    assert cfg.callbacks.model_checkpoint.monitor == "val/acc" and cfg.callbacks.last_checkpoint.filename == "last"
+    assert cfg.callbacks.last_checkpoint.monitor is None  # written every epoch, not only with a new best
     assert cfg.hydra.run.dir.startswith("logs/train/runs/20")
     assert cfg.hydra.sweep.dir.startswith("logs/train/multiruns/20") 
     assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"

@@ -211,9 +211,10 @@ def rebuild_net(path: str | Path, trusted: Sequence[str]) -> tuple[nn.Module, di
     return net.eval(), info
 
 
-def rebuild_classifier(ckpt: dict[str, Any], path: str | Path, trusted: Sequence[str]) -> L.LightningModule:
-    """An ``ImageClassifier`` for testing, its net rebuilt under the trust rules (weights not loaded)."""
-    from cifarkit.module import ImageClassifier
+def rebuild_classifier(ckpt: dict[str, Any], path: str | Path, trusted: Sequence[str], tta: str | None = None) -> L.LightningModule:
+    """An ``ImageClassifier`` for testing, its net rebuilt under the trust rules (weights not
+    loaded); ``tta`` the test-time augmentation (None: the checkpoint's own)."""
+    from cifarkit.module import TTA, ImageClassifier
 
     info = data_info(ckpt, path)
     hparams = ckpt.get("hyper_parameters")
@@ -222,5 +223,9 @@ def rebuild_classifier(ckpt: dict[str, Any], path: str | Path, trusted: Sequence
     if not isinstance(smoothing, (int, float)) or isinstance(smoothing, bool) or not 0 <= smoothing < 1:
         raise UserError(f"ckpt_path={path} has label_smoothing={smoothing!r}; pass a .ckpt written by train.py")
     channels_last = hparams.get("channels_last", True) is True
+    tta = tta if tta is not None else hparams.get("tta", "none")
+    if tta not in TTA:
+        raise UserError(f"tta={tta!r} is not known; use one of {', '.join(TTA)}")
     net = build_net(hparams.get("net"), len(info["classes"]), trusted)
-    return ImageClassifier(net=net, classes=info["classes"], optimizer={}, label_smoothing=float(smoothing), channels_last=channels_last)
+    return ImageClassifier(net=net, classes=info["classes"], optimizer={}, label_smoothing=float(smoothing),
+                           channels_last=channels_last, tta=tta)

@@ -20,10 +20,30 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from cifarkit.data import normalize
+from cifarkit.errors import UserError
 from cifarkit import optim
 
 
+TTA = ("none", "flip", "flip_translate")
 WHITENING_IMAGES = 5000  # training images a data-initialised net (AirbenchNet) learns its first layer from
+
+
+def tta_logits(forward: Any, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits of ``x`` (B, C, H, W) averaged over cheap views, as airbench tests: ``flip`` the
+    image and its mirror; ``flip_translate`` half that, half the same on the image shifted one
+    pixel up-left and one pixel down-right (reflect padding)."""
+    if tta == "none":
+        return forward(x)
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (forward(v) + forward(v.flip(-1)))
+
+    if tta == "flip":
+        return mirrored(x)
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+    return 0.5 * mirrored(x) + 0.5 * shifted
 
 
 def _plain(cfg: Any) -> Any:
@@ -39,6 +59,7 @@ class ImageClassifier(L.LightningModule):
         scheduler: dict | None = None,
         param_groups: dict | None = None,
         label_smoothing: float = 0.0,
+        tta: str = "none",
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
@@ -46,8 +67,11 @@ class ImageClassifier(L.LightningModule):
         rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
         Hydra configs completed with the parameters / optimizer (and ``total_steps``, the run's
         optimizer steps, for a scheduler that takes it: it then steps every step);
-        ``param_groups``: options of ``cifarkit.optim.param_groups`` (none: one group)."""
+        ``param_groups``: options of ``cifarkit.optim.param_groups`` (none: one group);
+        ``tta``: test-time augmentation of the test step, one of ``TTA``."""
         super().__init__()
+        if tta not in TTA:
+            raise UserError(f"model.tta={tta!r} is not known; use one of {', '.join(TTA)}")
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
         param_groups = _plain(param_groups)
         built = isinstance(net, nn.Module)
@@ -85,9 +109,9 @@ class ImageClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x.contiguous(memory_format=self.memory_format))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], tta: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
-        logits = self(x)
+        logits = tta_logits(self, x, tta)
         return self.criterion(logits, y), logits, y
 
     def on_train_epoch_start(self) -> None:
@@ -119,7 +143,7 @@ class ImageClassifier(L.LightningModule):
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        loss, logits, y = self._step(batch)
+        loss, logits, y = self._step(batch, self.hparams.tta)
         self.test_loss(loss, len(y))
         self.test_acc(logits, y)
         self.test_class_acc.update(logits, y)

@@ -158,13 +158,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     ckpt = load_checkpoint(cfg.ckpt_path)
     info = data_info(ckpt, cfg.ckpt_path)
-    model = rebuild_classifier(ckpt, cfg.ckpt_path, list(cfg.trusted_targets))  # judged before anything is built
+    model = rebuild_classifier(ckpt, cfg.ckpt_path, list(cfg.trusted_targets), cfg.tta)  # judged before anything is built
     datamodule, trainer = build(
         cfg, with_loggers=False, image_size=info["image_size"], normalize=True, mean=info["mean"], std=info["std"]
     )
     check_same_classes({"hyper_parameters": {"classes": info["classes"]}}, datamodule.classes)
     trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-    metrics = tested_metrics(trainer, model) | {"ckpt_path": str(cfg.ckpt_path), "status": "completed"}
+    metrics = tested_metrics(trainer, model) | {"ckpt_path": str(cfg.ckpt_path), "tta": model.hparams.tta, "status": "completed"}
     if trainer.is_global_zero:
         write_metrics(cfg.paths.output_dir, metrics)
     return metrics
