@@ -320,7 +320,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
     accelerator = [f"trainer.accelerator={ACCELERATOR[args.device]}"] if args.device != "auto" else []
     overrides = [*data, f"paths.data_dir={args.data_dir}", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
                  "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "trainer.enable_checkpointing=false",
-                 "callbacks.model_checkpoint=null", *accelerator, *args.override]
+                 "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", *accelerator, *args.override]
     cfg = compose_cfg(overrides, out)
     device = torch.device(resolve_accelerator(cfg.trainer.accelerator))
     scale = GPU_STEPS if device.type == "cuda" else 1

@@ -107,7 +107,7 @@ def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_
 
 
 def test_eval_refuses_mismatched_classes(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["debug=fdr"])
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["trainer.limit_train_batches=2", "test=false"])
     train(cfg)
     other = write_image_folder(tmp_path / "other", n_train=3, n_test=2, classes=["a", "b", "c", "d"])
     from cifarkit.errors import UserError
