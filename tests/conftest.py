@@ -172,3 +172,17 @@ def run_cli(script: str, args: list[str], cwd: Path, timeout: float = 300, env: 
 
 def run_dirs(log_dir: Path, task: str = "train") -> list[Path]:
     return sorted(p for p in (log_dir / task / "runs").glob("*") if p.is_dir())
+
+
+def add_callback(monkeypatch: pytest.MonkeyPatch, callback) -> None:
+    """Every trainer that cifarkit.train.build makes gets ``callback`` too (for probes in tests)."""
+    import cifarkit.train as ct
+
+    real_build = ct.build
+
+    def build(cfg, **kwargs):
+        datamodule, trainer = real_build(cfg, **kwargs)
+        trainer.callbacks.insert(0, callback)
+        return datamodule, trainer
+
+    monkeypatch.setattr(ct, "build", build)

@@ -19,7 +19,7 @@ from cifarkit.callbacks import TrainingStopped
 from cifarkit.checkpoints import AtomicCheckpointIO, load_checkpoint
 from cifarkit.errors import UserError
 from cifarkit.train import train
-from conftest import FAST, ROOT, folder_overrides, run_cli, run_dirs
+from conftest import FAST, ROOT, add_callback, folder_overrides, run_cli, run_dirs
 
 SMALL = ["data.image_size=16"]  # a 4x smaller first fc layer: same code paths, faster steps
 
@@ -202,20 +202,6 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(compose_cfg, image_folder
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["epoch"] == 0
     assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values() if t.is_floating_point())
-
-
-def add_callback(monkeypatch: pytest.MonkeyPatch, callback: L.Callback) -> None:
-    """Every trainer that train() builds gets ``callback`` first."""
-    import cifarkit.train as ct
-
-    real_build = ct.build
-
-    def build(cfg, **kwargs):
-        datamodule, trainer = real_build(cfg, **kwargs)
-        trainer.callbacks.insert(0, callback)
-        return datamodule, trainer
-
-    monkeypatch.setattr(ct, "build", build)
 
 
 def test_graceful_stop_saves_through_the_atomic_plugin(compose_cfg, image_folder, tmp_path, monkeypatch, saved):

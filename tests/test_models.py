@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, folder_overrides
+from conftest import FAST, add_callback, folder_overrides
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -118,7 +118,6 @@ def test_train_whitens_airbench_from_the_training_split(image_folder: Path, comp
     positive filters then decorrelate the training split's 2x2 patches."""
     import lightning as L
 
-    import cifarkit.train as ct
     from cifarkit.data import normalize
 
     seen: dict[str, torch.Tensor] = {}
@@ -129,14 +128,7 @@ def test_train_whitens_airbench_from_the_training_split(image_folder: Path, comp
             seen["weight"] = pl_module.net.whiten.weight.detach().clone()
             seen["images"] = normalize(dm.splits["train"][0], torch.tensor(dm.mean), torch.tensor(dm.std))
 
-    real_build = ct.build
-
-    def build(cfg, **kwargs):
-        datamodule, trainer = real_build(cfg, **kwargs)
-        trainer.callbacks.append(Capture())
-        return datamodule, trainer
-
-    monkeypatch.setattr(ct, "build", build)
+    add_callback(monkeypatch, Capture())
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["model=airbench", "debug=fdr"]))
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["status"] == "completed"
     w = seen["weight"]

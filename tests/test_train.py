@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, folder_overrides, run_cli, run_dirs, write_image_folder
+from conftest import FAST, add_callback, folder_overrides, run_cli, run_dirs, write_image_folder
 
 from cifarkit.train import evaluate, train
 
@@ -191,16 +191,8 @@ class BatchDigests(L.Callback):
 
 
 def overfit_run(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch, epochs: int) -> BatchDigests:
-    import cifarkit.train as ct
-
-    probe, real_build = BatchDigests(), ct.build
-
-    def build(cfg, **kwargs):
-        datamodule, trainer = real_build(cfg, **kwargs)
-        trainer.callbacks.append(probe)
-        return datamodule, trainer
-
-    monkeypatch.setattr(ct, "build", build)
+    probe = BatchDigests()
+    add_callback(monkeypatch, probe)
     cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["debug=overfit", f"trainer.max_epochs={epochs}", "test=false"])
     train(cfg)
     assert len(probe.batches) == epochs and len(probe.batches[0]) == 4  # overfit_batches=4
