@@ -234,7 +234,7 @@ def train_loader(dm: ImageDataModule, device: torch.device, batch_size: int) -> 
     """The device pipeline's training batches, as the datamodule makes them for one process."""
     x, y = dm.splits["train"]
     return DeviceLoader(x, y, torch.tensor(dm.mean), torch.tensor(dm.std), batch_size, train=True, seed=dm.seed,
-                        padding=dm.padding, flip_p=dm.flip_p, device=device)
+                        augment=dm.augment, device=device)
 
 
 def raw_loop(cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str) -> Iterator[None]:

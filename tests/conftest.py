@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -42,6 +43,21 @@ def class_images(n: int, num_classes: int, size: int, seed: int) -> tuple[np.nda
     noise = rng.integers(-60, 61, size=(n, size, size, 3))
     x = np.clip(base[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
     return x, labels
+
+
+# Pearson chi-square critical values at p = 0.001 by degrees of freedom: a fair sampler exceeds
+# them once in 1000 seeds.
+CHI2_CRITICAL = {1: 10.83, 8: 26.12, 31: 61.10, 49: 85.35, 161: 222.19}
+
+
+def chi_square(counts: torch.Tensor) -> float:
+    """Pearson's statistic of ``counts`` against equal expected counts (len(counts) - 1 degrees of freedom)."""
+    expected = counts.sum() / len(counts)
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
 
 
 def md5(path: Path) -> str:

@@ -40,7 +40,7 @@ def test_defaults_are_the_tutorial_recipe() -> None:
     cfg = compose_train([])
     assert cfg.data._target_ == "cifarkit.data.CIFAR10DataModule"
     assert cfg.data.batch_size == 32 and cfg.data.val_size == 5000 and cfg.data.download is True
-    assert cfg.data.augment.crop_padding == 4 and cfg.data.augment.hflip_p == 0.5 and cfg.data.normalize
+    assert cfg.data.augment.crop.padding == 4 and cfg.data.augment.flip.p == 0.5 and cfg.data.normalize
     assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 1e-3
     assert cfg.model.optimizer._partial_ is True and cfg.model.scheduler is None and cfg.model.label_smoothing == 0
     assert cfg.trainer.accelerator == "auto" and cfg.trainer.max_epochs == 100
@@ -55,11 +55,11 @@ def test_defaults_are_the_tutorial_recipe() -> None:
 
 def test_plain_overrides_land() -> None:
     cfg = compose_train(["trainer.accelerator=gpu", "trainer.max_epochs=7", "model.optimizer.lr=0.05",
-                         "data.augment.hflip_p=0", "data.augment.crop_padding=2", "logger=many",
+                         "data.augment.flip=null", "data.augment.crop.padding=2", "logger=many",
                          "model.optimizer._target_=torch.optim.SGD", "model.optimizer.fused=null"])
     assert cfg.trainer.accelerator == "gpu" and cfg.trainer.max_epochs == 7
     assert cfg.model.optimizer.lr == 0.05 and cfg.model.optimizer._target_ == "torch.optim.SGD"
-    assert cfg.data.augment.hflip_p == 0 and cfg.data.augment.crop_padding == 2
+    assert cfg.data.augment.flip is None and cfg.data.augment.crop.padding == 2
     assert set(cfg.logger) == {"tensorboard", "csv"}
 
 
@@ -72,7 +72,7 @@ def test_tutorial_experiment_is_the_tutorial() -> None:
 def test_image_folder_shares_the_pipeline_options() -> None:
     cfg = compose_train(["data=image_folder", "data.root=/imgs"])
     assert cfg.data._target_ == "cifarkit.data.ImageFolderDataModule"
-    assert cfg.data.root == "/imgs" and cfg.data.image_size == 32 and cfg.data.augment.crop_padding == 4
+    assert cfg.data.root == "/imgs" and cfg.data.image_size == 32 and cfg.data.augment.crop.padding == 4
     assert "download" not in cfg.data and cfg.model.net.image_size == 32
 
 

@@ -111,7 +111,7 @@ def test_image_folder_reads_png_jpeg_and_resizes(image_folder: Path, tmp_path: P
     dm = D.ImageFolderDataModule(root=str(image_folder), cache_dir=str(tmp_path / "cache"), val_size=0.25)
     assert dm.classes == CLASSES3
     dm.setup()
-    (tx, ty), (vx, _), (sx, sy) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
+    (tx, _), (vx, _), (sx, sy) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
     assert len(tx) + len(vx) == 72 and len(vx) == 18 and len(sy) == 36
     assert tx.shape[1:] == (3, 32, 32) and sx.dtype == torch.uint8
     assert set(sy.tolist()) == {0, 1, 2}

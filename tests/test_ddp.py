@@ -73,7 +73,7 @@ PYTHONPATH = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.envi
 def test_ddp_sim_trains_one_run_on_split_data(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     logs, probe = tmp_path / "logs", tmp_path / "probe"
     args = DDP + folder_overrides(image_folder, tmp_path) + [
-        "data.augment.crop_padding=0", "data.augment.hflip_p=0",
+        "data.augment.crop=null", "data.augment.flip=null",
         f"paths.log_dir={logs}", "+callbacks.rank_probe._target_=test_ddp.RankProbe", f"+callbacks.rank_probe.out={probe}",
     ]
     r = run_cli("train.py", args, cwd=tmp_path, env=PYTHONPATH, timeout=240)

@@ -26,8 +26,9 @@ def test_param_groups_split_weights_norms_and_biases() -> None:
     assert all(p.ndim == 1 for p in groups["norm_and_bias"]["params"]) and groups["norm_and_bias"]["weight_decay"] == 0.0
     trainable = [p for p in net.parameters() if p.requires_grad]
     assert sorted(id(p) for g in groups.values() for p in g["params"]) == sorted(id(p) for p in trainable)  # each once
-    decayed = {g["name"]: g["weight_decay"] for g in param_groups(net, lr=0.1, weight_decay=5e-4)}
-    assert set(decayed.values()) == {5e-4}
+    groups = {g["name"]: g for g in param_groups(net, lr=0.1, weight_decay=5e-4, norm_bias_lr_scale=64)}
+    # Every group is decayed, and by the same amount per step (lr * weight_decay), as in airbench.
+    assert [g["lr"] * g["weight_decay"] for g in groups.values()] == pytest.approx([0.1 * 5e-4] * 3)
 
 
 @pytest.mark.parametrize("decay", ["linear", "cosine"])
@@ -44,6 +45,17 @@ def test_warmup_then_decay_shape(decay: str) -> None:
     middle = 0.1 + 0.9 * (0.5 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * 40 / 80)))
     assert lrs[60] == pytest.approx(middle)
     assert lrs[99] == pytest.approx(0.1 + 0.9 * (1 - 79 / 80 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * 79 / 80))))
+
+
+def test_warmup_can_start_above_zero() -> None:
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = warmup_then_decay(opt, total_steps=10, warmup=0.5, start_scale=0.2)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[:5] == pytest.approx([2.0 * (0.2 + 0.8 * k / 5) for k in range(1, 6)])
 
 
 def test_a_run_sizes_its_schedule_from_its_own_steps(image_folder: Path, compose_cfg, tmp_path: Path) -> None:

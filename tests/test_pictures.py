@@ -83,7 +83,7 @@ def test_fast_dev_run_draws_both(image_folder: Path, tmp_path: Path, compose_cfg
 def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: Path, compose_cfg, monkeypatch) -> None:
     """Without augmentation each image in the grid is a training image, with its label, back in [0, 1]."""
     cfg = compose_cfg(
-        FAST + folder_overrides(image_folder, tmp_path) + ["data.augment.crop_padding=0", "data.augment.hflip_p=0", "test=false"]
+        FAST + folder_overrides(image_folder, tmp_path) + ["data.augment.crop=null", "data.augment.flip=null", "test=false"]
     )
     seen = {}
     original = pictures.samples_figure

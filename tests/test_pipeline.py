@@ -10,20 +10,16 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
+from conftest import CHI2_CRITICAL, chi_square, random_images
+
 from cifarkit import data
-from cifarkit.data import DeviceLoader, ImageFolderDataModule, augment_batch, normalize
+from cifarkit.augment import Augment, crop_flip
+from cifarkit.data import DeviceLoader, ImageFolderDataModule, normalize
 
 MEAN = torch.tensor([0.49, 0.48, 0.45])
 STD = torch.tensor([0.25, 0.24, 0.26])
 ZERO, ONE = torch.zeros(3), torch.ones(3)
 PAD = 4
-# Pearson chi-square critical values at p = 0.001: a fair sampler exceeds them once in 1000 seeds.
-CHI2_CRITICAL = {1: 10.83, 8: 26.12, 161: 222.19}
-
-
-def random_images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
 
 def torchvision_reference(
     image: torch.Tensor, dy: int, dx: int, flip: bool, mean: torch.Tensor = MEAN, std: torch.Tensor = STD
@@ -42,7 +38,7 @@ def test_fixed_offsets_match_torchvision_exactly(flip: bool) -> None:
     images = random_images(len(offsets))
     dy = torch.tensor([o[0] for o in offsets])
     dx = torch.tensor([o[1] for o in offsets])
-    out = normalize(augment_batch(images, PAD, dy, dx, torch.full((len(offsets),), flip)), MEAN, STD)
+    out = normalize(crop_flip(images, PAD, dy, dx, torch.full((len(offsets),), flip)), MEAN, STD)
     for i, (oy, ox) in enumerate(offsets):
         assert torch.equal(out[i], torchvision_reference(images[i], oy, ox, flip)), (oy, ox, flip)
 
@@ -64,15 +60,9 @@ def drawn_offsets(batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return dy, dx, flip
 
 
-def chi_square(counts: torch.Tensor) -> float:
-    """Pearson's statistic of ``counts`` against equal expected counts (len(counts) - 1 degrees of freedom)."""
-    expected = counts.sum() / len(counts)
-    return float(((counts - expected) ** 2 / expected).sum())
-
-
 def loader(images: torch.Tensor, labels: torch.Tensor, train: bool = True, **kw) -> DeviceLoader:
     mean, std = kw.pop("mean", MEAN), kw.pop("std", STD)
-    return DeviceLoader(images, labels, mean, std, kw.pop("batch_size", 64), train=train, padding=PAD, flip_p=0.5, **kw)
+    return DeviceLoader(images, labels, mean, std, kw.pop("batch_size", 64), train=train, augment=Augment(PAD, flip_p=0.5), **kw)
 
 
 def test_every_offset_and_flip_occurs_uniformly() -> None:
@@ -104,7 +94,7 @@ def test_every_offset_and_flip_occurs_uniformly() -> None:
 def datamodule(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> ImageFolderDataModule:
     dm = ImageFolderDataModule(
         root=str(image_folder), cache_dir=str(tmp_path_factory.mktemp("cache")), val_size=12, batch_size=8,
-        eval_batch_size=5, augment={"crop_padding": PAD, "hflip_p": 0.5},
+        eval_batch_size=5, augment={"crop": {"padding": PAD}, "flip": {"p": 0.5}},
     )
     dm.setup()
     return dm
@@ -163,7 +153,7 @@ def test_train_batches_shapes_dtypes_and_variation(datamodule: ImageFolderDataMo
 def crops_of(images: torch.Tensor) -> dict[bytes, tuple[int, tuple[int, int, bool]]]:
     """Every (dy, dx, flip) crop of every zero-padded image, by its bytes: (image index, draw).
 
-    Built with plain slicing, independently of ``augment_batch``.
+    Built with plain slicing, independently of ``crop_flip``.
     """
     padded = torch.nn.functional.pad(images, (PAD,) * 4)
     h, w = images.shape[2:]

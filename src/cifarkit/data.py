@@ -5,8 +5,8 @@ disk (``prepare_data``); ``setup`` splits train/val with a fixed seed and comput
 per-channel mean/std of the training split. Then one of two pipelines feeds the model:
 
 * ``device`` (default): the whole uint8 tensor is moved to the training device and each batch
-  is gathered from a seeded permutation, randomly cropped, flipped and normalized there with a
-  handful of batched tensor ops (``augment_batch``). No worker processes, no PIL.
+  is gathered from a seeded permutation, augmented (``cifarkit/augment.py``) and normalized
+  there with a handful of batched tensor ops. No worker processes, no PIL.
 * ``torchvision``: the tutorial's per-sample PIL transforms in a ``DataLoader``, for comparison
   and for custom PIL transforms.
 """
@@ -27,6 +27,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
+from cifarkit.augment import TUTORIAL_STEPS, Augment
 from cifarkit.files import atomic_write
 from cifarkit.errors import UserError
 from cifarkit.images import load_image, normalize
@@ -37,35 +38,10 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 CHUNK_IMAGES = 4096  # DeviceLoader prepares this many images at a time (50 MB as float32)
 
 
-# ---------------------------------------------------------------------------------------------
-# Batched augmentation: the device pipeline's core, a few tensor ops per batch.
-
-
-def augment_batch(
-    images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor
-) -> torch.Tensor:
-    """Crop each image at offset (dy, dx) of its zero-padded copy, then mirror where ``flip``.
-
-    Equals torchvision's ``RandomCrop(H, padding)`` followed by ``RandomHorizontalFlip`` for
-    the same offsets and flips, for a whole uint8 batch (B, C, H, W) at once: one pad and one
-    gather, no Python loop over images.
-    """
-    b, c, h, w = images.shape
-    if padding:
-        images = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    ar_h = torch.arange(h, device=images.device)
-    ar_w = torch.arange(w, device=images.device)
-    rows = dy[:, None] + ar_h  # (B, H)
-    cols = torch.where(flip[:, None], dx[:, None] + (w - 1 - ar_w), dx[:, None] + ar_w)  # (B, W)
-    # One gather along the flattened pixels, shared by the channels: ~4x faster than 4-D indexing.
-    flat = (rows[:, :, None] * images.shape[3] + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
-    return images.flatten(2).gather(2, flat).view(b, c, h, w)
-
-
 class DeviceLoader:
     """Iterates batches of a uint8 dataset held on the training device.
 
-    For training, each epoch draws a permutation and the crop offsets/flips from generators
+    For training, each epoch draws a permutation and the augmentation's choices from generators
     seeded by (seed, epoch), so every DDP rank draws the same permutation and takes its own
     strided, equal-sized share. Everything random is drawn once per epoch on the CPU and
     moved in one copy, so the loop itself never syncs the host with the device.
@@ -86,8 +62,7 @@ class DeviceLoader:
         batch_size: int,
         train: bool,
         seed: int = 0,
-        padding: int = 0,
-        flip_p: float = 0.0,
+        augment: Augment = Augment(),
         epoch: Callable[[], int] = lambda: 0,
         position: Callable[[], int] = lambda: 0,
         fixed_order: bool = False,
@@ -100,7 +75,7 @@ class DeviceLoader:
         self.labels = labels.to(self.device)
         self.mean, self.std = mean.to(self.device), std.to(self.device)
         self.batch_size, self.train, self.seed = batch_size, train, seed
-        self.padding, self.flip_p = padding, flip_p
+        self.augment = augment
         self.epoch, self.position, self.fixed_order = epoch, position, fixed_order
         self.rank, self.world_size = rank, world_size
         self.resume_at: tuple[int, int] = (-1, 0)  # (epoch, batches already consumed) from a checkpoint
@@ -135,24 +110,23 @@ class DeviceLoader:
         idx = self.epoch_indices(draw)
         if self.train:
             g = torch.Generator().manual_seed((self.seed * 100_003 + draw) * 1_009 + self.rank + 1)
-            m = len(idx)
-            dy = torch.randint(0, 2 * self.padding + 1, (m,), generator=g)
-            dx = torch.randint(0, 2 * self.padding + 1, (m,), generator=g)
-            flip = torch.rand(m, generator=g) < self.flip_p
+            draws = self.augment.draw(idx, len(self.labels), tuple(self.images.shape[-2:]), draw, self.seed, g)
             if self.resume_at[0] == epoch:  # the same draws, minus the batches trained before the stop
                 skip = self.resume_at[1] * self.batch_size
-                idx, dy, dx, flip = idx[skip:], dy[skip:], dx[skip:], flip[skip:]
-            dy, dx, flip = (t.to(self.device, non_blocking=True) for t in (dy, dx, flip))
+                idx, draws = idx[skip:], {k: v[skip:] for k, v in draws.items()}
+            draws = {k: v.to(self.device, non_blocking=True) for k, v in draws.items()}
         idx = idx.to(self.device, non_blocking=True)
         # Whole chunks of batches are gathered, augmented and normalized at once, then sliced:
         # a handful of large tensor ops per few thousand images instead of six tiny ones per step.
         per_chunk = max(1, CHUNK_IMAGES // self.batch_size) * self.batch_size
         for c0 in range(0, len(idx), per_chunk):
             sl = slice(c0, c0 + per_chunk)
-            x = self.images[idx[sl]]
-            if self.train and (self.padding or self.flip_p):
-                x = augment_batch(x, self.padding, dy[sl], dx[sl], flip[sl])
-            x, y = normalize(x, self.mean, self.std), self.labels[idx[sl]]
+            x, y = self.images[idx[sl]], self.labels[idx[sl]]
+            if self.train and self.augment:
+                chunk = {k: v[sl] for k, v in draws.items()}
+                x = self.augment.erase(normalize(self.augment.apply(x, chunk), self.mean, self.std), chunk)
+            else:
+                x = normalize(x, self.mean, self.std)
             for b0 in range(0, len(y), self.batch_size):
                 yield x[b0 : b0 + self.batch_size], y[b0 : b0 + self.batch_size]
 
@@ -213,15 +187,16 @@ class ImageDataModule(L.LightningDataModule):
             raise UserError(f"unknown data.pipeline={pipeline!r}; use data.pipeline=device or data.pipeline=torchvision")
         if (mean is None) != (std is None):
             raise UserError("set both data.mean and data.std, or neither (then they are computed)")
-        augment = {"crop_padding": 4, "hflip_p": 0.5, **(augment or {})}  # the tutorial's unless told
+        augment = dict(TUTORIAL_STEPS if augment is None else augment)  # the tutorial's steps unless told
+        self.augment = Augment.from_steps(augment)
+        if self.augment.padding_mode == "reflect" and self.augment.padding >= image_size:
+            raise UserError(f"data.augment.crop.padding={self.augment.padding} must be below the image size ({image_size}) to reflect")
         mean, std = (list(mean), list(std)) if mean is not None else (None, None)
         self.save_hyperparameters()  # plain values: TensorBoard's HPARAMS tab and the checkpoint show them
         self.cache_dir = Path(cache_dir)
         self.image_size, self.val_size, self.split_seed = image_size, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pipeline, self.num_workers, self.pin_memory = pipeline, num_workers, pin_memory
-        self.padding = int(augment.get("crop_padding") or 0)
-        self.flip_p = float(augment.get("hflip_p") or 0.0)
         self.do_normalize = normalize
         self._fixed_stats = (mean, std) if mean is not None else None
         self.mean: list[float] = [0.0, 0.0, 0.0]
@@ -305,11 +280,10 @@ class ImageDataModule(L.LightningDataModule):
             trainer = self.trainer
             if trainer is None:  # used outside a Trainer
                 return DeviceLoader(x, y, torch.tensor(self.mean), torch.tensor(self.std), batch, train=train,
-                                    seed=self.seed, padding=self.padding, flip_p=self.flip_p)
+                                    seed=self.seed, augment=self.augment)
             return DeviceLoader(
                 x, y, torch.tensor(self.mean), torch.tensor(self.std), batch, train=train, seed=self.seed,
-                padding=self.padding, flip_p=self.flip_p,
-                epoch=lambda: trainer.current_epoch, position=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+                augment=self.augment, epoch=lambda: trainer.current_epoch, position=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
                 fixed_order=bool(trainer.overfit_batches), rank=trainer.global_rank, world_size=trainer.world_size,
                 device=trainer.strategy.root_device,
             )
@@ -320,13 +294,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def pil_transform(self, train: bool) -> T.Compose:
         """The per-sample torchvision transforms, built from the same options as the device path."""
-        steps: list[Callable] = []
-        if train and self.padding:
-            steps.append(T.RandomCrop(self.image_size, padding=self.padding))
-        if train and self.flip_p:
-            steps.append(T.RandomHorizontalFlip(self.flip_p))
-        steps += [T.ToTensor(), T.Normalize(self.mean, self.std)]
-        return T.Compose(steps)
+        steps = self.augment.pil_steps(self.image_size) if train else []
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def train_dataloader(self) -> DeviceLoader | DataLoader:
         return self._loader("train")

@@ -24,7 +24,8 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """The trainable parameters of ``net`` in up to three groups: weights (decayed), other norm
     parameters and biases (decayed only if ``decay_norm_and_bias``), norm biases (the same, at
-    ``lr * norm_bias_lr_scale``)."""
+    ``lr * norm_bias_lr_scale``). As in airbench the multiplier speeds up the gradient steps
+    only: the norm biases' weight decay is divided by it, so each step decays them as before."""
     norm_params = {id(p) for m in net.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
     groups: dict[str, list[nn.Parameter]] = {"weights": [], "norm_and_bias": [], "norm_bias": []}
     for name, p in net.named_parameters():
@@ -41,16 +42,22 @@ def param_groups(
     settings = {
         "weights": {"weight_decay": weight_decay, "lr": lr},
         "norm_and_bias": {"weight_decay": other_decay, "lr": lr},
-        "norm_bias": {"weight_decay": other_decay, "lr": lr * norm_bias_lr_scale},
+        "norm_bias": {"weight_decay": other_decay / norm_bias_lr_scale, "lr": lr * norm_bias_lr_scale},
     }
     return [{"params": ps, "name": name, **settings[name]} for name, ps in groups.items() if ps]
 
 
 def warmup_then_decay(
-    optimizer: Optimizer, total_steps: int, warmup: float = 0.0, decay: str = "linear", final_scale: float = 0.0
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup: float = 0.0,
+    decay: str = "linear",
+    final_scale: float = 0.0,
+    start_scale: float = 0.0,
 ) -> LambdaLR:
-    """Each group's lr rises linearly from 0 over the first ``warmup`` fraction of the steps, then
-    falls to ``final_scale`` times its peak by the last step, linearly or along a half cosine."""
+    """Each group's lr rises linearly from ``start_scale`` times its peak (airbench: 0.2) to
+    the peak over the first ``warmup`` fraction of the steps, then falls to ``final_scale``
+    times its peak by the last step, linearly or along a half cosine."""
     if decay not in ("linear", "cosine"):
         raise ValueError(f"decay={decay!r}: use linear or cosine")
     if not 0 <= warmup < 1:
@@ -59,7 +66,7 @@ def warmup_then_decay(
 
     def scale(step: int) -> float:
         if step < warm:
-            return (step + 1) / warm
+            return start_scale + (1 - start_scale) * (step + 1) / warm
         t = min(1.0, (step - warm) / max(1, total_steps - warm))
         shape = 1 - t if decay == "linear" else 0.5 * (1 + math.cos(math.pi * t))
         return final_scale + (1 - final_scale) * shape
