@@ -138,6 +138,9 @@ def _bad(tmp_path: Path, args: list[str], script: str = "train.py") -> str:
         pytest.param(["trainer.accelerator=gpu"], "no CUDA GPU is available",
                      marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
         (["data.download=false"], "data.download=true"),
+        (["+data.augment.blur={}"], "data.augment.blur is not an augmentation step"),
+        pytest.param(["model=airbench", "+trainer.sync_batchnorm=true"], "SyncBatchNorm does not run on cpu",
+                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
     ],
 )
 def test_bad_command_lines_fail_in_one_line(tmp_path: Path, args: list[str], expected: str) -> None:

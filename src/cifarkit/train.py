@@ -52,6 +52,8 @@ def build(cfg: DictConfig, with_loggers: bool = True, **data_overrides: Any) -> 
     """Instantiate the data and the trainer from the config: every callback comes from
     ``cfg.callbacks`` (configs/callbacks/), every logger from ``cfg.logger``."""
     device = resolve_accelerator(cfg.trainer.accelerator)
+    if cfg.trainer.get("sync_batchnorm") and device not in ("cuda", "xpu", "hpu"):
+        raise UserError(f"trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm does not run on {device}); set trainer.sync_batchnorm=false")
     datamodule: ImageDataModule = instantiate(cfg.data, _convert_="all", **data_overrides)  # plain hparams
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg and "_target_" in lg] if with_loggers else []
