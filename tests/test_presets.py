@@ -46,5 +46,6 @@ def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose
     assert any(not torch.equal(average[k], current[k]) for k in trained)  # averaging changed the weights
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["test/acc"] == pytest.approx(optimized) and saved["steps"] == 6  # no validation: test/acc is returned
+    assert saved["train/images_per_s"] * saved["train/seconds"] == pytest.approx(6 * 8)
     again = evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={tmp_path / 'out' / 'checkpoints' / 'last.ckpt'}", *data], "eval"))
     assert again["test/loss"] == pytest.approx(saved["test/loss"], rel=1e-5)

@@ -123,6 +123,7 @@ def train(cfg: DictConfig) -> float:
     throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     if throughput and throughput.images_per_s:
         metrics["train/images_per_s"] = throughput.images_per_s
+        metrics["train/seconds"] = throughput.seconds  # in training epochs, validation excluded
     metrics.update(
         status="completed",
         epochs=trainer.current_epoch,
