@@ -161,6 +161,7 @@ def test_datamodule_steps(image_folder: Path, tmp_path: Path) -> None:
         return ImageFolderDataModule(root=str(image_folder), cache_dir=str(tmp_path), val_size=0, augment=augment, **kw)
 
     assert dm(None).augment == Augment(4, "zeros", flip_p=0.5)  # the tutorial's by default
+    assert dm({"crop": {}, "cutout": {}}).augment == Augment(4, cutout=16)  # options left out: the documented values
     assert dm({"crop": {"padding": 2, "mode": "reflect"}, "flip": None, "alternating_flip": {}}).augment == Augment(2, "reflect", alternating_flip=True)
     plain = dm({})
     plain.setup()

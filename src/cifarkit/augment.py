@@ -1,14 +1,14 @@
 """Training augmentation as steps named in YAML, run on whole batches on the training device.
 
-``data.augment`` maps step names to their options (null turns a step off); the steps always
-run in this order, whatever order the YAML lists them in:
+``data.augment`` maps step names to their options (null turns a step off; an option left out
+takes the value shown); the steps always run in this order, whatever order the YAML lists:
 
 * ``crop: {padding: 4, mode: zeros}``: torchvision's ``RandomCrop(size, padding, padding_mode)``
   with ``mode`` ``zeros`` (its ``constant`` 0) or ``reflect`` (airbench's "translate").
 * ``flip: {p: 0.5}``: ``RandomHorizontalFlip(p)``, drawn per image and epoch.
 * ``alternating_flip: {}``: airbench's flip: each image gets one random orientation in epoch 0
   and the other one in every odd epoch, so it is seen both ways every two epochs.
-* ``cutout: {size: 12}``: DeVries & Taylor's cutout: a ``size`` x ``size`` square (clipped at
+* ``cutout: {size: 16}``: DeVries & Taylor's cutout: a ``size`` x ``size`` square (clipped at
   the border) around a uniformly drawn pixel is set to 0 after normalization, the mean pixel.
 
 Every random choice is drawn on the CPU from a generator the loader seeds with (seed, epoch,
@@ -54,13 +54,15 @@ class Augment:
             unknown = set(options) - STEPS[name]
             if unknown:
                 raise UserError(f"data.augment.{name} has no option {', '.join(sorted(unknown))}; it takes {', '.join(sorted(STEPS[name])) or 'none'}")
-        crop, flip, cutout = steps.get("crop", {}), steps.get("flip"), steps.get("cutout", {})
+        crop, flip, cutout = steps.get("crop"), steps.get("flip"), steps.get("cutout")
         if flip is not None and "alternating_flip" in steps:
             raise UserError("data.augment has both flip and alternating_flip; keep one (set the other to null)")
-        mode = crop.get("mode", "zeros")
+        mode = crop.get("mode", "zeros") if crop is not None else "zeros"
         if mode not in PADDING_MODES:
             raise UserError(f"data.augment.crop.mode={mode!r}; use zeros or reflect")
-        padding, size = int(crop.get("padding", 0) if crop else 0), int(cutout.get("size", 0) if cutout else 0)
+        # An option left out takes the value in the module docstring.
+        padding = int(crop.get("padding", 4)) if crop is not None else 0
+        size = int(cutout.get("size", 16)) if cutout is not None else 0
         p = float(flip.get("p", 0.5)) if flip is not None else 0.0
         if padding < 0 or size < 0 or not 0 <= p <= 1:
             raise UserError(f"data.augment: crop.padding and cutout.size must be >= 0 and flip.p in [0, 1] (got {padding}, {size}, {p})")
