@@ -66,7 +66,7 @@ if [ -z "$ROOT_DIR" ]; then
 fi
 
 MAX_TIME=$(printf '00:00:%02d:%02d' $((TRAIN_S / 60)) $((TRAIN_S % 60)))
-TRAIN_CMD=("$PY" train.py data=image_folder "data.root=$ROOT_DIR" "trainer.accelerator=$ACCEL" "+trainer.max_time=$MAX_TIME"
+TRAIN_CMD=("$PY" train.py data=image_folder "data.root=$ROOT_DIR" "trainer.accelerator=$ACCEL" "trainer.max_time=$MAX_TIME"
            "${TRAIN_ARGS[@]}" "paths.log_dir=$WORK/logs" "paths.data_dir=$WORK/data" callbacks.progress_bar=null)
 # Decoding the images, validation and the test come on top of TRAIN_S; bench.py gets the rest.
 TRAIN_LIMIT=$(( TRAIN_S + 120 ))
