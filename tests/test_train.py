@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 from conftest import FAST, add_callback, folder_overrides, run_cli, run_dirs, write_image_folder
 
-from cifarkit.train import evaluate, train
+from cifarkit.errors import UserError
+from cifarkit.train import evaluate, optimized_value, train
 
 
 @pytest.mark.parametrize("source", ["cifar10", "image_folder"])
@@ -246,3 +248,12 @@ def test_eval_prepares_images_as_the_checkpoint_says(image_folder: Path, compose
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-4)
     assert evaluated["test/confusion_matrix"] == trained["test/confusion_matrix"]
+
+
+def test_optimized_value_without_validation() -> None:
+    """val_size=0: test/acc stands in; with test=false too the run still ends well (nan), while a
+    misspelt metric with a validation split is still an error."""
+    assert optimized_value("val/acc_best", {"test/acc": 0.5}, has_validation=False) == 0.5
+    assert math.isnan(optimized_value("val/acc_best", {"train/loss": 1.0}, has_validation=False))
+    with pytest.raises(UserError, match="val/acc_bestt was not logged"):
+        optimized_value("val/acc_bestt", {"val/acc_best": 0.5}, has_validation=True)

@@ -141,7 +141,10 @@ def train(cfg: DictConfig) -> float:
 def optimized_value(name: str, metrics: dict[str, Any], has_validation: bool) -> float:
     """The metric a sweeper optimizes; without a validation split (``data.val_size=0``) a
     validation metric cannot exist, so the test accuracy stands in, with a warning."""
-    if name not in metrics and not has_validation and name.startswith("val/") and "test/acc" in metrics:
+    if name not in metrics and not has_validation and name.startswith("val/"):
+        if "test/acc" not in metrics:  # test=false too: nothing to return, but the run itself is fine
+            log.warning("no validation split and no test, so %s was not measured; returning nan", name)
+            return math.nan
         log.warning("data.val_size=0 leaves no validation split, so %s was not measured; returning test/acc instead", name)
         name = "test/acc"
     if name not in metrics:
