@@ -17,7 +17,8 @@ def test_airbench94_preset(compose_cfg) -> None:
     cfg = compose_cfg(["experiment=airbench94"])
     assert cfg.model.net._target_ == "cifarkit.model.AirbenchNet" and cfg.data.batch_size == 1024 and cfg.data.val_size == 0
     assert Augment.from_steps(cfg.data.augment) == Augment(2, "reflect", alternating_flip=True)
-    assert cfg.callbacks.weight_averaging._target_ == "lightning.pytorch.callbacks.EMAWeightAveraging"
+    assert cfg.callbacks.lookahead._target_ == "cifarkit.callbacks.Lookahead" and cfg.model.scheduler.warmup == 0.23
+    assert list(cfg.callbacks.freeze_whitening_bias.names) == ["net.whiten.bias"]
     assert cfg.model.param_groups.norm_bias_lr_scale == 64 and cfg.model.tta == "flip_translate" and cfg.trainer.max_epochs == 10
     assert cfg.callbacks.model_checkpoint is not None  # the default callbacks stay
 
@@ -27,10 +28,10 @@ def test_other_presets(preset: str, compose_cfg) -> None:
     cfg = compose_cfg([f"experiment={preset}"])
     if preset == "cpu10":  # airbench94's recipe on a narrower net, for a fixed step count and 10 minutes at most
         assert list(cfg.model.net.widths) == [32, 64, 128] and cfg.model.optimizer.lr == 0.75 and cfg.data.batch_size == 512
-        assert cfg.trainer.max_steps > 0 and cfg.trainer.max_time == "00:00:10:00" and "weight_averaging" in cfg.callbacks
+        assert cfg.trainer.max_steps > 0 and cfg.trainer.max_time == "00:00:10:00" and "lookahead" in cfg.callbacks
     else:
         assert cfg.model.net._target_ == "cifarkit.model.ResNet18" and cfg.model.scheduler.max_lr == 0.1
-        assert "weight_averaging" not in cfg.callbacks
+        assert "lookahead" not in cfg.callbacks
 
 
 def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose_cfg, tmp_path: Path) -> None:

@@ -105,7 +105,8 @@ class AirbenchNet(nn.Module):
     or, for a rebuilt net, from the state dict, and are never trained. ``scale`` (airbench:
     1/9) keeps the initial logits small. ``bn_momentum`` is PyTorch's (weight of the new batch
     statistics): airbench's 0.6 for the old running value is 0.4 here; BatchNorm eps is 1e-12.
-    The whitening bias is trained (airbench freezes it after 3 epochs: a recipe's choice).
+    The whitening bias is trained; airbench94's recipe freezes it after 3 epochs
+    (``cifarkit.callbacks.FreezeParameters`` in ``experiment=airbench94``).
     """
 
     def __init__(
