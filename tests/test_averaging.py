@@ -137,3 +137,13 @@ def test_freeze_parameters_stops_their_training_after_some_epochs() -> None:
 def test_freeze_parameters_names_an_unknown_parameter() -> None:
     with pytest.raises(UserError, match="no parameter named net.whiten.bias"):
         fit(Tiny(), [FreezeParameters(["net.whiten.bias"], after_epochs=3)])
+
+
+def test_lookahead_needs_a_known_step_count() -> None:
+    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_time={"minutes": 1}, callbacks=[Lookahead()], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    module = Tiny()
+    before = module.net[0].weight.detach().clone()
+    with pytest.raises(UserError, match="set trainer.max_steps or trainer.max_epochs"):
+        trainer.fit(module)
+    assert torch.equal(module.net[0].weight, before)  # stopped before any step

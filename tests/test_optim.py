@@ -13,6 +13,7 @@ from torch import nn
 
 from cifarkit.model import AirbenchNet
 from cifarkit.optim import param_groups, warmup_then_decay
+from cifarkit.errors import UserError
 from cifarkit.train import train
 
 
@@ -82,3 +83,13 @@ def test_a_run_sizes_its_schedule_from_its_own_steps(image_folder: Path, compose
     assert opt["param_groups"][0]["nesterov"] and opt["param_groups"][1]["weight_decay"] == 0.0
     assert opt["param_groups"][0]["lr"] == pytest.approx(reference.param_groups[0]["lr"])
     assert opt["param_groups"][0]["lr"] < 0.05 * 0.05  # annealed
+
+
+def test_a_schedule_needs_a_known_step_count(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
+    """Training bounded by time only has no step count to size a schedule from: one line, no step taken."""
+    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
+        "experiment=cpu10", "trainer.max_steps=-1", "trainer.max_epochs=-1", "trainer.max_time=00:00:01:00",
+    ])
+    with pytest.raises(UserError, match="model.scheduler is sized from the run's steps: set trainer.max_steps"):
+        train(cfg)
+    assert not (tmp_path / "out" / "checkpoints" / "last.ckpt").exists()

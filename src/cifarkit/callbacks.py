@@ -17,6 +17,7 @@ end or after validation, where every rank is at the same point.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -201,7 +202,10 @@ class Lookahead(WeightAveraging):
         return torch.lerp(average, current.to(average.dtype), 1.0 - self.weight) if average.is_floating_point() else current
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.total_steps = max(1, int(trainer.estimated_stepping_batches))
+        steps = trainer.estimated_stepping_batches
+        if not math.isfinite(steps):
+            raise UserError("callbacks.lookahead ramps its decay over the run's steps: set trainer.max_steps or trainer.max_epochs")
+        self.total_steps = max(1, int(steps))
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None or (step_idx + 1) % self.every_n_steps:

@@ -8,6 +8,7 @@ network is rebuilt from its config.
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 import lightning as L
@@ -171,7 +172,10 @@ class ImageClassifier(L.LightningModule):
             return optimizer
         make_scheduler = instantiate(self.hparams.scheduler)
         if "total_steps" in inspect.signature(make_scheduler.func).parameters:  # sized from this run
-            scheduler = make_scheduler(optimizer=optimizer, total_steps=int(self.trainer.estimated_stepping_batches))
+            steps = self.trainer.estimated_stepping_batches
+            if not math.isfinite(steps):
+                raise UserError("model.scheduler is sized from the run's steps: set trainer.max_steps or trainer.max_epochs")
+            scheduler = make_scheduler(optimizer=optimizer, total_steps=int(steps))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
