@@ -11,9 +11,9 @@ import torch
 from conftest import FAST, folder_overrides
 from torch import nn
 
+from cifarkit.errors import UserError
 from cifarkit.model import AirbenchNet
 from cifarkit.optim import param_groups, warmup_then_decay
-from cifarkit.errors import UserError
 from cifarkit.train import train
 
 

@@ -17,7 +17,6 @@ end or after validation, where every rank is at the same point.
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -33,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from cifarkit.errors import TrainingStopped, UserError
+from cifarkit.optim import run_steps
 
 
 class GracefulStop(L.Callback):
@@ -202,10 +202,7 @@ class Lookahead(WeightAveraging):
         return torch.lerp(average, current.to(average.dtype), 1.0 - self.weight) if average.is_floating_point() else current
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        steps = trainer.estimated_stepping_batches
-        if not math.isfinite(steps):
-            raise UserError("callbacks.lookahead ramps its decay over the run's steps: set trainer.max_steps or trainer.max_epochs")
-        self.total_steps = max(1, int(steps))
+        self.total_steps = run_steps(trainer, "callbacks.lookahead's decay ramp")
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         if step_idx is None or (step_idx + 1) % self.every_n_steps:

@@ -8,7 +8,6 @@ network is rebuilt from its config.
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any
 
 import lightning as L
@@ -172,10 +171,7 @@ class ImageClassifier(L.LightningModule):
             return optimizer
         make_scheduler = instantiate(self.hparams.scheduler)
         if "total_steps" in inspect.signature(make_scheduler.func).parameters:  # sized from this run
-            steps = self.trainer.estimated_stepping_batches
-            if not math.isfinite(steps):
-                raise UserError("model.scheduler is sized from the run's steps: set trainer.max_steps or trainer.max_epochs")
-            scheduler = make_scheduler(optimizer=optimizer, total_steps=int(steps))
+            scheduler = make_scheduler(optimizer=optimizer, total_steps=optim.run_steps(self.trainer, "model.scheduler"))
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}

@@ -16,6 +16,8 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from cifarkit.errors import UserError
+
 NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -45,6 +47,15 @@ def param_groups(
         "norm_bias": {"weight_decay": other_decay / norm_bias_lr_scale, "lr": lr * norm_bias_lr_scale},
     }
     return [{"params": ps, "name": name, **settings[name]} for name, ps in groups.items() if ps]
+
+
+def run_steps(trainer: Any, sized: str) -> int:
+    """The run's optimizer steps, for what is ``sized`` from them (a schedule, lookahead's
+    decay ramp); a run bounded by ``trainer.max_time`` alone has none, which stops it in one line."""
+    steps = trainer.estimated_stepping_batches
+    if not math.isfinite(steps):
+        raise UserError(f"{sized} is sized from the run's steps: set trainer.max_steps or trainer.max_epochs")
+    return max(1, int(steps))
 
 
 def warmup_then_decay(
