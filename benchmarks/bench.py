@@ -57,10 +57,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarkit.data import DeviceLoader, ImageDataModule, PILDataset
+from cifarkit.cli import register_resolvers
+from cifarkit.datamodule import ImageDataModule
+from cifarkit.devices import resolve_accelerator
 from cifarkit.errors import UserError
+from cifarkit.loader import DeviceLoader, PILDataset, pil_transform
 from cifarkit.model import BasicCNN
-from cifarkit.train import build, resolve_accelerator
+from cifarkit.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
 # rounds; timed steps per contender and round; torchvision pipeline batches; timed steps at the
@@ -110,7 +113,7 @@ def data_source(args: argparse.Namespace) -> tuple[list[str], str]:
         return ["data=image_folder", f"data.root={Path(args.root).resolve()}"], str(Path(args.root).resolve())
     downloaded = Path("data").resolve()  # paths.data_dir of a train.py run from this directory
     if (downloaded / "cifar-10-batches-py").is_dir():
-        return (["data=cifar10", f"data.data_dir={downloaded}", "data.download=false", f"+data.cache_dir={args.data_dir}/cache"],
+        return (["data=cifar10", f"data.data_dir={downloaded}", "data.download=false", f"data.cache_dir={args.data_dir}/cache"],
                 f"cifar10:{downloaded}")
     return synthetic
 
@@ -140,6 +143,7 @@ def machine(device: torch.device) -> dict[str, Any]:
 def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
     """train.yaml as train.py composes it, with outputs under ``out``."""
     GlobalHydra.instance().clear()
+    register_resolvers()
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
         cfg = compose("train", overrides=overrides)
     with open_dict(cfg):
@@ -216,7 +220,8 @@ def train_flops_per_image(net: nn.Module, image_size: int, num_classes: int) -> 
 def tutorial_loop(dm: ImageDataModule, device: torch.device, batch_size: int = 32) -> Iterator[None]:
     """The tutorial's loop (seed_baseline.py): fp32, Adam(1e-3), per-sample PIL transforms, batch 32 unless told."""
     x, y = dm.splits["train"]
-    loader = DataLoader(PILDataset(x, y, dm.pil_transform(train=True)), batch_size=batch_size, shuffle=True, num_workers=0)
+    loader = DataLoader(PILDataset(x, y, pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)), batch_size=batch_size,
+                        shuffle=True, num_workers=0)
     model = BasicCNN(len(dm.classes)).to(device)
     optim = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -285,8 +290,8 @@ def lightning_window(cfg: DictConfig, dm: ImageDataModule, model: L.LightningMod
 def peak_rss_mb(args: argparse.Namespace, data: list[str], steps: int, out: Path) -> float:
     """Peak resident memory of a real CPU ``train.py`` run on the same data (a child process)."""
     cmd = [sys.executable, str(ROOT / "train.py"), *data, f"paths.data_dir={args.data_dir}", f"paths.log_dir={out / 'rss-logs'}",
-           "trainer=cpu", "trainer.max_epochs=1", f"trainer.limit_train_batches={steps}", "trainer.limit_val_batches=2",
-           "trainer.limit_test_batches=2", "callbacks.progress_bar=null"]
+           "trainer=cpu", "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=2",
+           "+trainer.limit_test_batches=2", "callbacks.progress_bar=null"]
     path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))  # synthetic_data
     env = {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     done = subprocess.run(cmd, cwd=out, capture_output=True, text=True, env=env)
@@ -318,8 +323,8 @@ def main() -> None:
 def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every measurement; the report as a dict."""
     accelerator = [f"trainer.accelerator={ACCELERATOR[args.device]}"] if args.device != "auto" else []
-    overrides = [*data, f"paths.data_dir={args.data_dir}", "trainer.max_epochs=1", "trainer.limit_val_batches=0",
-                 "trainer.num_sanity_val_steps=0", "trainer.enable_model_summary=false", "trainer.enable_checkpointing=false",
+    overrides = [*data, f"paths.data_dir={args.data_dir}", "trainer.max_epochs=1", "+trainer.limit_val_batches=0",
+                 "+trainer.num_sanity_val_steps=0", "+trainer.enable_model_summary=false", "+trainer.enable_checkpointing=false",
                  "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", *accelerator, *args.override]
     cfg = compose_cfg(overrides, out)
     device = torch.device(resolve_accelerator(cfg.trainer.accelerator))
@@ -338,7 +343,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
     peak_dtypes = [dt for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtypes["default_path"]]) if native(device, dt)]
 
     x, y = dm.splits["train"]
-    tv = DataLoader(PILDataset(x, y, dm.pil_transform(train=True)), batch_size=32, shuffle=True)
+    tv = DataLoader(PILDataset(x, y, pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)), batch_size=32, shuffle=True)
     pipe_tv = (xb.to(device) for xb, _ in forever(lambda: tv))
     tut, raw = tutorial_loop(dm, device), raw_loop(cfg, dm, device, precision)
     r: dict[str, list[float]] = {k: [] for k in ("pipe_dev", "pipe_dev512", "pipe_tv", "tutorial", "raw", "lightning")}

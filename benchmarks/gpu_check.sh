@@ -36,7 +36,7 @@ if [ "$DRY_RUN" = 1 ]; then
   TRAIN_S=20 BENCH_S=120 DEADLINE_S=200
   ACCEL=cpu BENCH_ARGS=(--tiny --synthetic --device cpu)
   # one epoch of two batches; 0:00:00:20 would stop a longer one
-  TRAIN_ARGS=(trainer.max_epochs=1 trainer.limit_train_batches=2 trainer.limit_val_batches=1 trainer.limit_test_batches=1)
+  TRAIN_ARGS=(trainer.max_epochs=1 +trainer.limit_train_batches=2 +trainer.limit_val_batches=1 +trainer.limit_test_batches=1)
 else
   ACCEL=gpu BENCH_ARGS=(--synthetic --device cuda)
   TRAIN_ARGS=(trainer.max_epochs=-1)

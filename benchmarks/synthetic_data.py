@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from cifarkit.data import CIFAR10_CLASSES, CIFAR10DataModule, channel_stats
+from cifarkit.datamodule import channel_stats
+from cifarkit.sources import CIFAR10_CLASSES, CIFAR10DataModule
 
 
 class SyntheticCIFAR10(CIFAR10DataModule):

@@ -1,11 +1,15 @@
-"""Shared fixtures: tiny datasets in the real on-disk formats, and ways to run the entry points.
+"""Shared fixtures and helpers: tiny datasets in the real on-disk formats, configs, and the entry points.
 
 * ``tiny_cifar10``: a CIFAR-10 tarball in torchvision's exact format (pickled batches,
   batches.meta), served over HTTP on 127.0.0.1 with torchvision's URL and MD5 tables pointed
   at it, so the real download, MD5 check and extraction code runs.
 * ``image_folder``: train/<class>/ and test/<class>/ with PNG and JPEG files of mixed sizes.
-* ``run_cli``: runs train.py / eval.py / predict.py in a subprocess, as a user would.
-* ``compose_cfg``: composes a config in-process (fast), with outputs under a temp folder.
+* ``compose`` / ``compose_cfg``: a config as the entry points compose it, outputs under a temp folder.
+* ``main``: an entry point run in this process as its command line runs it (``python train.py
+  ...``): exit code, stdout and stderr. ``run_cli`` runs it in a subprocess, for what is about
+  the process itself (signals, DDP, a missing Lightning).
+* ``error_line``: the one ``error: `` line a bad input must end with.
+* ``craft_checkpoint`` / ``Payload``: checkpoints in train.py's layout with chosen contents.
 """
 
 from __future__ import annotations
@@ -13,25 +17,40 @@ from __future__ import annotations
 import functools
 import hashlib
 import http.server
+import importlib
+import logging
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import tarfile
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import lightning  # noqa: F401  imported before any test captures output: its log handler keeps the session's stderr
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from PIL import Image
+
+from cifarkit.cli import register_resolvers, run
+from cifarkit.loader import DeviceLoader
+
+register_resolvers()  # the configs' ${lr_for_batch:...}, as the entry points register it
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 CLASSES3 = ["cat", "dog", "frog"]
+ZERO, ONE = torch.zeros(3), torch.ones(3)
 
 
 def class_images(n: int, num_classes: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -45,6 +64,10 @@ def class_images(n: int, num_classes: int, size: int, seed: int) -> tuple[np.nda
     return x, labels
 
 
+def random_images(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
 # Pearson chi-square critical values at p = 0.001 by degrees of freedom: a fair sampler exceeds
 # them once in 1000 seeds.
 CHI2_CRITICAL = {1: 10.83, 8: 26.12, 31: 61.10, 49: 85.35, 161: 222.19}
@@ -56,8 +79,16 @@ def chi_square(counts: torch.Tensor) -> float:
     return float(((counts - expected) ** 2 / expected).sum())
 
 
-def random_images(n: int, seed: int = 0) -> torch.Tensor:
-    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+def device_loader(images: torch.Tensor, labels: torch.Tensor | None = None, **kw: Any) -> DeviceLoader:
+    """A training ``DeviceLoader`` over ``images`` (labels: their indices), mean 0 and std 1
+    unless told, so an output times 255 is the uint8 pixel it came from."""
+    labels = torch.arange(len(images)) if labels is None else labels
+    mean, std, batch_size = kw.pop("mean", ZERO), kw.pop("std", ONE), kw.pop("batch_size", 50)
+    return DeviceLoader(images, labels, mean, std, batch_size, train=kw.pop("train", True), **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data on disk.
 
 
 def md5(path: Path) -> str:
@@ -66,7 +97,7 @@ def md5(path: Path) -> str:
 
 def write_cifar10_tarball(dest: Path, per_batch: int = 40, n_test: int = 100) -> dict:
     """cifar-10-python.tar.gz as the official one is laid out; returns the MD5 tables."""
-    from cifarkit.data import CIFAR10_CLASSES
+    from cifarkit.sources import CIFAR10_CLASSES
 
     build = dest / "build" / "cifar-10-batches-py"
     build.mkdir(parents=True)
@@ -94,6 +125,11 @@ def write_cifar10_tarball(dest: Path, per_batch: int = 40, n_test: int = 100) ->
     }
 
 
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @pytest.fixture(scope="session")
 def cifar10_tables(tmp_path_factory: pytest.TempPathFactory):
     src = tmp_path_factory.mktemp("cifar10-source")
@@ -104,11 +140,6 @@ def cifar10_tables(tmp_path_factory: pytest.TempPathFactory):
     tables["url"] = f"http://127.0.0.1:{server.server_address[1]}/{tables['url']}"
     yield tables
     server.shutdown()
-
-
-class QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
@@ -138,33 +169,57 @@ def write_image_folder(root: Path, n_train: int = 24, n_test: int = 12, classes:
     return root
 
 
+# What macOS writes as ``._name.jpg`` beside a file copied to a non-Mac disk: not an image.
+APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+
+
+def hide_metadata_beside(root: Path) -> None:
+    """What macOS and tools leave in a folder: ``._`` twins, .DS_Store, a hidden folder of a real image."""
+    for p in sorted(root.rglob("*.*")):
+        (p.parent / f"._{p.name}").write_bytes(APPLEDOUBLE)
+        (p.parent / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+        hidden = p.parent / ".thumbnails" / p.name
+        hidden.parent.mkdir(exist_ok=True)
+        shutil.copy(p, hidden)
+
+
 @pytest.fixture(scope="session")
 def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_image_folder(tmp_path_factory.mktemp("folder"))
 
 
+# ---------------------------------------------------------------------------------------------
+# Configs and entry points.
+
 # Overrides that keep a CPU run to a few seconds on tiny data. The progress bar is off only to
-# keep captured output short; DDP tests and test_defaults.py run with it on, as users do.
+# keep captured output short; the DDP tests and test_cli.py's command-line run keep it on, as users do.
 FAST = [
     "trainer=cpu",
     "trainer.max_epochs=1",
-    "trainer.num_sanity_val_steps=0",
-    "trainer.enable_model_summary=false",
+    "+trainer.num_sanity_val_steps=0",
+    "+trainer.enable_model_summary=false",
     "callbacks.progress_bar=null",
     "data.batch_size=8",
     "data.eval_batch_size=16",
 ]
 
 
+def no_validation_warnings(test: Any) -> Any:
+    """For a run with ``data.val_size=0``: Lightning's warnings that the validation loader is empty
+    and that the best checkpoint's val/acc is missing are what such a run is about."""
+    test = pytest.mark.filterwarnings("ignore:Total length of `DeviceLoader` across ranks is zero")(test)
+    return pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/acc'\\)` could not find the monitored key")(test)
+
+
 def folder_overrides(root: Path, tmp: Path) -> list[str]:
     return ["data=image_folder", f"data.root={root}", f"paths.data_dir={tmp / 'data'}", "data.val_size=12"]
 
 
-def compose_in(tmp: Path, overrides: list[str], config_name: str = "train") -> DictConfig:
-    """The composed config with its outputs (out/, logs/) under ``tmp``."""
+def compose(tmp: Path, overrides: list[str], config_name: str = "train", with_hydra: bool = False) -> DictConfig:
+    """The composed config with its outputs (out/, logs/) under ``tmp`` (and Hydra's own node, ``with_hydra``)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=overrides)
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp / "out")
         cfg.paths.log_dir = str(tmp / "logs")
@@ -174,16 +229,81 @@ def compose_in(tmp: Path, overrides: list[str], config_name: str = "train") -> D
 @pytest.fixture
 def compose_cfg(tmp_path: Path):
     """compose_cfg(overrides, config_name='train') -> DictConfig with outputs under tmp_path."""
-    return lambda overrides, config_name="train": compose_in(tmp_path, overrides, config_name)
+    return lambda overrides, config_name="train": compose(tmp_path, overrides, config_name)
+
+
+def datamodule(tmp: Path, overrides: list[str], **kwargs: Any):
+    """The data config's DataModule (``data=...`` and ``data.*`` overrides), as train.py instantiates it."""
+    return instantiate(compose(tmp, overrides).data, _convert_="all", **kwargs)
+
+
+@dataclass
+class Ran:
+    code: int
+    out: str
+    err: str
+
+
+ENTRY_POINTS = {  # script: (module, task, config name)
+    "train.py": ("cifarkit.train", "train", "train"),
+    "eval.py": ("cifarkit.train", "evaluate", "eval"),
+    "predict.py": ("cifarkit.predict", "predict", "predict"),
+    "export.py": ("cifarkit.export", "export", "export"),
+}
+
+
+@pytest.fixture
+def main(capfd: pytest.CaptureFixture):
+    """main(script, args) -> Ran: ``python <script> <args>`` run in this process through the same
+    ``cifarkit.cli.run`` (Hydra's main, the command-line check, one-line errors)."""
+
+    def call(script: str, args: list[str]) -> Ran:
+        module, task, config = ENTRY_POINTS[script]
+        argv, code = sys.argv, 0
+        root = logging.getLogger()
+        handlers, level = list(root.handlers), root.level
+        capfd.readouterr()
+        GlobalHydra.instance().clear()
+        sys.argv = [script, *args]
+        try:
+            run(getattr(importlib.import_module(module), task), CONFIG_DIR, config)
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        finally:  # as after a process: no run is current, and its log handlers are closed
+            sys.argv = argv
+            GlobalHydra.instance().clear()
+            HydraConfig.instance().cfg = None
+            for handler in root.handlers:
+                if handler not in handlers:
+                    handler.close()
+            root.handlers, root.level = handlers, level
+        out, err = capfd.readouterr()
+        return Ran(code, out, err)
+
+    return call
 
 
 def run_cli(script: str, args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run an entry point as a user would; outputs go under ``cwd``."""
+    """Run an entry point in a subprocess, as a user would; outputs go under ``cwd``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
     )
+
+
+def last_line(err: str) -> str:
+    """A run's last word on stderr, which a stop for bad input or a signal ends with; no traceback before it."""
+    assert "Traceback" not in err and "Error executing job" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def error_line(err: str) -> str:
+    """The run's one ``error: `` line, which must be its last word on stderr, with no traceback."""
+    last = last_line(err)
+    assert last.startswith("error: ") and err.count("\nerror: ") + err.startswith("error: ") == 1, err[-3000:]
+    return last
 
 
 def run_dirs(log_dir: Path, task: str = "train") -> list[Path]:
@@ -202,3 +322,28 @@ def add_callback(monkeypatch: pytest.MonkeyPatch, callback) -> None:
         return datamodule, trainer
 
     monkeypatch.setattr(ct, "build", build)
+
+
+# ---------------------------------------------------------------------------------------------
+# Crafted checkpoints.
+
+DATA_INFO3 = {"classes": CLASSES3, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
+
+
+def craft_checkpoint(path: Path, net: Any, weights: dict[str, torch.Tensor] | None = None, **extra: Any) -> Path:
+    """A checkpoint in train.py's layout (plain data only) whose net config is ``net`` and whose
+    net weights are ``weights``; ``extra`` replaces or adds top-level entries."""
+    state = {f"net.{k}": v for k, v in (weights or {}).items()}
+    ckpt = {"state_dict": state, "hyper_parameters": {"net": net, "classes": CLASSES3}, "data_info": DATA_INFO3} | extra
+    torch.save(ckpt, path)
+    return path
+
+
+class Payload:
+    """Unpickling this object runs ``touch <marker>``: what a malicious pickle does."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))

@@ -29,7 +29,7 @@ MIN_TEST_ACC = 0.35
 def test_learns_real_cifar10(tmp_path: Path, compose_cfg) -> None:
     cfg = compose_cfg([
         "data=image_folder", f"data.root={MINI_ROOT}", f"paths.data_dir={tmp_path / 'data'}",
-        "trainer=cpu", "trainer.max_epochs=6", "callbacks.progress_bar=null", "trainer.enable_model_summary=false",
+        "trainer=cpu", "trainer.max_epochs=6", "callbacks.progress_bar=null", "+trainer.enable_model_summary=false",
     ])
     train(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())

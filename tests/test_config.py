@@ -1,81 +1,65 @@
-"""Every config group option composes, and the documented overrides land where they should."""
+"""Every config option composes and builds, the defaults build the tutorial's run, and derived
+values follow what they derive from."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from conftest import CONFIG_DIR
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+import torch
+from conftest import CONFIG_DIR, compose
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from cifarkit.augment import Augment
+from cifarkit.train import build
+
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"]
+CPU_BUILDS = ["trainer=cpu", "data=image_folder", "data.root=/nowhere"]  # no data is read before setup
 
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-def compose_train(overrides: list[str], name: str = "train"):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
-
-
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
-def test_every_group_option_composes(group: str, option: str) -> None:
-    extra = ["data.root=/x"] if option == "image_folder" else []
-    cfg = compose_train([f"{group}={option}", "paths.output_dir=/tmp/out", *extra])
+def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
+    cfg = compose(tmp_path, [f"{group}={option}", *(["data.root=/x"] if option == "image_folder" else [])], with_hydra=True)
     assert cfg.hydra.runtime.choices[group] == option
-    # every interpolation outside Hydra's own run-time node resolves
-    for key in ("data", "model", "trainer", "logger", "callbacks", "paths"):
+    for key in ("data", "model", "trainer", "logger", "callbacks", "paths"):  # every interpolation outside Hydra's run-time node resolves
         OmegaConf.to_container(cfg[key], resolve=True)
 
 
-def test_groups_have_options() -> None:
-    for group in GROUPS + ["paths", "hydra"]:
-        assert options(group), f"configs/{group}/ has no options"
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_preset_builds_its_run(preset: str, tmp_path: Path) -> None:
+    """The preset's trainer, callbacks, data module and model all instantiate (nothing trains)."""
+    cfg = compose(tmp_path, [f"experiment={preset}", *CPU_BUILDS])
+    datamodule, trainer = build(cfg, with_loggers=False)
+    model = instantiate(cfg.model, classes=["a", "b"])
+    assert model.net(torch.zeros(2, 3, 32, 32)).shape == (2, 2)
+    assert trainer.max_epochs == cfg.trainer.max_epochs and datamodule.batch_size == cfg.data.batch_size
 
 
-def test_defaults_are_the_tutorial_recipe() -> None:
-    cfg = compose_train([])
-    assert cfg.data._target_ == "cifarkit.data.CIFAR10DataModule"
-    assert cfg.data.batch_size == 32 and cfg.data.val_size == 5000 and cfg.data.download is True
-    assert cfg.data.augment.crop.padding == 4 and cfg.data.augment.flip.p == 0.5 and cfg.data.normalize
-    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 1e-3
-    assert cfg.model.optimizer._partial_ is True and cfg.model.scheduler is None and cfg.model.label_smoothing == 0
-    assert cfg.trainer.accelerator == "auto" and cfg.trainer.max_epochs == 100
-    assert list(cfg.logger) == ["tensorboard"] and cfg.test is True and cfg.optimized_metric == "val/acc_best"
-    assert {"model_checkpoint", "progress_bar", "lr_monitor"} <= set(cfg.callbacks)
-    assert cfg.callbacks.model_checkpoint.monitor == "val/acc" and cfg.callbacks.last_checkpoint.filename == "last"
-    assert cfg.callbacks.last_checkpoint.monitor is None  # written every epoch, not only with a new best
-    assert cfg.hydra.run.dir.startswith("logs/train/runs/20")
-    assert cfg.hydra.sweep.dir.startswith("logs/train/multiruns/20") 
-    assert OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"
+def test_defaults_build_the_tutorial(tmp_path: Path) -> None:
+    """train.py with no options: the BasicBlock CNN (9,457,962 parameters) under Adam at lr 1e-3,
+    batch 32, RandomCrop(32, padding=4) + RandomHorizontalFlip, 100 epochs, tested after."""
+    cfg = compose(tmp_path, [])
+    assert cfg.data._target_.endswith("CIFAR10DataModule") and cfg.test is True
+    cfg = compose(tmp_path, CPU_BUILDS)
+    datamodule, trainer = build(cfg, with_loggers=False)
+    model = instantiate(cfg.model, classes=[str(i) for i in range(10)])
+    assert sum(p.numel() for p in model.net.parameters()) == 9_457_962
+    (optimizer,) = [model.configure_optimizers()]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 1e-3
+    assert datamodule.batch_size == 32 and datamodule.augment == Augment(4, "zeros", flip_p=0.5)
+    assert trainer.max_epochs == 100
+    assert {type(c).__name__ for c in trainer.callbacks} >= {"ModelCheckpoint", "RichProgressBar", "GracefulStop", "NonFiniteGuard"}
 
 
-def test_plain_overrides_land() -> None:
-    cfg = compose_train(["trainer.accelerator=gpu", "trainer.max_epochs=7", "model.optimizer.lr=0.05",
-                         "data.augment.flip=null", "data.augment.crop.padding=2", "logger=many",
-                         "model.optimizer._target_=torch.optim.SGD", "model.optimizer.fused=null"])
-    assert cfg.trainer.accelerator == "gpu" and cfg.trainer.max_epochs == 7
-    assert cfg.model.optimizer.lr == 0.05 and cfg.model.optimizer._target_ == "torch.optim.SGD"
-    assert cfg.data.augment.flip is None and cfg.data.augment.crop.padding == 2
-    assert set(cfg.logger) == {"tensorboard", "csv"}
-
-
-def test_tutorial_experiment_is_the_tutorial() -> None:
-    cfg = compose_train(["experiment=tutorial"])
-    assert cfg.data.batch_size == 32 and cfg.model.optimizer.lr == 1e-3 and cfg.trainer.max_epochs == 100
-    assert cfg.data.pipeline == "torchvision" and cfg.trainer.precision == "32-true"
-
-
-def test_image_folder_shares_the_pipeline_options() -> None:
-    cfg = compose_train(["data=image_folder", "data.root=/imgs"])
-    assert cfg.data._target_ == "cifarkit.data.ImageFolderDataModule"
-    assert cfg.data.root == "/imgs" and cfg.data.image_size == 32 and cfg.data.augment.crop.padding == 4
-    assert "download" not in cfg.data and cfg.model.net.image_size == 32
-
-
-def test_eval_config_composes() -> None:
-    cfg = compose_train(["ckpt_path=/x.ckpt", "data=image_folder", "data.root=/imgs"], name="eval")
-    assert cfg.task_name == "eval" and cfg.ckpt_path == "/x.ckpt"
+def test_a_batch_scaled_lr_follows_the_batch_size(tmp_path: Path) -> None:
+    """airbench's lr is quoted per 1024 images: a preset's lr follows data.batch_size, and an
+    explicit lr still wins."""
+    lr = {b: compose(tmp_path, ["model=airbench", f"data.batch_size={b}"]).model.optimizer.lr for b in (32, 512, 1024)}
+    assert lr == {32: 0.046875, 512: 0.75, 1024: 1.5}
+    assert compose(tmp_path, ["experiment=cpu10"]).model.optimizer.lr == 0.75
+    assert compose(tmp_path, ["experiment=cpu10", "model.optimizer.lr=0.1"]).model.optimizer.lr == 0.1

@@ -1,4 +1,4 @@
-"""The DataModules: download + integrity check, caching, the split, mean/std, image folders, bad data, edge inputs."""
+"""The data sources: download + integrity check, caching, the split, mean/std, image folders, bad data, edge inputs."""
 
 from __future__ import annotations
 
@@ -11,19 +11,25 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES3, FAST, class_images, folder_overrides, run_cli, write_image_folder
+from conftest import (
+    APPLEDOUBLE, CLASSES3, FAST, class_images, datamodule, error_line, folder_overrides, hide_metadata_beside, write_image_folder,
+)
+from hydra.errors import InstantiationException
 from PIL import Image
 
-from cifarkit import data as D
+from cifarkit import datamodule as datamodule_module
 from cifarkit.errors import UserError
-from cifarkit.predict import image_files
-
-# What macOS writes as ``._name.jpg`` beside a file copied to a non-Mac disk: not an image.
-APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+from cifarkit.images import load_image
+from cifarkit.sources import CIFAR10_CLASSES
 
 
-def cifar(tmp_path: Path, **kw) -> D.CIFAR10DataModule:
-    return D.CIFAR10DataModule(data_dir=str(tmp_path / "data"), val_size=kw.pop("val_size", 50), **kw)
+def cifar(tmp_path: Path, *overrides: str):
+    """The CIFAR-10 source under tmp_path/data (50 validation images unless told)."""
+    return datamodule(tmp_path, ["data=cifar10", f"paths.data_dir={tmp_path / 'data'}", "data.val_size=50", *overrides])
+
+
+def folder(root: Path, tmp_path: Path, *overrides: str):
+    return datamodule(tmp_path, [*folder_overrides(root, tmp_path), *overrides])
 
 
 def test_cifar10_downloads_verifies_and_splits(tiny_cifar10: dict, tmp_path: Path) -> None:
@@ -36,7 +42,7 @@ def test_cifar10_downloads_verifies_and_splits(tiny_cifar10: dict, tmp_path: Pat
     (tx, ty), (vx, vy), (sx, sy) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
     assert tx.shape == (150, 3, 32, 32) and tx.dtype == torch.uint8 and ty.dtype == torch.int64
     assert len(vy) == 50 and len(sy) == 100 and sx.shape[1:] == (3, 32, 32)
-    assert dm.classes == D.CIFAR10_CLASSES
+    assert dm.classes == CIFAR10_CLASSES
     # The pixels and labels the fixture pickled (5 batches of 40, seeds 1..5; 100 test, seed 99), exactly.
     batches = [class_images(40, 10, 32, seed) for seed in range(1, 6)]
     train_x = torch.from_numpy(np.concatenate([x for x, _ in batches])).permute(0, 3, 1, 2)
@@ -64,7 +70,7 @@ def test_split_is_fixed_disjoint_and_complete(tiny_cifar10: dict, tmp_path: Path
     both = torch.cat([a.splits["train"][0], a.splits["val"][0]]).flatten(1)
     full = torch.load(a.cache_file, weights_only=True)["train_x"].flatten(1)
     assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, full.tolist()))
-    other = cifar(tmp_path, split_seed=7)
+    other = cifar(tmp_path, "data.split_seed=7")
     other.setup()
     assert not torch.equal(other.splits["val"][0], a.splits["val"][0])
 
@@ -76,11 +82,11 @@ def test_mean_std_from_training_split_cached_and_overridable(tiny_cifar10: dict,
     assert np.allclose(dm.mean, x.mean(axis=(0, 2, 3)), atol=1e-9)
     assert np.allclose(dm.std, x.transpose(1, 0, 2, 3).reshape(3, -1).std(axis=1, ddof=1), atol=1e-9)
     assert list(dm.cache_file.parent.glob("*.stats-*.json"))
-    monkeypatch.setattr(D, "channel_stats", lambda *_: pytest.fail("stats recomputed instead of read from cache"))
+    monkeypatch.setattr(datamodule_module, "channel_stats", lambda *_: pytest.fail("stats recomputed instead of read from cache"))
     again = cifar(tmp_path)
     again.setup()
     assert again.mean == pytest.approx(dm.mean)
-    fixed = cifar(tmp_path, mean=[0.5, 0.5, 0.5], std=[0.25, 0.25, 0.25])
+    fixed = cifar(tmp_path, "data.mean=[0.5,0.5,0.5]", "data.std=[0.25,0.25,0.25]")
     fixed.setup()
     assert fixed.mean == [0.5] * 3 and fixed.std == [0.25] * 3
 
@@ -89,14 +95,14 @@ def test_corrupt_cifar10_is_detected(tiny_cifar10: dict, tmp_path: Path) -> None
     cifar(tmp_path).prepare_data()
     batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2"
     batch.write_bytes(batch.read_bytes()[:-10] + b"0123456789")
-    fresh = D.CIFAR10DataModule(data_dir=str(tmp_path / "data"), download=False, cache_dir=str(tmp_path / "fresh"))
+    fresh = cifar(tmp_path, "data.download=false", f"data.cache_dir={tmp_path / 'fresh'}")
     with pytest.raises(UserError, match="missing or corrupt"):
         fresh.prepare_data()
 
 
 def test_missing_cifar10_without_download(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"missing or corrupt.*data.download=true"):
-        cifar(tmp_path, download=False).prepare_data()
+        cifar(tmp_path, "data.download=false").prepare_data()
 
 
 def test_download_failure_names_the_fix(tiny_cifar10: dict, tmp_path: Path, monkeypatch) -> None:
@@ -108,7 +114,7 @@ def test_download_failure_names_the_fix(tiny_cifar10: dict, tmp_path: Path, monk
 
 
 def test_image_folder_reads_png_jpeg_and_resizes(image_folder: Path, tmp_path: Path) -> None:
-    dm = D.ImageFolderDataModule(root=str(image_folder), cache_dir=str(tmp_path / "cache"), val_size=0.25)
+    dm = folder(image_folder, tmp_path, "data.val_size=0.25")
     assert dm.classes == CLASSES3
     dm.setup()
     (tx, _), (vx, _), (sx, sy) = dm.splits["train"], dm.splits["val"], dm.splits["test"]
@@ -118,7 +124,7 @@ def test_image_folder_reads_png_jpeg_and_resizes(image_folder: Path, tmp_path: P
     # a 40x40 PNG is resized to 32x32 exactly as load_image does it
     png = sorted((image_folder / "test" / "cat").glob("*.png"))[0]
     assert Image.open(png).size == (40, 40)
-    expected = torch.from_numpy(D.load_image(png, 32)).permute(2, 0, 1)
+    expected = torch.from_numpy(load_image(png, 32).copy()).permute(2, 0, 1)
     assert any(torch.equal(expected, img) for img in sx)
 
 
@@ -140,7 +146,7 @@ def test_image_folder_decodes_exact_pixels_with_labels_in_sorted_class_order(tmp
                 else:
                     Image.fromarray(img).save(path)
                 expected[split].append((path, img, sorted(classes).index(name)))
-    dm = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=3)
+    dm = folder(root, tmp_path, "data.val_size=3")
     assert dm.classes == ["ant", "moth", "zebra"]
     dm.prepare_data()
     cached = torch.load(dm.cache_file, weights_only=True)
@@ -153,11 +159,11 @@ def test_image_folder_decodes_exact_pixels_with_labels_in_sorted_class_order(tmp
 
 def test_image_folder_cache_follows_the_files(tmp_path: Path) -> None:
     root = write_image_folder(tmp_path / "imgs", n_train=6, n_test=3)
-    dm = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=3)
+    dm = folder(root, tmp_path, "data.val_size=3")
     dm.prepare_data()
     first = dm.cache_file
     Image.new("RGB", (32, 32), "red").save(root / "train" / "cat" / "new.png")
-    dm2 = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=3)
+    dm2 = folder(root, tmp_path, "data.val_size=3")
     assert dm2.cache_file != first
     dm2.setup()
     assert len(dm2.splits["train"][1]) + 3 == 19
@@ -183,34 +189,16 @@ def test_bad_image_folders(tmp_path: Path, breakage: str, message: str) -> None:
         shutil.move(root / "test" / "frog", root / "test" / "toad")
     if breakage == "not_an_image":
         (root / "train" / "cat" / "broken.png").write_text("not a png")
-    dm = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=1)
+    dm = folder(root, tmp_path, "data.val_size=1")
     with pytest.raises(UserError, match=message):
         dm.prepare_data()
 
 
-def test_torchvision_pipeline_augments_train_only(image_folder: Path, tmp_path: Path) -> None:
-    dm = D.ImageFolderDataModule(
-        root=str(image_folder), cache_dir=str(tmp_path / "cache"), val_size=0.25, pipeline="torchvision", batch_size=16
-    )
-    dm.setup()
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
-    # the same training image twice: crops/flips differ between draws
-    ds = dm.train_dataloader().dataset
-    draws = torch.stack([ds[0][0] for _ in range(20)])
-    assert (draws != draws[0]).any(dim=(1, 2, 3)).sum() > 5
-    # validation and test: normalize only, identical on every draw and equal to (x/255 - mean)/std
-    for loader in (dm.val_dataloader(), dm.test_dataloader()):
-        vx, _ = next(iter(loader))
-        raw = loader.dataset.images[: len(vx)]
-        assert torch.allclose(vx, D.normalize(raw, torch.tensor(dm.mean), torch.tensor(dm.std)), atol=1e-6)
-
-
 def test_unknown_pipeline_and_half_stats_are_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="data.pipeline"):
-        D.ImageFolderDataModule(root="x", cache_dir=str(tmp_path), pipeline="gpu")
-    with pytest.raises(UserError, match="data.mean and data.std"):
-        D.ImageFolderDataModule(root="x", cache_dir=str(tmp_path), mean=[0.5, 0.5, 0.5])
+    with pytest.raises(InstantiationException, match="data.pipeline"):
+        folder(tmp_path / "x", tmp_path, "data.pipeline=gpu")
+    with pytest.raises(InstantiationException, match="data.mean and data.std"):
+        folder(tmp_path / "x", tmp_path, "data.mean=[0.5,0.5,0.5]")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +219,7 @@ def test_exif_orientation_is_applied(tmp_path: Path, orientation: int, stored: I
     exif[0x0112] = orientation  # Orientation
     path = tmp_path / "photo.jpg"
     im.save(path, quality=95, exif=exif)
-    out = D.load_image(path, 32).astype(np.float64)  # resized to 32x32 after turning
+    out = load_image(path, 32).astype(np.float64)  # resized to 32x32 after turning
     assert np.abs(out[:, :14].mean(axis=(0, 1)) - (255, 0, 0)).max() < 25, out[:, :14].mean(axis=(0, 1))
     assert np.abs(out[:, 18:].mean(axis=(0, 1)) - (0, 0, 255)).max() < 25, out[:, 18:].mean(axis=(0, 1))
 
@@ -254,7 +242,7 @@ def bomb_png(path: Path, width: int, height: int) -> Path:
 def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side: int) -> None:
     bomb = bomb_png(tmp_path / "huge.png", side, side)
     with pytest.raises(UserError, match="too large to decode safely") as e:
-        D.load_image(bomb, 32)
+        load_image(bomb, 32)
     message = str(e.value)
     assert str(bomb) in message and message.endswith("remove or replace it") and "\n" not in message
     if side == 10_000:  # the warning became an error inside load_image only
@@ -262,25 +250,14 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path: Path, side: int
             pass
 
 
-def test_decompression_bomb_in_an_image_folder_ends_train_py_in_one_line(tmp_path: Path) -> None:
+def test_decompression_bomb_in_an_image_folder_ends_train_py_in_one_line(tmp_path: Path, main) -> None:
     root = write_image_folder(tmp_path / "imgs", n_train=6, n_test=2)
     bomb = bomb_png(root / "train" / "dog" / "0100.png", 10_000, 10_000)  # 100 megapixels
-    r = run_cli("train.py", FAST + folder_overrides(root, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}"], cwd=tmp_path)
-    assert r.returncode == 1, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    last = [line for line in r.stderr.splitlines() if line.strip()][-1]
+    r = main("train.py", FAST + folder_overrides(root, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}"])
+    assert r.code == 1
+    last = error_line(r.err)
     assert last.startswith(f"error: cannot read image {bomb}: too large to decode safely"), last
     assert last.endswith("remove or replace it"), last
-
-
-def hide_metadata_beside(root: Path) -> None:
-    """What macOS and tools leave in a folder: ``._`` twins, .DS_Store, a hidden folder of a real image."""
-    for p in sorted(root.rglob("*.*")):
-        (p.parent / f"._{p.name}").write_bytes(APPLEDOUBLE)
-        (p.parent / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-        hidden = p.parent / ".thumbnails" / p.name
-        hidden.parent.mkdir(exist_ok=True)
-        shutil.copy(p, hidden)
 
 
 def test_hidden_files_in_an_image_folder_are_not_images(tmp_path: Path) -> None:
@@ -291,21 +268,11 @@ def test_hidden_files_in_an_image_folder_are_not_images(tmp_path: Path) -> None:
     }
     hide_metadata_beside(root)
     assert (root / "train" / "cat" / "._0000.png").read_bytes() == APPLEDOUBLE
-    dm = D.ImageFolderDataModule(root=str(root), cache_dir=str(tmp_path / "cache"), val_size=1)
-    assert dm._files() == real
+    (root / "train" / ".thumbnails").mkdir()  # a hidden folder beside the classes is no class
+    dm = folder(root, tmp_path, "data.val_size=1")
+    assert dm.classes == CLASSES3 and dm._files() == real
     dm.setup()
     cached = torch.load(dm.cache_file, weights_only=True)
     for split, items in real.items():
-        x = torch.from_numpy(np.stack([D.load_image(p, 32) for p, _ in items])).permute(0, 3, 1, 2)
+        x = torch.from_numpy(np.stack([load_image(p, 32) for p, _ in items])).permute(0, 3, 1, 2)
         assert torch.equal(cached[f"{split}_x"], x) and cached[f"{split}_y"].tolist() == [label for _, label in items]
-
-
-def test_predict_lists_no_hidden_files_in_a_folder(tmp_path: Path) -> None:
-    inputs = tmp_path / ".local" / "mine"  # a hidden parent is fine
-    (inputs / "nested").mkdir(parents=True)
-    Image.new("RGB", (32, 32), "red").save(inputs / "a.png")
-    Image.new("RGB", (32, 32), "blue").save(inputs / "nested" / "b.jpg")
-    hide_metadata_beside(inputs)
-    assert image_files(str(inputs)) == [inputs / "a.png", inputs / "nested" / "b.jpg"]
-    # named on its own, a hidden file is still what was asked for (and is reported as unreadable)
-    assert image_files(str(inputs / "._a.png")) == [inputs / "._a.png"]

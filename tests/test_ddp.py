@@ -23,7 +23,6 @@ import pytest
 import torch
 from conftest import ROOT, folder_overrides, run_cli, run_dirs
 
-from cifarkit.data import DeviceLoader
 from cifarkit.train import evaluate
 
 
@@ -46,22 +45,6 @@ class RankProbe(L.Callback):
     def on_test_end(self, trainer, pl_module) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.seen))
-
-
-def test_epoch_indices_split_every_split_across_ranks() -> None:
-    n = 11
-    loaders = [
-        [DeviceLoader(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.zeros(n, dtype=torch.long), torch.zeros(3),
-                      torch.ones(3), 4, train=train, seed=3, rank=r, world_size=2) for r in (0, 1)]
-        for train in (True, False)
-    ]
-    (t0, t1), (e0, e1) = loaders
-    a, b = set(t0.epoch_indices(0).tolist()), set(t1.epoch_indices(0).tolist())
-    assert len(a) == len(b) == 5 and not a & b  # equal, disjoint training shares
-    assert set(t0.epoch_indices(1).tolist()) != a  # reshuffled each epoch
-    a, b = e0.epoch_indices(0).tolist(), e1.epoch_indices(0).tolist()
-    assert sorted(a + b) == list(range(n))  # evaluation: every image exactly once over the ranks
-    assert (len(e0), len(e1)) == (2, 2)
 
 
 # What a user types, on tiny data: the default callbacks (Rich progress bar, sanity check, pictures,

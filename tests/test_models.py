@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from cifarkit.checkpoints import build_net
+from cifarkit.images import normalize
 from cifarkit.model import AirbenchNet, ResNet18
 from cifarkit.train import train
 
@@ -117,8 +118,6 @@ def test_train_whitens_airbench_from_the_training_split(image_folder: Path, comp
     """train() hands AirbenchNet its training images before the first step: the first layer's
     positive filters then decorrelate the training split's 2x2 patches."""
     import lightning as L
-
-    from cifarkit.data import normalize
 
     seen: dict[str, torch.Tensor] = {}
 

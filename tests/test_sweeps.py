@@ -8,16 +8,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CONFIG_DIR, FAST, folder_overrides, run_cli
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import FAST, compose, folder_overrides
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cifarkit.sweep import SweepSummary
-
 # Fewer batches than FAST alone: a sweep runs several of these.
-TINY = FAST + ["trainer.limit_train_batches=2", "trainer.limit_val_batches=1"]
+TINY = FAST + ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
+
+
+def summarize(tmp_path: Path, sweep: Path) -> None:
+    """What Hydra does after a multirun: the configured SweepSummary callback's end hook."""
+    summary = instantiate(compose(tmp_path, [], with_hydra=True).hydra.callbacks.sweep_summary)
+    summary.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
 
 
 def read_jobs(sweep_dir: Path, name: str = "jobs.csv") -> list[dict]:
@@ -65,7 +68,7 @@ def test_summary_lists_every_job_and_marks_failures(tmp_path: Path, capsys: pyte
     fake_job(sweep, "1", "0.001", {"status": "failed", "error": "boom"})
     fake_job(sweep, "2", "0.0001", None)  # killed before writing metrics.json
     fake_job(sweep, "10", "0.1", {"status": "completed", "val/acc_best": 0.25, "test/acc": 0.2, "epochs": 3})
-    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    summarize(tmp_path, sweep)
 
     rows = read_jobs(sweep)
     assert list(rows[0]) == ["job", "status", "model.optimizer.lr", "val/acc_best", "test/acc", "epochs", "overrides"]
@@ -89,7 +92,7 @@ def test_jobs_differing_only_in_seed_are_summarized_with_mean_std_and_n(tmp_path
             fake_job(sweep, str(job), lr, {"status": "completed", "val/acc_best": acc, "test/acc": acc - 0.1, "epochs": 2}, seed)
             job += 1
     fake_job(sweep, str(job), "0.001", {"status": "failed", "error": "NaN"}, seed=2)  # not counted in n
-    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    summarize(tmp_path, sweep)
 
     assert len(read_jobs(sweep)) == 6
     configs = read_jobs(sweep, "summary.csv")
@@ -111,18 +114,17 @@ def test_one_configuration_over_seeds_still_gets_a_plot(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     for seed, acc in enumerate([0.9, 0.92, 0.94]):
         fake_job(sweep, str(seed), "0.001", {"status": "completed", "val/acc_best": acc, "test/acc": acc, "epochs": 10}, seed)
-    SweepSummary().on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}))
+    summarize(tmp_path, sweep)
     (config,) = read_jobs(sweep, "summary.csv")
     assert config["n"] == "3" and float(config["test/acc"]) == pytest.approx(0.92) and float(config["test/acc_std"]) == pytest.approx(0.02)
     assert_plot(sweep / "summary.png")
 
 
-def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path) -> None:
+def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path, main) -> None:
     logs = tmp_path / "logs"
     lrs = "model.optimizer.lr=1e-2,1e-3,-1"  # Adam rejects -1: that job fails
-    args = ["-m", *TINY, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}", lrs]
-    r = run_cli("train.py", args, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]  # the failed job does not end the sweep
+    r = main("train.py", ["-m", *TINY, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}", lrs])
+    assert r.code == 0, r.err[-3000:]  # the failed job does not end the sweep
     (sweep,) = sweep_dirs(logs)
     rows = read_jobs(sweep)
     assert [(r["job"], r["model.optimizer.lr"], r["status"]) for r in rows] == [
@@ -138,16 +140,16 @@ def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path
         ("0.01", "1", "completed"), ("0.001", "1", "completed"), ("-1", "0", "failed")]
     assert [float(c["test/acc"]) for c in configs[:2]] == [float(r["test/acc"]) for r in rows[:2]]
     assert_plot(sweep / "summary.png")
-    assert "2/3 completed" in r.stdout
+    assert "2/3 completed" in r.out
 
 
-def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp_path: Path) -> None:
+def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp_path: Path, main) -> None:
     """Plain ddp starts rank 1 by re-running the command line, which inside -m would re-run the sweep."""
     logs = tmp_path / "logs"
     args = ["-m", *TINY, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}", "trainer=ddp_sim",
             "model.optimizer.lr=1e-3,1e-4"]
-    r = run_cli("train.py", args, cwd=tmp_path)
-    assert r.returncode == 0, r.stderr[-3000:]
+    r = main("train.py", args)
+    assert r.code == 0, r.err[-3000:]
     (sweep,) = sweep_dirs(logs)
     rows = read_jobs(sweep)
     assert [r["status"] for r in rows] == ["failed", "failed"]
@@ -156,18 +158,17 @@ def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp
         assert "cannot run inside a local sweep" in error and "+trainer.strategy.start_method=spawn" in error
 
 
-@pytest.mark.slow  # two sweep commands of two trials each
-def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path) -> None:
+def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path, main) -> None:
     import optuna
 
     logs = tmp_path / "logs"
     base = ["hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *TINY, *folder_overrides(image_folder, tmp_path),
             f"paths.log_dir={logs}", "test=false"]
-    first = run_cli("train.py", base, cwd=tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
+    first = main("train.py", base)
+    assert first.code == 0, first.err[-3000:]
     # Run again, as after an interruption; these two trials fail (bad input) and the search goes on.
-    again = run_cli("train.py", [*base, "data.val_size=100000"], cwd=tmp_path)
-    assert again.returncode == 0, again.stderr[-3000:]
+    again = main("train.py", [*base, "data.val_size=100000"])
+    assert again.code == 0, again.err[-3000:]
 
     study = optuna.load_study(study_name="lr_optuna", storage=f"sqlite:///{logs}/optuna/lr_optuna.db")
     states = [t.state.name for t in study.trials]
@@ -187,12 +188,9 @@ def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path
     assert_rows_match_jobs(two, second_rows)
 
 
-def test_sweep_and_slurm_presets_compose() -> None:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        cfg = compose("train", overrides=["hparams_search=lr_optuna", "hydra/launcher=slurm", "trainer=ddp",
-                                          "hydra.launcher.gpus_per_node=4", "hydra.launcher.partition=gpu"],
-                      return_hydra_config=True)
+def test_sweep_and_slurm_presets_compose(tmp_path: Path) -> None:
+    cfg = compose(tmp_path, ["hparams_search=lr_optuna", "hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=4",
+                             "hydra.launcher.partition=gpu"], with_hydra=True)
     sweeper, launcher = cfg.hydra.sweeper, cfg.hydra.launcher
     assert sweeper.direction == "maximize" and sweeper.n_trials == 20 and cfg.optimized_metric == "val/acc_best"
     assert sweeper.params["model.optimizer.lr"] == "tag(log, interval(1e-5, 1e-1))"

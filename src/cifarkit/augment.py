@@ -1,7 +1,8 @@
 """Training augmentation as steps named in YAML, run on whole batches on the training device.
 
-``data.augment`` maps step names to their options (null turns a step off; an option left out
-takes the value shown); the steps always run in this order, whatever order the YAML lists:
+``data.augment`` maps step names to their options (null turns a step off; every option is
+given, as configs/data/common/pipeline.yaml gives the tutorial's); the steps always run in this
+order, whatever order the YAML lists:
 
 * ``crop: {padding: 4, mode: zeros}``: torchvision's ``RandomCrop(size, padding, padding_mode)``
   with ``mode`` ``zeros`` (its ``constant`` 0) or ``reflect`` (airbench's "translate").
@@ -10,6 +11,8 @@ takes the value shown); the steps always run in this order, whatever order the Y
   and the other one in every odd epoch, so it is seen both ways every two epochs.
 * ``cutout: {size: 16}``: DeVries & Taylor's cutout: a ``size`` x ``size`` square (clipped at
   the border) around a uniformly drawn pixel is set to 0 after normalization, the mean pixel.
+
+``TTA`` / ``tta_logits``: the test-time views (``model.tta``), averaged as airbench averages them.
 
 Every random choice is drawn on the CPU from a generator the loader seeds with (seed, epoch,
 rank) and then moved to the device in one copy; ``apply`` and ``erase`` are a few batched
@@ -27,8 +30,8 @@ from torchvision import transforms as T
 
 from cifarkit.errors import UserError
 
-STEPS = {"crop": {"padding", "mode"}, "flip": {"p"}, "alternating_flip": set(), "cutout": {"size"}}
-TUTORIAL_STEPS = {"crop": {"padding": 4, "mode": "zeros"}, "flip": {"p": 0.5}}
+STEPS = {"crop": ("padding", "mode"), "flip": ("p",), "alternating_flip": (), "cutout": ("size",)}
+EXAMPLES = {"crop": "{padding: 4, mode: zeros}", "flip": "{p: 0.5}", "alternating_flip": "{}", "cutout": "{size: 16}"}
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect"}  # ours -> torchvision's padding_mode
 
 
@@ -43,27 +46,28 @@ class Augment:
     cutout: int = 0
 
     @classmethod
-    def from_steps(cls, steps: Mapping[str, Any] | None) -> Augment:
+    def from_steps(cls, steps: Mapping[str, Any]) -> Augment:
         """Check the steps' names and options and turn them into one ``Augment``."""
-        steps = {k: v for k, v in (steps or {}).items() if v is not None}
+        steps = {k: v for k, v in steps.items() if v is not None}
         for name, options in steps.items():
             if name not in STEPS:
                 raise UserError(f"data.augment.{name} is not an augmentation step; use {', '.join(STEPS)} (see cifarkit/augment.py)")
             if not isinstance(options, Mapping):
-                raise UserError(f"data.augment.{name}={options!r}: give its options as a mapping, e.g. {name}: {{}}, or null to turn it off")
-            unknown = set(options) - STEPS[name]
+                raise UserError(f"data.augment.{name}={options!r}: give its options as a mapping, e.g. {name}: {EXAMPLES[name]}, or null to turn it off")
+            unknown, missing = set(options) - set(STEPS[name]), set(STEPS[name]) - set(options)
             if unknown:
-                raise UserError(f"data.augment.{name} has no option {', '.join(sorted(unknown))}; it takes {', '.join(sorted(STEPS[name])) or 'none'}")
+                raise UserError(f"data.augment.{name} has no option {', '.join(sorted(unknown))}; it takes {', '.join(STEPS[name]) or 'none'}")
+            if missing:
+                raise UserError(f"data.augment.{name} needs {', '.join(sorted(missing))}, e.g. {name}: {EXAMPLES[name]}")
         crop, flip, cutout = steps.get("crop"), steps.get("flip"), steps.get("cutout")
         if flip is not None and "alternating_flip" in steps:
             raise UserError("data.augment has both flip and alternating_flip; keep one (set the other to null)")
-        mode = crop.get("mode", "zeros") if crop is not None else "zeros"
+        mode = crop["mode"] if crop is not None else "zeros"
         if mode not in PADDING_MODES:
             raise UserError(f"data.augment.crop.mode={mode!r}; use zeros or reflect")
-        # An option left out takes the value in the module docstring.
-        padding = int(crop.get("padding", 4)) if crop is not None else 0
-        size = int(cutout.get("size", 16)) if cutout is not None else 0
-        p = float(flip.get("p", 0.5)) if flip is not None else 0.0
+        padding = int(crop["padding"]) if crop is not None else 0
+        size = int(cutout["size"]) if cutout is not None else 0
+        p = float(flip["p"]) if flip is not None else 0.0
         if padding < 0 or size < 0 or not 0 <= p <= 1:
             raise UserError(f"data.augment: crop.padding and cutout.size must be >= 0 and flip.p in [0, 1] (got {padding}, {size}, {p})")
         return cls(padding, mode, p, "alternating_flip" in steps, size)
@@ -149,3 +153,24 @@ def crop_flip(
     flat = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
     out = images.flatten(2).gather(2, flat).view(b, c, h, w)
     return out if mode == "reflect" else out * inside[:, None].to(out.dtype)
+
+
+TTA = ("none", "flip", "flip_translate")
+
+
+def tta_logits(forward: Any, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits of ``x`` (B, C, H, W) averaged over cheap views, as airbench tests: ``flip`` the
+    image and its mirror; ``flip_translate`` half that, half the same on the image shifted one
+    pixel up-left and one pixel down-right (reflect padding)."""
+    if tta == "none":
+        return forward(x)
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (forward(v) + forward(v.flip(-1)))
+
+    if tta == "flip":
+        return mirrored(x)
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+    return 0.5 * mirrored(x) + 0.5 * shifted

@@ -23,12 +23,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cifarkit.errors import TrainingStopped, UserError
 from cifarkit.files import write_metrics
-from cifarkit.sweep import register_resolvers
+from cifarkit.sweep import study_seed
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)  # and Lightning's, see _misconfiguration
@@ -68,7 +68,10 @@ def _rank() -> int:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception (and the config error that caused it) as a single line."""
+    """An exception (and the config error that caused it) as a single line; a ``UserError``
+    raised while Hydra instantiated a class speaks for itself."""
+    if isinstance(e.__cause__, UserError):
+        e = e.__cause__
     parts = [str(e)]
     if isinstance(e.__cause__, (OmegaConfBaseException, *_misconfiguration())):
         parts.append(str(e.__cause__).splitlines()[0])
@@ -171,6 +174,19 @@ def _mark_failed(status: str, message: str) -> None:
     out = _output_dir()
     if _rank() == 0 and out is not None and not (out / "metrics.json").exists():
         write_metrics(out, {"status": status, "error": message})
+
+
+def lr_for_batch(lr_per_1024: float, batch_size: int) -> float:
+    """A learning rate quoted per 1024 images, at ``batch_size``: the linear scaling rule, so a
+    preset's lr follows ``data.batch_size`` (``${lr_for_batch:1.5,${data.batch_size}}``)."""
+    return lr_per_1024 * batch_size / 1024
+
+
+def register_resolvers() -> None:
+    """The configs' own resolvers: ``lr_for_batch``, and ``study_seed`` for the Optuna sampler
+    (configs/hparams_search)."""
+    OmegaConf.register_new_resolver("lr_for_batch", lr_for_batch, replace=True)
+    OmegaConf.register_new_resolver("study_seed", study_seed, replace=True)
 
 
 def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:

@@ -4,10 +4,10 @@ The exported graph takes what a camera or ``PIL`` gives you, raw RGB ``uint8`` i
 (N, 3, H, W) at the checkpoint's image size with any batch size N, and returns class
 probabilities (N, num_classes) as float32: the /255 scaling, the mean/std normalization and the
 softmax are inside it, so a consumer needs neither this package nor the training statistics.
-Class names, mean/std and image size travel with it as metadata (ONNX ``metadata_props``, JSON
-strings under ``METADATA_KEYS``; pt2 the ``cifarkit.json`` extra file).
+Class names, mean/std and image size (the checkpoint's ``DataInfo``) travel with it as metadata
+(ONNX ``metadata_props``, one JSON string per field; pt2 the ``cifarkit.json`` extra file).
 
-The net is rebuilt through the checkpoint room (``rebuild_net``): nothing in the checkpoint
+The net is rebuilt by ``SavedNet.rebuild`` (cifarkit/checkpoints.py): nothing in the checkpoint
 runs as code and only trusted ``nn.Module`` classes are built.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,13 +23,13 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from cifarkit.checkpoints import DATA_INFO_KEYS, rebuild_net
-from cifarkit.files import atomic_write
+from cifarkit.checkpoints import SavedNet
 from cifarkit.errors import UserError
+from cifarkit.files import atomic_write
+from cifarkit.images import DataInfo
 
 log = logging.getLogger(__name__)
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
-METADATA_KEYS = DATA_INFO_KEYS  # classes, mean, std, image_size
 PT2_EXTRA_FILE = "cifarkit.json"
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 
@@ -36,7 +37,7 @@ INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
 class ImagesToProbabilities(nn.Module):
     """uint8 images (N, 3, H, W) -> class probabilities (N, C), float32.
 
-    The preprocessing is ``cifarkit.data.normalize``'s, op for op (float, /255, -mean, /std), so
+    The preprocessing is ``cifarkit.images.normalize``'s, op for op (float, /255, -mean, /std), so
     the exported model's probabilities match the checkpoint's as run by predict.py.
     """
 
@@ -75,26 +76,27 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic: Any, metadata:
     return proto.SerializeToString()
 
 
-def export_model(ckpt_path: str, fmt: str, output: str | None, trusted: list[str]) -> tuple[Path, dict[str, Any]]:
+def export_model(ckpt_path: str, fmt: str, output: str | None, trusted: list[str]) -> tuple[Path, DataInfo]:
     """Write the checkpoint's net, preprocessing and softmax included, as ``fmt``; return the
-    path written and the checkpoint's data_info."""
+    path written and the checkpoint's ``DataInfo``."""
     if fmt not in FORMATS:
         raise UserError(f"format={fmt} is not known; use format=onnx or format=pt2")
     path = output_path(ckpt_path, fmt, output)
-    net, info = rebuild_net(ckpt_path, trusted)
-    model = ImagesToProbabilities(net, info["mean"], info["std"]).eval()
-    size = int(info["image_size"])
+    saved = SavedNet.read(ckpt_path)
+    info = saved.data
+    model = ImagesToProbabilities(saved.rebuild(trusted), info.mean, info.std).eval()
+    size = info.image_size
     example = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)  # 2: a batch of 1 would be specialized
     dynamic = ({0: torch.export.Dim("batch", min=1)},)
     with torch.no_grad():
         if fmt == "onnx":
-            data = _onnx_bytes(model, example, dynamic, {k: json.dumps(info[k]) for k in METADATA_KEYS})
+            data = _onnx_bytes(model, example, dynamic, info.as_metadata())
             atomic_write(path, lambda f: f.write(data))
         else:
             program = torch.export.export(model, (example,), dynamic_shapes=dynamic)
 
             def save(f: IO[bytes]) -> None:
-                torch.export.save(program, f, extra_files={PT2_EXTRA_FILE: json.dumps({k: info[k] for k in METADATA_KEYS})})
+                torch.export.save(program, f, extra_files={PT2_EXTRA_FILE: json.dumps(asdict(info))})
 
             atomic_write(path, save)
     return path, info
@@ -105,9 +107,9 @@ def export(cfg: DictConfig) -> Path:
     fmt = str(cfg.format)
     output = None if cfg.output is None else str(cfg.output)
     path, info = export_model(str(cfg.ckpt_path), fmt, output, list(cfg.trusted_targets))
-    size, n = info["image_size"], len(info["classes"])
+    size, n = info.image_size, len(info.classes)
     print(path)
     print(f"{fmt}: uint8 {INPUT_NAME} (N, 3, {size}, {size}) -> float32 {OUTPUT_NAME} (N, {n}) over "
-          f"{info['classes']}; {path.stat().st_size / 1e6:.1f} MB")
+          f"{info.classes}; {path.stat().st_size / 1e6:.1f} MB")
     log.info("exported %s to %s", cfg.ckpt_path, path)
     return path

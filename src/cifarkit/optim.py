@@ -1,10 +1,14 @@
-"""What the recipes beyond the tutorial's constant-lr Adam need from the optimizer.
+"""What the recipes beyond the tutorial's constant-lr Adam do to the weights besides the loss.
 
 * ``param_groups``: no weight decay on norm layers and biases, and a learning-rate multiplier
   for norm biases (airbench trains its BatchNorm biases faster than its weights).
 * ``warmup_then_decay``: a step-wise schedule, linear warmup then linear or cosine decay, sized
   from the run's own number of optimizer steps (``ImageClassifier`` passes ``total_steps`` to
   any scheduler that takes it, ``torch.optim.lr_scheduler.OneCycleLR`` included).
+* ``Lookahead``: airbench's weight averaging (Lightning's ``WeightAveraging``, the weights reset
+  to the average), a callback.
+* ``FreezeParameters``: stop training named parameters after some epochs (airbench's
+  whitening bias), a callback.
 """
 
 from __future__ import annotations
@@ -12,6 +16,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -68,7 +75,12 @@ def warmup_then_decay(
 ) -> LambdaLR:
     """Each group's lr rises linearly from ``start_scale`` times its peak (airbench: 0.2) to
     the peak over the first ``warmup`` fraction of the steps, then falls to ``final_scale``
-    times its peak by the last step, linearly or along a half cosine."""
+    times its peak by the last step, linearly or along a half cosine.
+
+    A ``LambdaLR`` rather than ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``: the
+    cosine's floor ``eta_min`` is one absolute lr for every group, where each group here (the
+    norm biases at 64x) decays to its own fraction, and the closed form gives the same lr at a
+    step however the run got there (a resumed run included)."""
     if decay not in ("linear", "cosine"):
         raise ValueError(f"decay={decay!r}: use linear or cosine")
     if not 0 <= warmup < 1:
@@ -83,3 +95,65 @@ def warmup_then_decay(
         return final_scale + (1 - final_scale) * shape
 
     return LambdaLR(optimizer, scale)
+
+
+class Lookahead(WeightAveraging):
+    """airbench's lookahead: every ``every_n_steps`` optimizer steps the weights (and, with
+    ``use_buffers``, the BatchNorm statistics) are folded into a moving average, and training
+    continues from that average. The average's decay grows with the run's progress t/T as
+    ``decay ** every_n_steps * (t / T) ** power``: near 0 early, so the average follows the
+    weights while the lr is high, and ``decay ** every_n_steps`` at the end, where it smooths
+    the noise of the last steps. Validation, the saved checkpoints and the model after training
+    hold the average, as with Lightning's ``EMAWeightAveraging``; unlike it, the weights being
+    trained are pulled back to the average too. T is the run's own step count
+    (``trainer.estimated_stepping_batches``)."""
+
+    def __init__(self, every_n_steps: int, decay: float, power: float, use_buffers: bool) -> None:
+        super().__init__(use_buffers=use_buffers, avg_fn=self._fold)
+        if every_n_steps < 1 or not 0 <= decay <= 1:
+            raise UserError(f"Lookahead needs every_n_steps >= 1 and 0 <= decay <= 1, got {every_n_steps} and {decay}")
+        self.every_n_steps, self.decay, self.power = every_n_steps, decay, power
+        self.total_steps = 1
+        self.weight = 0.0  # the average's share in the update being made
+
+    def _fold(self, average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(average, current.to(average.dtype), 1.0 - self.weight) if average.is_floating_point() else current
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.total_steps = run_steps(trainer, "callbacks.lookahead's decay ramp")
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        if step_idx is None or (step_idx + 1) % self.every_n_steps:
+            return False
+        progress = min(1.0, (step_idx + 1) / self.total_steps)
+        self.weight = self.decay**self.every_n_steps * progress**self.power
+        return True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if self._latest_update_step == trainer.global_step:  # just averaged: go on from the average
+            self._copy_average_to_current(pl_module)
+
+
+class FreezeParameters(L.Callback):
+    """Stop training the parameters named in ``names`` (as in ``pl_module.named_parameters()``,
+    e.g. ``net.whiten.bias``) from epoch ``after_epochs`` on: their gradients are dropped just
+    before each optimizer step, so neither the step, its momentum nor weight decay moves them.
+    Dropping the gradient (instead of switching ``requires_grad`` off) keeps the set of
+    parameters that DDP synchronizes fixed."""
+
+    def __init__(self, names: list[str], after_epochs: int) -> None:
+        self.names, self.after_epochs = list(names), after_epochs
+        self.params: list[torch.nn.Parameter] = []
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        named = dict(pl_module.named_parameters())
+        unknown = [n for n in self.names if n not in named]
+        if unknown:
+            raise UserError(f"FreezeParameters: no parameter named {', '.join(unknown)}; names look like {next(iter(named), '?')}")
+        self.params = [named[n] for n in self.names]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if trainer.current_epoch >= self.after_epochs:
+            for p in self.params:
+                p.grad = None

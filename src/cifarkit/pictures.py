@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -74,7 +73,7 @@ def confusion_figure(counts: torch.Tensor, classes: list[str]) -> Figure:
 class RunPictures(L.Callback):
     """Writes ``samples.png`` at the start of training and ``confusion_matrix.png`` after testing."""
 
-    def __init__(self, output_dir: str, num_samples: int = 64) -> None:
+    def __init__(self, output_dir: str, num_samples: int) -> None:
         self.output_dir = Path(output_dir)
         self.num_samples = num_samples
 
@@ -110,12 +109,3 @@ class RunPictures(L.Callback):
         counts = metric.compute()  # every rank: the sum over ranks is a collective
         if trainer.is_global_zero:
             self._publish(trainer, "confusion_matrix", confusion_figure(counts, pl_module.hparams.classes))
-
-
-def per_class(metrics: dict[str, Any], prefix: str = "test/acc_class/") -> dict[str, Any]:
-    """Fold ``test/acc_class/<name>`` scalars into one ``test/acc_class: {name: acc}`` entry."""
-    classes = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
-    out = {k: v for k, v in metrics.items() if not k.startswith(prefix)}
-    if classes:
-        out[prefix.rstrip("/")] = classes
-    return out

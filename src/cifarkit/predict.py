@@ -6,8 +6,8 @@ with ``weights_only=True`` and rebuilds only trusted ``nn.Module`` classes.
 
 ``ckpt_path=model.onnx`` (written by export.py) runs the model with ONNX Runtime on the CPU
 instead, reading the classes and image size from the model's metadata; the output is the same.
-That path never imports Lightning, so it also runs where Lightning is not installed (torch,
-onnxruntime, Pillow and Hydra suffice).
+Neither path imports Lightning, so predict.py also runs where Lightning is not installed
+(torch, onnxruntime, Pillow and Hydra suffice).
 """
 
 from __future__ import annotations
@@ -21,28 +21,14 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from cifarkit.checkpoints import SavedNet
+from cifarkit.devices import resolve_accelerator
 from cifarkit.errors import UserError
-from cifarkit.images import load_image, normalize
+from cifarkit.images import DataInfo, image_files, load_image, normalize
 
 BATCH = 256
 # uint8 images (B, size, size, 3) -> class probabilities (B, C)
 Scorer = Callable[[np.ndarray], torch.Tensor]
-
-
-def image_files(inputs: str) -> list[Path]:
-    """The file itself, or every file under the folder (recursively, sorted).
-
-    In a folder, hidden files and folders are left out: macOS's AppleDouble ``._name.jpg``
-    twins (and ``.git``, ``.DS_Store``) are not images and would only be reported as unreadable.
-    """
-    p = Path(inputs)
-    if p.is_file():
-        return [p]
-    if p.is_dir():
-        return sorted(
-            f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in f.relative_to(p).parts)
-        )
-    raise UserError(f"inputs={inputs} does not exist; pass an image file or a folder of images")
 
 
 def decoded(files: list[Path], size: int) -> Iterator[tuple[list[Path], np.ndarray]]:
@@ -63,19 +49,16 @@ def decoded(files: list[Path], size: int) -> Iterator[tuple[list[Path], np.ndarr
 
 def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
     """The checkpoint's net on ``cfg.device``, fed as in training; its classes and image size."""
-    from cifarkit.checkpoints import rebuild_net  # the training stack (Lightning): loaded for a .ckpt only
-    from cifarkit.train import resolve_accelerator
-
     device = resolve_accelerator(cfg.device)
-    net, info = rebuild_net(str(cfg.ckpt_path), list(cfg.trusted_targets))
-    net = net.to(device)
-    mean, std = torch.tensor(info["mean"], device=device), torch.tensor(info["std"], device=device)
+    saved = SavedNet.read(str(cfg.ckpt_path))
+    net = saved.rebuild(list(cfg.trusted_targets)).to(device)
+    mean, std = torch.tensor(saved.data.mean, device=device), torch.tensor(saved.data.std, device=device)
 
     def score(images: np.ndarray) -> torch.Tensor:
         x = normalize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2), mean, std)
         return net(x).float().softmax(dim=1)
 
-    return score, info["classes"], int(info["image_size"])
+    return score, saved.data.classes, saved.data.image_size
 
 
 def onnx_scorer(path: str) -> tuple[Scorer, list[str], int]:
@@ -87,24 +70,20 @@ def onnx_scorer(path: str) -> tuple[Scorer, list[str], int]:
         raise UserError(f"ckpt_path={path} does not exist; pass a .ckpt, or a .onnx written by export.py")
     try:
         session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
-        meta = session.get_modelmeta().custom_metadata_map
-        classes, size = json.loads(meta["classes"]), json.loads(meta["image_size"])
+        meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
         inputs = session.get_inputs()
     except Exception as e:  # not ONNX, or ONNX without export.py's metadata
         raise UserError(f"ckpt_path={path} is not an ONNX model written by export.py ({e.__class__.__name__}); export one with export.py") from e
-    valid = (
-        isinstance(classes, list) and len(classes) >= 2 and all(isinstance(c, str) for c in classes)
-        and isinstance(size, int) and not isinstance(size, bool) and size > 0
-        and len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and inputs[0].shape[1:] == [3, size, size]
-    )
-    if not valid:
-        raise UserError(f"ckpt_path={path} lacks export.py's metadata or its uint8 (N, 3, H, W) input; export it again with export.py")
+    info = DataInfo.check(meta, f"ckpt_path={path}")
+    size = info.image_size
+    if not (len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and inputs[0].shape[1:] == [3, size, size]):
+        raise UserError(f"ckpt_path={path} lacks export.py's uint8 (N, 3, H, W) input; export it again with export.py")
     name = inputs[0].name
 
     def score(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(images.transpose(0, 3, 1, 2))})[0])
 
-    return score, classes, size
+    return score, info.classes, size
 
 
 @torch.inference_mode()

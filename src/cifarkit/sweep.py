@@ -172,8 +172,10 @@ def print_table(rows: list[Row], columns: list[str], title: str) -> None:
 class SweepSummary(Callback):
     """Write ``summary.csv`` / ``summary.png`` in the sweep directory and print the table."""
 
-    def __init__(self, metrics: list[str] | None = None, x: str = "model.optimizer.lr") -> None:
-        self.metrics = list(metrics or ["val/acc_best", "test/acc"])
+    def __init__(self, metrics: list[str], x: str) -> None:
+        """``metrics``: the columns summarized; ``x``: the override plotted along the x axis
+        (configs/hydra/default.yaml sets both)."""
+        self.metrics = list(metrics)
         self.x = x
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
@@ -212,8 +214,3 @@ def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
         return int(seed) + len(optuna.load_study(study_name=study_name, storage=storage).trials)
     except KeyError:  # no such study yet: this run creates it
         return int(seed)
-
-
-def register_resolvers() -> None:
-    """``${study_seed:SEED,STORAGE,STUDY}`` for the sweeper's sampler seed (configs/hparams_search)."""
-    OmegaConf.register_new_resolver("study_seed", study_seed, replace=True)

@@ -1,4 +1,4 @@
-"""What ``train.py`` and ``eval.py`` do with a composed config: build, fit, test, write metrics."""
+"""What ``train.py`` and ``eval.py`` do with a composed config: build, fit, test, write metrics.json."""
 
 from __future__ import annotations
 
@@ -7,45 +7,20 @@ import math
 from typing import Any
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from cifarkit.callbacks import Throughput
-from cifarkit.checkpoints import AtomicCheckpointIO, data_info, load_checkpoint, rebuild_classifier
-from cifarkit.data import ImageDataModule
+from cifarkit.augment import TTA
+from cifarkit.checkpoints import SavedNet, checkpoint_file
+from cifarkit.classifier import ImageClassifier, check_same_classes
+from cifarkit.datamodule import ImageDataModule
+from cifarkit.devices import resolve_accelerator, resolve_precision
 from cifarkit.errors import UserError
 from cifarkit.files import write_metrics
-from cifarkit.module import ImageClassifier
-from cifarkit.pictures import per_class
+from cifarkit.metrics import SUMMARY, final_metrics, log_hyperparams, tested_metrics, throughput
+from cifarkit.safety import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
-SUMMARY_METRICS = ["val/acc_best", "test/acc", "test/loss", "test/calibration_error", "train/images_per_s"]
-
-
-def resolve_accelerator(accelerator: str) -> str:
-    """The device type a run will use; a requested accelerator that is absent is a user error."""
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if accelerator in ("gpu", "cuda") and not cuda:
-        hint = "trainer.accelerator=mps" if mps else "trainer=cpu"
-        raise UserError(f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use {hint} or trainer.accelerator=auto")
-    if accelerator == "mps" and not mps:
-        raise UserError("trainer.accelerator=mps but Apple's MPS backend is not available here; use trainer=cpu or trainer.accelerator=auto")
-    if accelerator == "auto":
-        return "cuda" if cuda else "mps" if mps else "cpu"
-    return "cuda" if accelerator == "gpu" else accelerator
-
-
-def resolve_precision(precision: Any, device: str) -> Any:
-    """``auto``: bf16 autocast where the hardware computes in bf16 (emulated bf16 is far slower
-    than fp32), else fp16 autocast on CUDA, else fp32 (README, Speed, has the figures)."""
-    if precision != "auto":
-        return precision
-    if device == "cuda":  # emulated bf16 (pre-Ampere) is slower than fp16 autocast
-        return "bf16-mixed" if torch.cuda.is_bf16_supported(including_emulation=False) else "16-mixed"
-    if device == "cpu" and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return "bf16-mixed"
-    return "32-true"
 
 
 def build(cfg: DictConfig, with_loggers: bool = True, **data_overrides: Any) -> tuple[ImageDataModule, L.Trainer]:
@@ -86,44 +61,33 @@ def check_launcher(trainer: L.Trainer) -> None:
         )
 
 
-def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
-    """Scalars from the trainer's last logged values, as plain floats."""
-    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
-
-
-def tested_metrics(trainer: L.Trainer, model: ImageClassifier) -> dict[str, Any]:
-    """After trainer.test: the scalars, per-class accuracy as one dict, and the confusion matrix."""
-    metrics = per_class(final_metrics(trainer))
-    if model.test_confusion.update_called:  # every rank: the sum over ranks is a collective
-        metrics["test/confusion_matrix"] = model.test_confusion.compute().cpu().tolist()  # rows: true, columns: predicted
-    return metrics
-
-
 def train(cfg: DictConfig) -> float:
-    """Fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``."""
+    """Fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``.
+
+    A ``ckpt_path`` is read once, by Lightning through ``AtomicCheckpointIO`` (safely, in one
+    line when bad); the classifier refuses it there if its classes are not the data's.
+    """
     seed = L.seed_everything(cfg.seed, workers=True)
-    ckpt = load_checkpoint(cfg.ckpt_path) if cfg.ckpt_path else None
+    if cfg.ckpt_path:
+        checkpoint_file(cfg.ckpt_path)  # a missing file stops before the data is decoded
     datamodule, trainer = build(cfg)
-    if ckpt:
-        check_same_classes(ckpt, datamodule.classes)
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    metrics = final_metrics(trainer)
-    best_val = float(model.val_acc_best.max_value)  # persistent: known even when a resume had no epoch left
-    if "val/acc_best" not in metrics and math.isfinite(best_val):
-        metrics["val/acc_best"] = best_val
-
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    if cfg.test:
-        if not best:
-            log.info("no best checkpoint was kept (no validation split, or no checkpoint callback); testing the final weights")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
-        metrics.update(tested_metrics(trainer, model))
-
-    throughput = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
-    if throughput and throughput.images_per_s:
-        metrics["train/images_per_s"] = throughput.images_per_s
-        metrics["train/seconds"] = throughput.seconds  # in training epochs, validation excluded
+    metrics: dict[str, Any] = {}
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        metrics = final_metrics(trainer)
+        best_val = float(model.val_acc_best.max_value)  # persistent: known even when a resume had no epoch left
+        if "val/acc_best" not in metrics and math.isfinite(best_val):
+            metrics["val/acc_best"] = best_val
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if cfg.test:
+            if not best:
+                log.info("no best checkpoint was kept (no validation split, or no checkpoint callback); testing the final weights")
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            metrics.update(tested_metrics(trainer, model))
+    finally:  # the HPARAMS tab gets a row for a run that stopped early too
+        metrics = (metrics or final_metrics(trainer)) | throughput(trainer)
+        log_hyperparams(trainer, model, datamodule, metrics)
     metrics.update(
         status="completed",
         epochs=trainer.current_epoch,
@@ -134,7 +98,7 @@ def train(cfg: DictConfig) -> float:
     )
     if trainer.is_global_zero:
         write_metrics(cfg.paths.output_dir, metrics)
-        log.info("metrics: %s", {k: metrics[k] for k in SUMMARY_METRICS if k in metrics})
+        log.info("metrics: %s", {k: metrics[k] for k in SUMMARY if k in metrics})
     return optimized_value(cfg.optimized_metric, metrics, has_validation=bool(len(datamodule.splits["val"][1])))
 
 
@@ -152,24 +116,21 @@ def optimized_value(name: str, metrics: dict[str, Any], has_validation: bool) ->
     return float(metrics[name])
 
 
-def check_same_classes(ckpt: dict[str, Any], classes: list[str]) -> None:
-    saved = ckpt.get("hyper_parameters", {}).get("classes")
-    if saved and saved != classes:
-        raise UserError(f"the checkpoint's classes {saved} differ from the data's {classes} (same names, same order); pick matching data or another checkpoint")
-
-
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint and write ``metrics.json``. The test images are prepared as the
     checkpoint's ``data_info`` says (image size, mean/std), whatever the data options say."""
     L.seed_everything(cfg.seed, workers=True)
-    ckpt = load_checkpoint(cfg.ckpt_path)
-    info = data_info(ckpt, cfg.ckpt_path)
-    model = rebuild_classifier(ckpt, cfg.ckpt_path, list(cfg.trusted_targets), cfg.tta)  # judged before anything is built
-    datamodule, trainer = build(
-        cfg, with_loggers=False, image_size=info["image_size"], normalize=True, mean=info["mean"], std=info["std"]
-    )
-    check_same_classes({"hyper_parameters": {"classes": info["classes"]}}, datamodule.classes)
-    trainer.test(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    if cfg.tta is not None and cfg.tta not in TTA:
+        raise UserError(f"tta={cfg.tta!r} is not known; use one of {', '.join(TTA)}")
+    saved = SavedNet.read(cfg.ckpt_path)
+    net = saved.rebuild(list(cfg.trusted_targets))  # the whole net config is judged before anything is built
+    model = ImageClassifier(net, saved.data.classes, optimizer=None, scheduler=None, param_groups=None,
+                            label_smoothing=saved.label_smoothing, tta=cfg.tta or saved.tta,
+                            channels_last=saved.channels_last, compile=False)
+    info = saved.data
+    datamodule, trainer = build(cfg, with_loggers=False, image_size=info.image_size, normalize=True, mean=info.mean, std=info.std)
+    check_same_classes(info.classes, datamodule.classes)
+    trainer.test(model, datamodule=datamodule)
     metrics = tested_metrics(trainer, model) | {"ckpt_path": str(cfg.ckpt_path), "tta": model.hparams.tta, "status": "completed"}
     if trainer.is_global_zero:
         write_metrics(cfg.paths.output_dir, metrics)

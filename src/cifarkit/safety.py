@@ -1,12 +1,9 @@
-"""The run's own callbacks, all composed from configs/callbacks/ (``callbacks=none`` drops them).
+"""Run safety: a run stops cleanly, never saves diverged weights, and never leaves a half-written checkpoint.
 
-* ``GracefulStop``: SIGTERM / Ctrl-C save a checkpoint and end the run within a step, on every rank.
+* ``GracefulStop``: SIGTERM / Ctrl-C save ``checkpoints/interrupted.ckpt`` and end the run within a step, on every rank.
 * ``NonFiniteGuard``: a NaN/inf loss stops training before a bad checkpoint is written.
-* ``Throughput``: training images per second, logged as ``train/images_per_s``.
-* ``HParamsSummary``: the run's hyperparameters in TensorBoard's HPARAMS tab, next to its final metrics.
-* ``Lookahead``: airbench's weight averaging (Lightning's ``WeightAveraging``, weights reset to the average).
-* ``FreezeParameters``: stop training named parameters after some epochs (airbench's whitening bias).
-(``CarryCheckpoints`` lives with the checkpoints, ``RunPictures`` with the pictures.)
+* ``AtomicCheckpointIO``: every checkpoint is written atomically and read back safely (Lightning's plugin).
+* ``CarryCheckpoints``: a run resumed into a new folder keeps the old run's best checkpoint.
 
 Under DDP every rank runs the same hooks, but the progress bar runs on rank 0 only, and at the
 end of a training epoch it computes (and so syncs across ranks) the epoch's metrics. A
@@ -18,21 +15,21 @@ end or after validation, where every rank is at the same point.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
 
-from cifarkit.errors import TrainingStopped, UserError
-from cifarkit.optim import run_steps
+from cifarkit.checkpoints import read_checkpoint
+from cifarkit.errors import TrainingStopped
+from cifarkit.files import atomic_write
 
 
 class GracefulStop(L.Callback):
@@ -48,7 +45,7 @@ class GracefulStop(L.Callback):
     fails, it ends the ranks it started rather than leave them waiting.
     """
 
-    def __init__(self, dirpath: str, every_n_steps: int = 20, grace_s: float = 120.0) -> None:
+    def __init__(self, dirpath: str, every_n_steps: int, grace_s: float) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps
         self.grace_s = grace_s
@@ -140,7 +137,7 @@ class NonFiniteGuard(L.Callback):
     ranks of a DDP run decide together, so they all stop.
     """
 
-    def __init__(self, check_every_n_steps: int = 50) -> None:
+    def __init__(self, check_every_n_steps: int) -> None:
         self.every = check_every_n_steps
         self.first_bad: torch.Tensor | None = None
 
@@ -179,134 +176,66 @@ class NonFiniteGuard(L.Callback):
         )
 
 
-class Lookahead(WeightAveraging):
-    """airbench's lookahead: every ``every_n_steps`` optimizer steps the weights (and, with
-    ``use_buffers``, the BatchNorm statistics) are folded into a moving average, and training
-    continues from that average. The average's decay grows with the run's progress t/T as
-    ``decay ** every_n_steps * (t / T) ** power``: near 0 early, so the average follows the
-    weights while the lr is high, and ``decay ** every_n_steps`` at the end, where it smooths
-    the noise of the last steps. Validation, the saved checkpoints and the model after training
-    hold the average, as with Lightning's ``EMAWeightAveraging``; unlike it, the weights being
-    trained are pulled back to the average too. T is the run's own step count
-    (``trainer.estimated_stepping_batches``)."""
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint plugin, writing through ``atomic_write`` and reading through
+    ``read_checkpoint``.
 
-    def __init__(self, every_n_steps: int = 5, decay: float = 0.95, power: float = 3.0, use_buffers: bool = True) -> None:
-        super().__init__(use_buffers=use_buffers, avg_fn=self._fold)
-        if every_n_steps < 1 or not 0 <= decay <= 1:
-            raise UserError(f"Lookahead needs every_n_steps >= 1 and 0 <= decay <= 1, got {every_n_steps} and {decay}")
-        self.every_n_steps, self.decay, self.power = every_n_steps, decay, power
-        self.total_steps = 1
-        self.weight = 0.0  # the average's share in the update being made
-
-    def _fold(self, average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(average, current.to(average.dtype), 1.0 - self.weight) if average.is_floating_point() else current
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.total_steps = run_steps(trainer, "callbacks.lookahead's decay ramp")
-
-    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        if step_idx is None or (step_idx + 1) % self.every_n_steps:
-            return False
-        progress = min(1.0, (step_idx + 1) / self.total_steps)
-        self.weight = self.decay**self.every_n_steps * progress**self.power
-        return True
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        super().on_train_batch_end(trainer, pl_module, *args)
-        if self._latest_update_step == trainer.global_step:  # just averaged: go on from the average
-            self._copy_average_to_current(pl_module)
-
-
-class FreezeParameters(L.Callback):
-    """Stop training the parameters named in ``names`` (as in ``pl_module.named_parameters()``,
-    e.g. ``net.whiten.bias``) from epoch ``after_epochs`` on: their gradients are dropped just
-    before each optimizer step, so neither the step, its momentum nor weight decay moves them.
-    Dropping the gradient (instead of switching ``requires_grad`` off) keeps the set of
-    parameters that DDP synchronizes fixed."""
-
-    def __init__(self, names: list[str], after_epochs: int) -> None:
-        self.names, self.after_epochs = list(names), after_epochs
-        self.params: list[torch.nn.Parameter] = []
-
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        named = dict(pl_module.named_parameters())
-        unknown = [n for n in self.names if n not in named]
-        if unknown:
-            raise UserError(f"FreezeParameters: no parameter named {', '.join(unknown)}; names look like {next(iter(named), '?')}")
-        self.params = [named[n] for n in self.names]
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if trainer.current_epoch >= self.after_epochs:
-            for p in self.params:
-                p.grad = None
-
-
-class Throughput(L.Callback):
-    """Training images per second (all ranks together), excluding validation."""
-
-    def __init__(self) -> None:
-        self.images = 0
-        self.seconds = 0.0
-        self._t0 = 0.0
-        self._n0 = 0
-
-    def _sync(self, pl_module: L.LightningModule) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch gets no epoch start
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sync(pl_module)
-        self._t0, self._n0 = time.perf_counter(), self.images
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.images += len(batch[1]) * trainer.world_size
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._sync(pl_module)
-        dt = time.perf_counter() - self._t0
-        self.seconds += dt
-        if dt > 0:
-            pl_module.log("train/images_per_s", (self.images - self._n0) / dt, rank_zero_only=True)
-
-    @property
-    def images_per_s(self) -> float | None:
-        return self.images / self.seconds if self.seconds else None
-
-
-class HParamsSummary(L.Callback):
-    """The run's hyperparameters (the model's as ``model/...``, the data's as ``data/...``, and the
-    trainer's precision and epochs) in TensorBoard's HPARAMS tab, beside ``metrics``.
-
-    Only the metric names are declared here; their values are the scalars the run logs, so
-    the tab fills in as the run ends (and a killed run still shows its last values).
+    Lightning's own ``TorchCheckpointIO`` also writes through a temporary file (fsspec's
+    transaction), but that file sits in the system's temp folder, so the final move is a copy,
+    not an atomic rename, when the run directory is on another disk; nothing is fsynced; and it
+    loads with ``torch.load`` as the caller asks. Here the temporary file sits beside the
+    checkpoint and is fsynced before the rename: a run killed mid-save keeps the previous
+    ``last.ckpt`` intact (at worst a hidden ``.last.ckpt.*.tmp`` after a SIGKILL); and a resumed
+    or tested checkpoint is loaded with ``weights_only`` (no pickled code runs), a bad file
+    ending the run in one line.
     """
 
-    def __init__(self, metrics: list[str]) -> None:
-        self.metrics = list(metrics)
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
-    @rank_zero_only
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from torch.utils.tensorboard.summary import hparams
-
-        params = flatten({
-            "model": dict(pl_module.hparams),
-            "data": dict(getattr(trainer.datamodule, "hparams", {})),
-            "trainer": {"precision": trainer.precision, "max_epochs": trainer.max_epochs, "world_size": trainer.world_size},
-        })
-        for logger in trainer.loggers:
-            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
-                exp, ssi, sei = hparams(params, {m: 0.0 for m in self.metrics})
-                writer = logger.experiment._get_file_writer()
-                for summary in (exp, ssi, sei):
-                    writer.add_summary(summary)
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return read_checkpoint(path)
 
 
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"optimizer": {"lr": 0.001}}}`` as ``{"model/optimizer/lr": 0.001}``; other values as text."""
-    if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in flatten(value, f"{prefix}{key}/").items()}
-    value = node if isinstance(node, (int, float, str, bool)) else str(node)
-    return {prefix.rstrip("/"): value}
+class CarryCheckpoints(L.Callback):
+    """Resuming into a new run folder keeps ``ModelCheckpoint``'s best and top-k.
+
+    ``ckpt_path=<old run>/checkpoints/last.ckpt`` starts a new run folder, and Lightning's
+    ``ModelCheckpoint`` forgets its scores when its folder changes: the resumed run would
+    then pick its best among the new epochs only and test other weights than a run that was
+    never stopped. The kept checkpoints are linked (or copied) into the new folder and the
+    saved state is pointed at them before ``ModelCheckpoint`` loads it.
+    """
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("callbacks", {})
+        for cb in trainer.checkpoint_callbacks:
+            state = states.get(cb.state_key)
+            if not state or not cb.dirpath or state.get("dirpath") in (None, cb.dirpath):
+                continue
+            new = Path(cb.dirpath)
+            if trainer.is_global_zero:
+                new.mkdir(parents=True, exist_ok=True)
+                for old in state.get("best_k_models", {}):
+                    _link_or_copy(Path(old), new / Path(old).name)
+            trainer.strategy.barrier("CarryCheckpoints")
+
+            def moved(p: str) -> str:
+                return str(new / Path(p).name) if p else p
+
+            kept = {moved(p): v for p, v in state.get("best_k_models", {}).items()}
+            state["best_k_models"] = {p: v for p, v in kept.items() if Path(p).is_file()}
+            for key in ("best_model_path", "kth_best_model_path"):  # empty where the old file is gone
+                path = moved(state.get(key, ""))
+                state[key] = path if path in state["best_k_models"] else ""
+            state["last_model_path"] = moved(state.get("last_model_path", ""))
+            state["dirpath"] = cb.dirpath
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    if dst.exists() or not src.is_file():
+        return
+    try:
+        os.link(src, dst)  # no extra disk; ModelCheckpoint deleting it later leaves the old run's file
+    except OSError:
+        shutil.copy2(src, dst)

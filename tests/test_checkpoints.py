@@ -1,15 +1,15 @@
-"""A checkpoint is a file a stranger can hand you: predict.py and eval.py must build nothing from it
-but trusted ``nn.Module`` classes.
+"""A checkpoint is a file a stranger can hand you: reading it runs no code, and predict.py, eval.py and
+export.py build nothing from it but trusted ``nn.Module`` classes.
 
-Both entry points rebuild the net from the checkpoint's ``hyper_parameters["net"]`` Hydra config.
+The entry points rebuild the net from the checkpoint's ``hyper_parameters["net"]`` Hydra config.
 Each case below is a crafted checkpoint whose net config carries a payload: if any part of it
 ran, it would create a canary under the test's tmp_path (a file, a folder, or, for
-``cifarkit.cli.fail``, its own ``error:`` line). Each is run as a user would (a subprocess) and
-must be refused in one line before anything is called:
+``cifarkit.cli.fail``, its own ``error:`` line). Each goes through all three entry points, as
+their command lines run them, and must be refused in one line before anything is called:
 
 * exit code 1, no Traceback, the last stderr line starts with ``error: `` and names the offending
   piece (the target string, the key, the interpolation);
-* the canary does not exist afterwards;
+* the canary does not exist afterwards, and nothing was printed or written;
 * the refusal is the checkpoint check's own: not Hydra failing part-way through a call (``Error in
   call to target``, its blocklist, ...) nor a "does not fit" error, which both mean something was
   already being built.
@@ -22,15 +22,13 @@ judged on the resolved object, nested configs included; no ``_partial_``/``_args
 ``hydra.utils.instantiate`` of the net config (what an unchecked rebuild does) creates them. The
 others are structural (a Hydra key, a torch class) or are stopped by the installed Hydra's own
 target blocklist (os.system, exec, subprocess...), which is a second line of defence, not the
-project's check. Positive controls: a crafted checkpoint with a valid net config is accepted
-in-process here, and a genuine checkpoint from a training run by predict.py in test_predict.py.
+project's check. Positive control: the same crafted layout with a valid net config predicts.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,9 +37,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import CLASSES3, folder_overrides, run_cli
+from conftest import FAST, Payload, craft_checkpoint, error_line, folder_overrides
 from PIL import Image
 
+from cifarkit.checkpoints import check_net_config, read_checkpoint
+from cifarkit.errors import UserError
 from cifarkit.model import BasicCNN
 
 # Phrases that only appear once instantiation was under way: the refusal must come before them.
@@ -66,7 +66,6 @@ class Case:
     evil_module: bool = False  # write evilmod.py beside the checkpoint and put it on PYTHONPATH
     pickle_payload: bool = False  # write payload.pt, whose unpickling would create the canary
     printed: bool = False  # the canary is cifarkit.cli.fail's own "error: <canary>" line
-    run_eval: bool = False  # also run eval.py (a representative subset: each run costs seconds)
 
     def __str__(self) -> str:
         return self.id
@@ -85,9 +84,9 @@ CASES = [
     # 1. the known hole: a cifarkit.-prefixed string that reaches numpy through a module attribute
     Case(
         "nested_module_attribute",
-        lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": {"_target_": "cifarkit.data.np.savetxt", "_args_": savetxt_args(c)}},
-        ("cifarkit.data.np.savetxt", "_args_"),
-        real_weights=True, live=True, run_eval=True,
+        lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": {"_target_": "cifarkit.sources.np.savetxt", "_args_": savetxt_args(c)}},
+        ("cifarkit.sources.np.savetxt", "_args_"),
+        real_weights=True, live=True,
     ),
     # 2.
     Case("numpy_savetxt", lambda c: {"_target_": "numpy.savetxt", "_args_": savetxt_args(c)}, ("numpy.savetxt", "_args_"), live=True),
@@ -102,7 +101,7 @@ CASES = [
         "torch_load_pickle",
         lambda c: {"_target_": "torch.load", "f": str(c.parent / "payload.pt"), "weights_only": False},
         ("torch.load",),
-        pickle_payload=True, live=True, run_eval=True,
+        pickle_payload=True, live=True,
     ),
     # 7. functools.partial whose argument is built (called) first
     Case(
@@ -116,7 +115,7 @@ CASES = [
         "partial_key",
         lambda c: {"_target_": "cifarkit.model.BasicCNN", "_partial_": True, "image_size": 32},
         ("_partial_",),
-        real_weights=True, run_eval=True,
+        real_weights=True,
     ),
     Case("args_key", lambda c: {"_target_": "cifarkit.model.BasicCNN", "_args_": [3]}, ("_args_",), real_weights=True),
     # 9. interpolations: a resolver in a value, one in a key
@@ -124,7 +123,7 @@ CASES = [
         "interpolation_in_value",
         lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": oc_create(c)},
         ("${oc.create",),
-        real_weights=True, live=True, run_eval=True,
+        real_weights=True, live=True,
     ),
     Case(
         "interpolation_in_key",
@@ -132,37 +131,26 @@ CASES = [
         ("${oc.create",),
         real_weights=True,
     ),
-    # 10. an nn.Module class outside the trusted modules (importable: evilmod.py is on PYTHONPATH),
+    # 10. an nn.Module class outside the trusted modules (importable: evilmod.py is on sys.path),
     # whose import and __init__ both write a canary; and torch's class reached through cifarkit.model
     Case("untrusted_module_class", lambda c: {"_target_": "evilmod.Evil"}, ("evilmod.Evil",), ("-imported",),
-         live=True, evil_module=True, run_eval=True),
+         live=True, evil_module=True),
     Case(
         "torch_class_via_trusted_module",
         lambda c: {"_target_": "cifarkit.model.torch.nn.Linear", "in_features": 3072, "out_features": 3},
         ("cifarkit.model.torch.nn.Linear",),
-        run_eval=True,
     ),
     # 11. trusted functions that are not nn.Module classes: at the top, and nested in a valid net
     Case("trusted_function", lambda c: {"_target_": "cifarkit.cli.fail", "message": str(c)}, ("cifarkit.cli.fail",),
-         printed=True, run_eval=True),
+         printed=True),
     Case(
         "trusted_function_nested",
         lambda c: {"_target_": "cifarkit.model.BasicCNN",
                    "image_size": {"_target_": "cifarkit.train.write_metrics", "output_dir": str(c), "metrics": 1}},
         ("cifarkit.train.write_metrics",),
-        real_weights=True, live=True, run_eval=True,
+        real_weights=True, live=True,
     ),
 ]
-
-
-class Payload:
-    """Unpickling this object runs ``touch <marker>``."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 EVIL_MODULE = '''
@@ -182,7 +170,7 @@ class Evil(torch.nn.Module):
 @functools.cache
 def basic_cnn_weights() -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
-    return {f"net.{k}": v for k, v in BasicCNN(num_classes=3).state_dict().items()}
+    return BasicCNN(num_classes=3).state_dict()
 
 
 def canary(case: Case, tmp_path: Path) -> Path:
@@ -196,96 +184,120 @@ def canaries(case: Case, tmp_path: Path) -> list[Path]:
     return [c, *(c.with_name(c.name + s) for s in case.extra_canaries)]
 
 
-def prepare(case: Case, tmp_path: Path) -> tuple[Path, dict]:
-    """Write the crafted checkpoint (and the payload's helper files); return it and the env to run with."""
+def prepare(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Write the crafted checkpoint (and the payload's helper files, evilmod.py importable)."""
     c = canary(case, tmp_path)
     if case.evil_module:
         (tmp_path / "evilmod.py").write_text(EVIL_MODULE.format(imported=str(c) + "-imported", built=str(c)))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        monkeypatch.delitem(sys.modules, "evilmod", raising=False)  # and forgotten after the test
     if case.pickle_payload:
         torch.save(Payload(c), tmp_path / "payload.pt")
-    info = {"classes": CLASSES3, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
-    hparams = {
-        "net": case.net(c),
-        "classes": CLASSES3,
-        "optimizer": {"lr": 0.001, "weight_decay": 0.0},
-    }
-    ckpt = tmp_path / "crafted.ckpt"
-    state = basic_cnn_weights() if case.real_weights else {}
-    torch.save({"state_dict": state, "hyper_parameters": hparams, "data_info": info}, ckpt)
-    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    return ckpt, env
+    weights = basic_cnn_weights() if case.real_weights else None
+    return craft_checkpoint(tmp_path / "crafted.ckpt", case.net(c), weights)
 
 
 def assert_refused(case: Case, r, tmp_path: Path) -> None:
-    report = f"rc={r.returncode}\n--- stderr (tail) ---\n{r.stderr[-3000:]}"
+    report = f"code={r.code}\n--- stderr (tail) ---\n{r.err[-3000:]}"
     made = [p.name for p in canaries(case, tmp_path) if p.exists()]
     assert not made, f"the payload ran: {made} exist\n{report}"
     if case.printed:
-        assert f"error: {canary(case, tmp_path)}" not in r.stderr, f"cifarkit.cli.fail ran\n{report}"
-    assert r.returncode == 1, report
-    assert "Traceback" not in r.stderr, report
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    last = lines[-1] if lines else ""
-    assert last.startswith("error: "), report
-    last = last.replace(str(tmp_path), "<tmp>")  # tmp_path's name holds the test id: never a match
+        assert f"error: {canary(case, tmp_path)}" not in r.err, f"cifarkit.cli.fail ran\n{report}"
+    assert r.code == 1, report
+    last = error_line(r.err).replace(str(tmp_path), "<tmp>")  # tmp_path's name holds the test id: never a match
     assert any(p in last for p in case.pieces), f"the refusal names none of {case.pieces}: {last}"
     late = [phrase for phrase in TOO_LATE if phrase in last]
     assert not late, f"refused only once building was under way ({late}): {last}"
+    assert r.out.strip() == "", r.out  # no prediction, no exported path
 
 
-# The default run takes a representative few through each entry point (each run is a Python
-# start-up); `-m slow` (CI) takes every case through both.
-FAST_PREDICT = {"nested_module_attribute", "torch_class_via_trusted_module", "interpolation_in_key", "untrusted_module_class"}
-FAST_EVAL = {"nested_module_attribute", "trusted_function_nested"}
-
-
-def cases(only: set[str], subset: list[Case] = CASES) -> list:
-    return [c if c.id in only else pytest.param(c, marks=pytest.mark.slow) for c in subset]
-
-
-@pytest.mark.parametrize("case", cases(FAST_PREDICT), ids=str)
-def test_predict_refuses(case: Case, tmp_path: Path) -> None:
-    ckpt, env = prepare(case, tmp_path)
+def entry_args(script: str, ckpt: Path, tmp_path: Path, image_folder: Path) -> list[str]:
     img = tmp_path / "img.png"
     Image.new("RGB", (32, 32), (120, 80, 40)).save(img)
-    r = run_cli("predict.py", [f"ckpt_path={ckpt}", f"inputs={img}"], cwd=tmp_path, env=env)
+    return {
+        "predict.py": [f"ckpt_path={ckpt}", f"inputs={img}"],
+        "eval.py": [f"ckpt_path={ckpt}", "trainer=cpu", *folder_overrides(image_folder, tmp_path)],
+        "export.py": [f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}"],
+    }[script] + [f"paths.log_dir={tmp_path / 'logs'}"]
+
+
+@pytest.mark.parametrize("script", ["predict.py", "eval.py", "export.py"])
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_entry_points_refuse(case: Case, script: str, main, image_folder: Path, tmp_path: Path, monkeypatch) -> None:
+    ckpt = prepare(case, tmp_path, monkeypatch)
+    r = main(script, entry_args(script, ckpt, tmp_path, image_folder))
     assert_refused(case, r, tmp_path)
-    assert r.stdout.strip() == "", r.stdout  # no prediction printed
+    assert not (tmp_path / "model.onnx").exists()
 
 
-@pytest.mark.parametrize("case", cases(FAST_EVAL, [c for c in CASES if c.run_eval]), ids=str)
-def test_eval_refuses(case: Case, image_folder: Path, tmp_path: Path) -> None:
-    ckpt, env = prepare(case, tmp_path)
-    args = [f"ckpt_path={ckpt}", "trainer=cpu", f"paths.log_dir={tmp_path / 'logs'}", *folder_overrides(image_folder, tmp_path)]
-    r = run_cli("eval.py", args, cwd=tmp_path, env=env)
-    assert_refused(case, r, tmp_path)
-
-
+@pytest.mark.filterwarnings("ignore:Using '_target_. functools.partial' is deprecated")  # the crafted config's, on purpose
 @pytest.mark.parametrize("case", [c for c in CASES if c.live], ids=str)
 def test_payload_is_live(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The canary is a real witness: an unchecked rebuild (Hydra's instantiate) creates it."""
     from hydra.utils import instantiate
 
-    prepare(case, tmp_path)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.delitem(sys.modules, "evilmod", raising=False)
-    try:
-        with contextlib.suppress(Exception):
-            instantiate(case.net(canary(case, tmp_path)))
-    finally:
-        sys.modules.pop("evilmod", None)
+    prepare(case, tmp_path, monkeypatch)
+    with contextlib.suppress(Exception):
+        instantiate(case.net(canary(case, tmp_path)))
     missing = [p.name for p in canaries(case, tmp_path) if not p.exists()]
     assert not missing, f"instantiate did not create {missing}: the canary would prove nothing"
 
 
-def test_crafted_valid_checkpoint_is_accepted(tmp_path: Path, compose_cfg, capsys: pytest.CaptureFixture) -> None:
+def test_crafted_valid_checkpoint_is_accepted(tmp_path: Path, main, image_folder: Path, monkeypatch) -> None:
     """The crafted layout itself passes: with a valid net config the same file predicts."""
-    from cifarkit.predict import predict
-
     valid = Case("valid", lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": 32}, (), real_weights=True)
-    ckpt, _ = prepare(valid, tmp_path)
-    img = tmp_path / "img.png"
-    Image.new("RGB", (32, 32), (120, 80, 40)).save(img)
-    predict(compose_cfg([f"ckpt_path={ckpt}", f"inputs={img}"], config_name="predict"))
-    out = capsys.readouterr().out.strip().splitlines()
-    assert len(out) == 1 and out[0].startswith(f"{img}\t"), out
+    ckpt = prepare(valid, tmp_path, monkeypatch)
+    r = main("predict.py", entry_args("predict.py", ckpt, tmp_path, image_folder))
+    assert r.code == 0, r.err[-3000:]
+    out = r.out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith(f"{tmp_path / 'img.png'}\t"), out
+
+
+def test_nested_targets_are_checked() -> None:
+    check_net_config({"_target_": "cifarkit.model.BasicCNN", "image_size": 32}, ["cifarkit."])
+    with pytest.raises(UserError, match=r"net.block .*subprocess.run"):
+        check_net_config({"_target_": "cifarkit.model.BasicCNN", "block": {"_target_": "subprocess.run"}}, ["cifarkit."])
+    with pytest.raises(UserError, match=r"net.layers\[0\] .*builtins.eval"):
+        check_net_config({"_target_": "cifarkit.model.BasicCNN", "layers": [{"_target_": "builtins.eval"}]}, ["cifarkit."])
+    # judged on the resolved object: numpy and torch reached through a trusted module's attributes
+    for target in ("cifarkit.sources.np.savetxt", "cifarkit.model.nn.Linear", "cifarkit.model.torch.nn.Linear"):
+        with pytest.raises(UserError, match="only nn.Module classes defined under"):
+            check_net_config({"_target_": target}, ["cifarkit."])
+    for key in ("_partial_", "_args_", "_recursive_", "_convert_"):
+        with pytest.raises(UserError, match=key):
+            check_net_config({"_target_": "cifarkit.model.BasicCNN", key: True}, ["cifarkit."])
+
+
+def bad_files(tmp_path: Path) -> dict[str, Path]:
+    text = tmp_path / "notes.ckpt"
+    text.write_text("not a checkpoint\n")
+    plain = tmp_path / "weights.pt"
+    torch.save({"fc.weight": torch.ones(2)}, plain)  # a plain state dict, not Lightning's
+    pickled = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "x": Payload(tmp_path / "pwned")}, pickled)  # unpickling would run touch
+    return {"missing": tmp_path / "nope.ckpt", "text": text, "plain torch": plain, "pickle": pickled}
+
+
+@pytest.mark.parametrize("kind", ["missing", "text", "plain torch", "pickle"])
+def test_reading_a_bad_file_is_one_line_and_runs_nothing(kind: str, tmp_path: Path) -> None:
+    path = bad_files(tmp_path)[kind]
+    with pytest.raises(UserError, match=f"ckpt_path={path} ") as e:
+        read_checkpoint(path)
+    assert "\n" not in str(e.value) and ".ckpt" in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("script,kind", [("train.py", "plain torch"), ("train.py", "missing"), ("eval.py", "text"), ("predict.py", "pickle")])
+def test_bad_ckpt_path_on_the_command_line(script: str, kind: str, main, image_folder: Path, tmp_path: Path) -> None:
+    """One line, and the runs already in the log directory are left as they were."""
+    previous = tmp_path / "logs" / "train" / "runs" / "earlier"
+    (previous / "checkpoints").mkdir(parents=True)
+    (previous / "checkpoints" / "last.ckpt").write_bytes(b"good")
+    path = bad_files(tmp_path)[kind]
+    args = {"train.py": FAST + folder_overrides(image_folder, tmp_path), "eval.py": ["trainer=cpu", *folder_overrides(image_folder, tmp_path)],
+            "predict.py": [f"inputs={tmp_path}"]}[script]
+    r = main(script, args + [f"ckpt_path={path}", f"paths.log_dir={tmp_path / 'logs'}"])
+    assert r.code == 1 and error_line(r.err).startswith(f"error: ckpt_path={path} ")
+    assert (previous / "checkpoints" / "last.ckpt").read_bytes() == b"good"
+    assert sorted(p.name for p in previous.iterdir()) == ["checkpoints"]
+    assert not (tmp_path / "pwned").exists()

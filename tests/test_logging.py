@@ -1,4 +1,5 @@
-"""Every run leaves samples.png and confusion_matrix.png (files and TensorBoard) and per-class accuracy."""
+"""What a run reports: samples.png and confusion_matrix.png (files and TensorBoard), per-class
+accuracy, TensorBoard's scalars and HPARAMS tab, and its throughput."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import CLASSES3, FAST, folder_overrides
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
 from hydra.utils import instantiate
 
 from cifarkit import pictures
-from cifarkit.pictures import confusion_figure, per_class, render
+from cifarkit.metrics import per_class
+from cifarkit.pictures import confusion_figure, render
 from cifarkit.train import train
 
 
@@ -43,7 +47,7 @@ def colours(pixels: np.ndarray) -> int:
 
 
 def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path)))
+    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["trainer.max_epochs=2"]))
     out = tmp_path / "out"
     files = {name: png_pixels(out / f"{name}.png") for name in ("samples", "confusion_matrix")}
     logged = tensorboard_images(out)
@@ -62,6 +66,20 @@ def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path
     # The picture is these very counts drawn: pixel for pixel the figure of metrics.json's matrix.
     assert np.array_equal(files["confusion_matrix"], render(confusion_figure(counts, CLASSES3)))
 
+    # TensorBoard: the scalars, and the HPARAMS tab pairing the configuration with the final metrics
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    scalars = set(acc.Tags()["scalars"])
+    assert {"val/acc_best", "test/acc", "train/loss", "train/images_per_s"} <= scalars
+    plugin = {tag: HParamsPluginData.FromString(c) for tag, c in acc.PluginTagToContent("hparams").items()}
+    hparams = plugin["_hparams_/session_start_info"].session_start_info.hparams
+    assert hparams["model/optimizer/lr"].number_value == pytest.approx(1e-3) and hparams["data/batch_size"].number_value == 8
+    assert hparams["trainer/max_epochs"].number_value == 2
+    shown = {m.name.tag for m in plugin["_hparams_/experiment"].experiment.metric_infos}
+    assert shown == {"val/acc_best", "test/acc", "test/loss", "test/calibration_error", "train/images_per_s"}
+    for tag in shown:  # each with the value metrics.json holds
+        assert acc.Scalars(tag)[-1].value == pytest.approx(metrics[tag], rel=1e-6), tag
+
 
 def test_no_test_no_confusion_matrix(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
@@ -72,7 +90,7 @@ def test_no_test_no_confusion_matrix(image_folder: Path, tmp_path: Path, compose
 
 
 def test_fast_dev_run_draws_both(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["trainer.fast_dev_run=true"]))
+    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["+trainer.fast_dev_run=true"]))
     out = tmp_path / "out"
     png_pixels(out / "samples.png")
     counts = torch.tensor(json.loads((out / "metrics.json").read_text())["test/confusion_matrix"])
@@ -94,7 +112,7 @@ def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: 
 
     monkeypatch.setattr(pictures, "samples_figure", spy)
     train(cfg)
-    dm = instantiate(cfg.data)
+    dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
     train_x, train_y = dm.splits["train"]
     assert seen["classes"] == CLASSES3

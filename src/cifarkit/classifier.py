@@ -1,13 +1,15 @@
-"""The training task: the net, Adam, cross-entropy and torchmetrics accuracy in one LightningModule.
+"""The training task: a net, its optimizer and schedule, cross-entropy and torchmetrics metrics in one LightningModule.
 
 Its hyperparameters are plain dicts (the net's and the optimizer's Hydra configs), so a
 checkpoint holds no pickled code: it loads with ``torch.load(weights_only=True)`` and the
-network is rebuilt from its config.
+network is rebuilt from its config (cifarkit/checkpoints.py). Every option comes from
+configs/model/ (``common/classifier.yaml`` holds their defaults).
 """
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -19,31 +21,12 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from cifarkit.data import normalize
-from cifarkit.errors import UserError
 from cifarkit import optim
+from cifarkit.augment import TTA, tta_logits
+from cifarkit.errors import UserError
 
 
-TTA = ("none", "flip", "flip_translate")
 WHITENING_IMAGES = 5000  # training images a data-initialised net (AirbenchNet) learns its first layer from
-
-
-def tta_logits(forward: Any, x: torch.Tensor, tta: str) -> torch.Tensor:
-    """Logits of ``x`` (B, C, H, W) averaged over cheap views, as airbench tests: ``flip`` the
-    image and its mirror; ``flip_translate`` half that, half the same on the image shifted one
-    pixel up-left and one pixel down-right (reflect padding)."""
-    if tta == "none":
-        return forward(x)
-
-    def mirrored(v: torch.Tensor) -> torch.Tensor:
-        return 0.5 * (forward(v) + forward(v.flip(-1)))
-
-    if tta == "flip":
-        return mirrored(x)
-    h, w = x.shape[-2:]
-    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
-    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
-    return 0.5 * mirrored(x) + 0.5 * shifted
 
 
 def _plain(cfg: Any) -> Any:
@@ -55,20 +38,22 @@ class ImageClassifier(L.LightningModule):
         self,
         net: dict | nn.Module,
         classes: list[str],
-        optimizer: dict,
-        scheduler: dict | None = None,
-        param_groups: dict | None = None,
-        label_smoothing: float = 0.0,
-        tta: str = "none",
-        channels_last: bool = True,
-        compile: bool = False,
+        *,
+        optimizer: dict | None,
+        scheduler: dict | None,
+        param_groups: dict | None,
+        label_smoothing: float,
+        tta: str,
+        channels_last: bool,
+        compile: bool,
     ) -> None:
         """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
         rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
         Hydra configs completed with the parameters / optimizer (and ``total_steps``, the run's
         optimizer steps, for a scheduler that takes it: it then steps every step);
         ``param_groups``: options of ``cifarkit.optim.param_groups`` (none: one group);
-        ``tta``: test-time augmentation of the test step, one of ``TTA``."""
+        ``tta``: test-time augmentation of the test step, one of ``TTA``; ``channels_last``:
+        the memory format of the net and its inputs; ``compile``: ``torch.compile`` the net."""
         super().__init__()
         if tta not in TTA:
             raise UserError(f"model.tta={tta!r} is not known; use one of {', '.join(TTA)}")
@@ -102,9 +87,7 @@ class ImageClassifier(L.LightningModule):
         # gets them here, before a resumed run's weights are loaded over them.
         dm = self.trainer.datamodule if self._trainer else None
         if stage == "fit" and hasattr(self.net, "init_from_images") and dm is not None:
-            images, _ = dm.splits["train"]
-            sample = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:WHITENING_IMAGES]]
-            self.net.init_from_images(normalize(sample, torch.tensor(dm.mean), torch.tensor(dm.std)))
+            self.net.init_from_images(dm.sample_train_images(WHITENING_IMAGES))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x.contiguous(memory_format=self.memory_format))
@@ -179,5 +162,16 @@ class ImageClassifier(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What predict.py needs to preprocess new images: class names, mean/std, image size.
         dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
-        if dm is not None and hasattr(dm, "describe"):
-            checkpoint["data_info"] = dm.describe()
+        if dm is not None and hasattr(dm, "data_info"):
+            checkpoint["data_info"] = asdict(dm.data_info())
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resuming: refused before any weight is loaded when the data's classes are not the checkpoint's.
+        check_same_classes(checkpoint.get("hyper_parameters", {}).get("classes"), self.hparams.classes)
+
+
+def check_same_classes(saved: list[str] | None, data: list[str]) -> None:
+    """A net's outputs mean its checkpoint's classes: data with other names, or another order, is refused."""
+    if saved and list(saved) != list(data):
+        raise UserError(f"the checkpoint's classes {list(saved)} differ from the data's {list(data)} (same names, same order); "
+                        "pick matching data or another checkpoint")
