@@ -17,6 +17,9 @@ it times:
   ``ImageClassifier`` under ``Trainer``, its callbacks and logger);
 * the tutorial loop and the default path at batch 128 and 512, and the peak memory of a real
   CPU ``train.py`` run;
+* the host's cost of one step (``host_us_per_step``): the raw loop and the default path again
+  with a net whose compute is negligible, the default path taken apart layer by layer
+  (benchmarks/loops.py);
 * an n x n matrix product in fp32, and in bf16 and the default path's autocast dtype where the
   hardware computes them natively: the machine's peak, against which each training figure's
   FLOP/s (the net's training FLOPs per image times images/s) is given as a fraction. On a GPU,
@@ -32,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import logging
 import os
@@ -43,7 +45,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
+from loops import (
+    COMPUTE_DTYPE, epoch_images_per_s, forever, host_overhead, lightning_window, raw_loop, sync, timed, train_loader, tutorial_loop,
+)
 from omegaconf import DictConfig, open_dict
 from torch import nn
 from torch.utils.data import DataLoader
@@ -61,22 +65,20 @@ from cifarkit.cli import register_resolvers
 from cifarkit.datamodule import ImageDataModule
 from cifarkit.devices import resolve_accelerator
 from cifarkit.errors import UserError
-from cifarkit.loader import DeviceLoader, PILDataset, pil_transform
+from cifarkit.loader import PILDataset, pil_transform
 from cifarkit.model import BasicCNN
 from cifarkit.train import build
 
 ROOT = Path(__file__).resolve().parents[1]
 # rounds; timed steps per contender and round; torchvision pipeline batches; timed steps at the
 # larger batches; steps of the train.py memory run (0: none); seconds of matrix products per dtype and round.
-FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100, peak_s=1.0)
-QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5, peak_s=0.5)
+FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100, peak_s=1.0, host_chunks=4)
+QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5, peak_s=0.5, host_chunks=2)
 # For tests: each contender once, on 1,024 + 64 synthetic images, no train.py run; the figures mean little.
-TINY = dict(rounds=1, steps=1, pipe_tv=2, big={}, rss_steps=0, peak_s=0.2)
+TINY = dict(rounds=1, steps=1, pipe_tv=2, big={}, rss_steps=0, peak_s=0.2, host_chunks=1)
 TINY_SYNTHETIC = ["+data.train_images=1024", "+data.test_images=64", "data.val_size=64"]
 # A GPU step is far shorter than a CPU one: more of them keep each window well above launch and clock noise.
 GPU_STEPS = 10
-# The dtype the default path's matrix work runs in, per Lightning precision (anything else: fp32).
-COMPUTE_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SYNTHETIC = ["data=cifar10", "data._target_=synthetic_data.SyntheticCIFAR10"]  # benchmarks/synthetic_data.py
 ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
@@ -151,37 +153,6 @@ def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
     return cfg
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(steps: Iterator[Any], device: torch.device, warm: int, n: int) -> float:
-    """Seconds per item of ``steps`` after ``warm`` untimed ones."""
-    for _ in range(warm):
-        next(steps)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        next(steps)
-    sync(device)
-    return (time.perf_counter() - t0) / n
-
-
-def epoch_images_per_s(loader: DeviceLoader, device: torch.device) -> float:
-    """A whole epoch of the device pipeline: permutation, draws and every batch."""
-    sync(device)
-    t0 = time.perf_counter()
-    n = sum(len(y) for _, y in loader)
-    sync(device)
-    return n / (time.perf_counter() - t0)
-
-
-def forever(make: Callable[[], Any]) -> Iterator[Any]:
-    while True:
-        yield from make()
-
-
 # -- the machine's peak and the nets' work ----------------------------------------------------
 
 
@@ -212,79 +183,6 @@ def train_flops_per_image(net: nn.Module, image_size: int, num_classes: int) -> 
     with FlopCounterMode(display=False) as counter:
         nn.functional.cross_entropy(net.cpu().float()(x), y).backward()
     return counter.get_total_flops() / len(y)
-
-
-# -- the contenders ---------------------------------------------------------------------------
-
-
-def tutorial_loop(dm: ImageDataModule, device: torch.device, batch_size: int = 32) -> Iterator[None]:
-    """The tutorial's loop (seed_baseline.py): fp32, Adam(1e-3), per-sample PIL transforms, batch 32 unless told."""
-    x, y = dm.splits["train"]
-    loader = DataLoader(PILDataset(x, y, pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)), batch_size=batch_size,
-                        shuffle=True, num_workers=0)
-    model = BasicCNN(len(dm.classes)).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-    for xb, yb in forever(lambda: loader):
-        xb, yb = xb.to(device), yb.to(device)
-        optim.zero_grad()
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        optim.step()
-        yield
-
-
-def train_loader(dm: ImageDataModule, device: torch.device, batch_size: int) -> DeviceLoader:
-    """The device pipeline's training batches, as the datamodule makes them for one process."""
-    x, y = dm.splits["train"]
-    return DeviceLoader(x, y, torch.tensor(dm.mean), torch.tensor(dm.std), batch_size, train=True, seed=dm.seed,
-                        augment=dm.augment, device=device)
-
-
-def raw_loop(cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str) -> Iterator[None]:
-    """Plain PyTorch with everything the default path uses: net, optimizer, precision, memory format, batches."""
-    fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    net = instantiate(cfg.model.net, num_classes=len(dm.classes)).to(device, memory_format=fmt)
-    forward = torch.compile(net) if cfg.model.compile else net
-    optim = instantiate(cfg.model.optimizer)(params=net.parameters())
-    half = COMPUTE_DTYPE.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
-    loss_fn = nn.CrossEntropyLoss()
-    loader = train_loader(dm, device, cfg.data.batch_size)
-    for xb, yb in forever(lambda: loader):
-        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-            loss = loss_fn(forward(xb.contiguous(memory_format=fmt)), yb)
-        optim.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optim)
-        scaler.update()
-        yield
-
-
-class StepTimes(L.Callback):
-    """The time at the end of two training steps; the device is synced there alone, so the steps
-    between queue their work as they do in train.py (a sync per step would stall a GPU)."""
-
-    def __init__(self, first: int, last: int) -> None:
-        self.at: dict[int, float] = {first: 0.0, last: 0.0}
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        if batch_idx in self.at:
-            sync(pl_module.device)
-            self.at[batch_idx] = time.perf_counter()
-
-
-def lightning_window(cfg: DictConfig, dm: ImageDataModule, model: L.LightningModule, warm: int, n: int) -> float:
-    """Seconds per step of train.py's default path (fresh Trainer from build(), same model and data)."""
-    with open_dict(cfg):
-        cfg.trainer.limit_train_batches = warm + n
-    _, trainer = build(cfg)
-    timer = StepTimes(warm - 1, warm + n - 1)
-    trainer.callbacks.append(timer)
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        trainer.fit(model, datamodule=dm)
-    return (timer.at[warm + n - 1] - timer.at[warm - 1]) / n
 
 
 def peak_rss_mb(args: argparse.Namespace, data: list[str], steps: int, out: Path) -> float:
@@ -365,6 +263,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         big[bs] = bs / lightning_window(cfg, dm, model, 1, n)
     dm.batch_size = cfg.data.batch_size
 
+    host = host_overhead(cfg, dm, device, precision, rounds=p["rounds"], chunks=p["host_chunks"])
     med = {k: statistics.median(v) for k, v in r.items()}
     peak = {dt: max(v) for dt, v in peaks.items()}
 
@@ -391,6 +290,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         "train_speedup_by_batch": {"32": round(ratio("tutorial", "lightning"), 3),
                                    **{str(b): round(big[b] / tut_big[b], 3) for b in big}},
         "lightning_overhead": round(ratio("lightning", "raw") - 1, 4),
+        "host_us_per_step": host,
         "images_per_s": {"32": round(32 / med["lightning"], 1), **{str(b): round(v, 1) for b, v in big.items()}},
         "tutorial_images_per_s": round(32 / med["tutorial"], 1),
         "raw_loop_images_per_s": round(32 / med["raw"], 1),
@@ -445,6 +345,9 @@ def print_table(res: dict[str, Any]) -> None:
         *((f"train_speedup (b{b})", f"{v:>10.2f} x" + ("   (target >= 2)" if b == "32" else ""))
           for b, v in res["train_speedup_by_batch"].items()),
         ("lightning_overhead (b32)", f"{res['lightning_overhead']:>+10.3f}     (target <= 0.05)"),
+        ("host us/step, near-zero net: raw loop", f"{res['host_us_per_step']['raw_loop']:>10,.0f} us"),
+        ("host us/step, near-zero net: default path", f"{res['host_us_per_step']['default_path']:>10,.0f} us"),
+        *((f"  of which {part}", f"{us:>10,.0f} us") for part, us in res["host_us_per_step"]["breakdown"].items()),
         *([("peak RSS, train.py on the same data", f"{res['peak_rss_mb']:>10,} MB  (limit 3000)")] if res["peak_rss_mb"] else []),
     ]
     width = max(len(k) for k, _ in rows)

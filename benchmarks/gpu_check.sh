@@ -5,9 +5,12 @@
 #
 # 1. train.py's headline command on the mini copy, on the GPU, for as many epochs as TRAIN_S
 #    seconds of training allow (trainer.max_time), then its test;
-# 2. benchmarks/bench.py on the GPU with full-size synthetic images;
-# 3. one JSON, $OUT/gpu_check.json: the run's metrics.json and wall seconds, bench.py's JSON line,
-#    the GPU's name; beside it train.log and bench.log.
+# 2. benchmarks/bench.py on the GPU with full-size synthetic images (host cost per step included);
+# 3. benchmarks/compile_check.py: eager against torch.compile (default, reduce-overhead = CUDA
+#    graphs, max-autotune) in ms per step at batch 32 and 512;
+# 4. one JSON, $OUT/gpu_check.json: the run's metrics.json and wall seconds, bench.py's and
+#    compile_check.py's JSON lines, the headline command's projected 100 epochs at batch 32 from
+#    the default path's rate, the GPU's name; beside it train.log, bench.log and compile.log.
 #
 # There, .device/ (carried; ignored by git) holds Hydra's wheels, installed into /tmp/site when
 # Hydra is missing, and cifar10-jpeg-mini.tar.xz, extracted when no --root is given (README of
@@ -29,11 +32,14 @@ done
 
 PY=${PYTHON:-python3}
 OUT=${OUT:-./gpu_check_out}
-TRAIN_S=${TRAIN_S:-150}        # trainer.max_time: the epochs are as many as fit in it
-BENCH_S=${BENCH_S:-210}        # the longest bench.py may run
-DEADLINE_S=${DEADLINE_S:-450}  # the whole script, under the 8-minute call
+TRAIN_S=${TRAIN_S:-120}        # trainer.max_time: the epochs are as many as fit in it
+BENCH_S=${BENCH_S:-180}        # the longest bench.py may run
+COMPILE_S=${COMPILE_S:-120}    # the longest compile_check.py may run
+DEADLINE_S=${DEADLINE_S:-540}  # the whole script, under the 10-minute call
+COMPILE_ARGS=(--device cuda)
 if [ "$DRY_RUN" = 1 ]; then
-  TRAIN_S=20 BENCH_S=120 DEADLINE_S=200
+  TRAIN_S=20 BENCH_S=120 COMPILE_S=120 DEADLINE_S=300
+  COMPILE_ARGS=(--device cpu --batches 32 --steps 2 --images 2048 --model airbench)
   ACCEL=cpu BENCH_ARGS=(--tiny --synthetic --device cpu)
   # one epoch of two batches; 0:00:00:20 would stop a longer one
   TRAIN_ARGS=(trainer.max_epochs=1 +trainer.limit_train_batches=2 +trainer.limit_val_batches=1 +trainer.limit_test_batches=1)
@@ -86,21 +92,38 @@ else
   echo "gpu_check: no time left for bench.py" >"$OUT/bench.log"; BENCH_RC=124
 fi
 
+COMPILE_LIMIT=$COMPILE_S
+[ "$COMPILE_LIMIT" -gt $(( $(left) - 5 )) ] && COMPILE_LIMIT=$(( $(left) - 5 ))
+if [ "$COMPILE_LIMIT" -gt 0 ]; then
+  timeout -k 10 "$COMPILE_LIMIT" "$PY" benchmarks/compile_check.py "${COMPILE_ARGS[@]}" >"$OUT/compile.log" 2>&1
+  COMPILE_RC=$?
+else
+  echo "gpu_check: no time left for compile_check.py" >"$OUT/compile.log"; COMPILE_RC=124
+fi
+
 GPU=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1)
 METRICS=$(ls "$WORK"/logs/train/runs/*/metrics.json 2>/dev/null | head -1)
-"$PY" - "$OUT" "$METRICS" "$TRAIN_RC" "$TRAIN_MS" "$BENCH_RC" "$GPU" "$DRY_RUN" "$MAX_TIME" "$START" "${TRAIN_CMD[@]}" <<'EOF'
-"""Merge the two steps into $OUT/gpu_check.json."""
+"$PY" - "$OUT" "$METRICS" "$TRAIN_RC" "$TRAIN_MS" "$BENCH_RC" "$COMPILE_RC" "$GPU" "$DRY_RUN" "$MAX_TIME" "$START" "${TRAIN_CMD[@]}" <<'EOF'
+"""Merge the steps into $OUT/gpu_check.json."""
 import json
 import sys
 import time
 from pathlib import Path
 
-out, metrics, train_rc, train_ms, bench_rc, gpu, dry_run, max_time, start, *train_cmd = sys.argv[1:]
-lines = (Path(out) / "bench.log").read_text(errors="replace").strip().splitlines()
-try:
-    bench = json.loads(lines[-1])
-except (IndexError, json.JSONDecodeError):
-    bench = None
+out, metrics, train_rc, train_ms, bench_rc, compile_rc, gpu, dry_run, max_time, start, *train_cmd = sys.argv[1:]
+
+
+def last_json(log):
+    lines = (Path(out) / log).read_text(errors="replace").strip().splitlines()
+    try:
+        return json.loads(lines[-1]), None
+    except (IndexError, json.JSONDecodeError):
+        return None, lines[-1] if lines else "no output"
+
+
+bench, bench_error = last_json("bench.log")
+compiled, compile_error = last_json("compile.log")
+rate = (bench or {}).get("images_per_s", {}).get("32")
 result = {
     "dry_run": dry_run == "1",
     "gpu": gpu or None,
@@ -113,10 +136,15 @@ result = {
     },
     "bench": bench,
     "bench_rc": int(bench_rc),
-    "bench_error": None if bench else (lines[-1] if lines else "no output"),
+    "bench_error": bench_error,
+    "compile": compiled,
+    "compile_rc": int(compile_rc),
+    "compile_error": compile_error,
+    # the headline command (batch 32, 100 epochs of 45,000 images) at the default path's rate, training only
+    "headline_100_epochs_s": round(100 * 45_000 / rate, 1) if rate else None,
     "total_wall_s": round(time.time() - int(start), 1),
 }
 (Path(out) / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps({k: result[k] for k in ("gpu", "bench_rc", "total_wall_s")} | {"train_rc": result["train"]["rc"]}))
-sys.exit(0 if result["train"]["rc"] == 0 and bench and int(bench_rc) == 0 else 1)
+sys.exit(0 if result["train"]["rc"] == 0 and bench and int(bench_rc) == 0 and compiled and int(compile_rc) == 0 else 1)
 EOF

@@ -57,6 +57,9 @@ def check_figures(res: dict[str, Any]) -> None:
     for name, fig in res["training"].items():
         assert fig["images_per_s"] > 0 and fig["gflops"] > 0, name
         assert 0 < fig["peak_fraction"] < 1.5, (name, fig, res["matmul_peak_gflops"])
+    host = res["host_us_per_step"]
+    assert host["raw_loop"] > 0 and host["default_path"] > 0 and set(host["breakdown"]) == {
+        "loader", "loop_and_hooks", "training_metrics", "project_callbacks", "lightning_callbacks_and_logger"}
 
 
 def test_bench_without_data_uses_synthetic_images(tmp_path: Path) -> None:
@@ -89,15 +92,19 @@ def test_gpu_check_dry_run(tmp_path: Path, image_folder: Path) -> None:
     out = tmp_path / "out"
     env = {**no_data_env(), "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable}
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--root", str(image_folder)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=400)
+                          capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + (out / "train.log").read_text()[-2000:]
     res = json.loads((out / "gpu_check.json").read_text())
-    assert set(res) == {"dry_run", "gpu", "train", "bench", "bench_rc", "bench_error", "total_wall_s"}
-    assert res["dry_run"] is True and res["bench_rc"] == 0 and res["bench_error"] is None
+    assert set(res) == {"dry_run", "gpu", "train", "bench", "bench_rc", "bench_error", "compile", "compile_rc", "compile_error",
+                        "headline_100_epochs_s", "total_wall_s"}
+    assert res["dry_run"] is True and res["bench_rc"] == 0 and res["bench_error"] is None and res["compile_rc"] == 0
+    modes = res["compile"]["by_batch"]["32"]
+    assert set(modes) == {"eager", "default"} and all(m["ms_per_step"] > 0 and m["first_steps_s"] > 0 for m in modes.values())
+    assert res["headline_100_epochs_s"] == pytest.approx(100 * 45_000 / res["bench"]["images_per_s"]["32"], rel=1e-3)
     train = res["train"]
     assert train["rc"] == 0 and train["wall_s"] > 0 and train["max_time"] == "00:00:00:20"
     assert f"data.root={image_folder}" in train["command"] and "trainer.accelerator=cpu" in train["command"]
     assert train["metrics"]["status"] == "completed" and 0 <= train["metrics"]["test/acc"] <= 1
-    assert {"pipeline_speedup", "train_speedup", "lightning_overhead", "training", "matmul_peak_gflops"} <= set(res["bench"])
+    assert {"pipeline_speedup", "train_speedup", "lightning_overhead", "training", "matmul_peak_gflops", "host_us_per_step"} <= set(res["bench"])
     assert res["bench"]["data"] == "synthetic"
-    assert (out / "train.log").is_file() and (out / "bench.log").is_file()
+    assert (out / "train.log").is_file() and (out / "bench.log").is_file() and (out / "compile.log").is_file()

@@ -53,7 +53,7 @@ def test_defaults_build_the_tutorial(tmp_path: Path) -> None:
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 1e-3
     assert datamodule.batch_size == 32 and datamodule.augment == Augment(4, "zeros", flip_p=0.5)
     assert trainer.max_epochs == 100
-    assert {type(c).__name__ for c in trainer.callbacks} >= {"ModelCheckpoint", "RichProgressBar", "GracefulStop", "NonFiniteGuard"}
+    assert {type(c).__name__ for c in trainer.callbacks} >= {"ModelCheckpoint", "ProgressBar", "GracefulStop", "NonFiniteGuard"}
 
 
 def test_a_batch_scaled_lr_follows_the_batch_size(tmp_path: Path) -> None:

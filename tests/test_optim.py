@@ -92,7 +92,7 @@ def test_a_run_sizes_its_schedule_from_its_own_steps(image_folder: Path, compose
 def test_a_schedule_needs_a_known_step_count(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     """Training bounded by time only has no step count to size a schedule from: one line, no step taken."""
     cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
-        "experiment=cpu10", "trainer.max_steps=-1", "trainer.max_epochs=-1", "trainer.max_time=00:00:01:00",
+        "experiment=cpu10", "budget_s=null", "trainer.max_steps=-1", "trainer.max_epochs=-1", "trainer.max_time=00:00:01:00",
     ])
     with pytest.raises(UserError, match="model.scheduler is sized from the run's steps: set trainer.max_steps"):
         train(cfg)
@@ -214,8 +214,8 @@ def test_freeze_parameters_stops_their_training_after_some_epochs() -> None:
         def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
             history.append(pl_module.net[0].bias.detach().clone())
 
-    # Three epochs; the bias trains in the first only.
-    fit(module, [FreezeParameters(["net.0.bias"], after_epochs=1), Record()], max_steps=3 * len(EPOCH))
+    # Three epochs; the bias trains in the first third of the steps only.
+    fit(module, [FreezeParameters(["net.0.bias"], after=1 / 3), Record()], max_steps=3 * len(EPOCH))
     start = Tiny().net[0].bias
     assert not torch.equal(history[0], start)  # trained during epoch 0
     assert torch.equal(history[1], history[0]) and torch.equal(history[2], history[0])
@@ -224,7 +224,7 @@ def test_freeze_parameters_stops_their_training_after_some_epochs() -> None:
 
 def test_freeze_parameters_names_an_unknown_parameter() -> None:
     with pytest.raises(UserError, match="no parameter named net.whiten.bias"):
-        fit(Tiny(), [FreezeParameters(["net.whiten.bias"], after_epochs=3)])
+        fit(Tiny(), [FreezeParameters(["net.whiten.bias"], after=0.3)])
 
 
 def test_lookahead_needs_a_known_step_count() -> None:

@@ -11,7 +11,7 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import open_dict
-from conftest import FAST, add_callback, folder_overrides, write_image_folder
+from conftest import FAST, add_callback, folder_overrides, no_validation_warnings, run_dirs, write_image_folder
 
 from cifarkit.devices import resolve_precision
 from cifarkit.errors import UserError
@@ -90,11 +90,13 @@ class BatchDigests(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self.batches.append([])
+        if len(self.batches) > 1:  # the classifier logs an epoch's loss after the callbacks' epoch end
+            self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.batches[-1].append(float(batch[0].double().sum()) + 1e3 * float(batch[1].sum()))
 
-    def on_train_epoch_end(self, trainer, pl_module) -> None:
+    def on_train_end(self, trainer, pl_module) -> None:
         self.losses.append(float(trainer.callback_metrics["train/loss"]))
 
 
@@ -151,12 +153,24 @@ def test_eval_prepares_images_as_the_checkpoint_says(image_folder: Path, compose
 
 
 def test_optimized_value_without_validation() -> None:
-    """val_size=0: test/acc stands in; with test=false too the run still ends well (nan), while a
-    misspelt metric with a validation split is still an error."""
+    """val_size=0: test/acc stands in; with test=false too, or a run that ended before its first
+    validation, the run still ends well (nan); a misspelt metric of a validated run is an error."""
     assert optimized_value("val/acc_best", {"test/acc": 0.5}, has_validation=False) == 0.5
     assert math.isnan(optimized_value("val/acc_best", {"train/loss": 1.0}, has_validation=False))
+    assert math.isnan(optimized_value("val/acc_best", {"train/loss": 1.0, "test/acc": 0.5}, has_validation=True))
     with pytest.raises(UserError, match="val/acc_bestt was not logged"):
         optimized_value("val/acc_bestt", {"val/acc_best": 0.5}, has_validation=True)
+
+
+@no_validation_warnings
+def test_a_run_that_stops_before_its_first_validation_ends_well(image_folder: Path, main, tmp_path: Path) -> None:
+    """The default recipe cut to 3 steps of a 9-step epoch: trained, tested, exit 0, optimized metric nan."""
+    logs = tmp_path / "logs"
+    r = main("train.py", FAST + folder_overrides(image_folder, tmp_path) + ["trainer.max_steps=3", f"paths.log_dir={logs}"])
+    assert r.code == 0, r.err[-3000:]
+    assert "the run ended before its first validation, so val/acc_best was not measured; returning nan" in r.out + r.err
+    metrics = json.loads((run_dirs(logs)[0] / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 3 and "val/acc_best" not in metrics and 0 <= metrics["test/acc"] <= 1
 
 
 def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
@@ -171,3 +185,28 @@ def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, co
     assert 0 <= results["flip_translate"]["test/acc"] <= 1
     with pytest.raises(UserError, match="tta='mirror' is not known"):
         evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={ckpt}", "tta=mirror", *folder_overrides(image_folder, tmp_path)], "eval"))
+
+
+@pytest.mark.slow  # torch.compile's first compilation on the CPU takes tens of seconds
+def test_compiled_training_checkpoints_resumes_and_exports(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
+    """model.compile=true on the CPU (inductor): the checkpoint holds the plain net's weights, a
+    resume from it continues, export.py writes its ONNX model, and eval.py scores it as the
+    compiled run's own test did."""
+    base = FAST + folder_overrides(image_folder, tmp_path) + ["model.compile=true", "data.image_size=16", "test=false"]
+    first = compose_cfg(base)
+    train(first)
+    ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not any("_orig_mod" in k for k in state) and any(k.startswith("net.") for k in state)
+    resumed = compose_cfg(base + [f"ckpt_path={ckpt}", "trainer.max_epochs=2", "test=true"])
+    with open_dict(resumed):
+        resumed.paths.output_dir = str(tmp_path / "resumed")
+    train(resumed)
+    metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["epochs"] == 2 and metrics["steps"] == 2 * 8
+
+    from cifarkit.export import export_model
+
+    onnx_path, _ = export_model(metrics["best_ckpt"], "onnx", None, ["cifarkit."])
+    evaluated = evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={metrics['best_ckpt']}", *folder_overrides(image_folder, tmp_path)], "eval"))
+    assert onnx_path.is_file() and evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)

@@ -45,7 +45,7 @@ class ImageClassifier(L.LightningModule):
         label_smoothing: float,
         tta: str,
         channels_last: bool,
-        compile: bool,
+        compile: bool | str,
     ) -> None:
         """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
         rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
@@ -53,7 +53,8 @@ class ImageClassifier(L.LightningModule):
         optimizer steps, for a scheduler that takes it: it then steps every step);
         ``param_groups``: options of ``cifarkit.optim.param_groups`` (none: one group);
         ``tta``: test-time augmentation of the test step, one of ``TTA``; ``channels_last``:
-        the memory format of the net and its inputs; ``compile``: ``torch.compile`` the net."""
+        the memory format of the net and its inputs; ``compile``: ``torch.compile`` the net
+        (true: inductor's default mode; or a mode's name, e.g. ``reduce-overhead``)."""
         super().__init__()
         if tta not in TTA:
             raise UserError(f"model.tta={tta!r} is not known; use one of {', '.join(TTA)}")
@@ -65,15 +66,14 @@ class ImageClassifier(L.LightningModule):
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.net.to(memory_format=self.memory_format)
         # Kept out of the module tree so the state dict stays the plain net's.
-        self.__dict__["_forward"] = torch.compile(self.net) if compile else self.net
+        self.__dict__["_forward"] = compiled(self.net, compile)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(classes)
-        # Training metrics skip their per-step checks (NaN scan, label validation): each reads a
-        # value back to the host, a stall per step on a GPU; NonFiniteGuard watches the loss instead.
-        self.train_loss = MeanMetric(nan_strategy="disable")
-        self.train_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
-        for metric in (self.train_loss, self.train_acc):  # a run resumed mid-epoch keeps the epoch's first part
-            metric.persistent(True)
+        # Training loss and accuracy: sums on the device (loss x images, correct, images) with one
+        # in-place add per step, read and logged once per epoch. No per-step metric object or
+        # self.log: each costs host time at every step. Persistent: a run resumed mid-epoch keeps
+        # the epoch's first part.
+        self.register_buffer("train_sums", torch.zeros(3))
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(2))
         self.test_class_acc = ClasswiseWrapper(MulticlassAccuracy(n, average=None), labels=classes, prefix="test/acc_class/")
@@ -99,18 +99,20 @@ class ImageClassifier(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         # Not called when resuming mid-epoch: then the restored sums of the epoch's first part stay.
-        self.train_loss.reset()
-        self.train_acc.reset()
+        self.train_sums.zero_()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, logits, y = self._step(batch)
-        # Metric objects accumulate on the device; Lightning reads them once per epoch. update(),
-        # not __call__: the per-batch value that __call__ also computes is never logged (4x cheaper).
-        self.train_loss.update(loss.detach(), len(y))
-        self.train_acc.update(logits.detach(), y)
-        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        with torch.no_grad():
+            n = loss.new_full((), len(y), dtype=torch.float32)
+            self.train_sums += torch.stack((loss.float() * n, (logits.argmax(dim=1) == y).sum().float(), n))
         return loss
+
+    def on_train_epoch_end(self) -> None:
+        # Every rank is here at once (unlike rank 0's progress bar), so the sum over ranks is safe.
+        loss_sum, correct, images = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")
+        if images > 0:
+            self.log_dict({"train/loss": loss_sum / images, "train/acc": correct / images}, prog_bar=True, sync_dist=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
@@ -168,6 +170,18 @@ class ImageClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Resuming: refused before any weight is loaded when the data's classes are not the checkpoint's.
         check_same_classes(checkpoint.get("hyper_parameters", {}).get("classes"), self.hparams.classes)
+        state = checkpoint["state_dict"]
+        if "train_sums" not in state:  # written before the sums replaced torchmetrics objects: their epoch restarts
+            state["train_sums"] = torch.zeros(3)
+            for key in [k for k in state if k.startswith(("train_loss.", "train_acc."))]:
+                del state[key]
+
+
+def compiled(net: nn.Module, setting: bool | str) -> nn.Module:
+    """``net`` under ``torch.compile`` (``model.compile``: false, true, or one of its modes), or as it is."""
+    if not setting:
+        return net
+    return torch.compile(net, mode=None if setting is True else str(setting))
 
 
 def check_same_classes(saved: list[str] | None, data: list[str]) -> None:

@@ -1,5 +1,5 @@
-"""What a run reports: its training throughput, and the metrics gathered for metrics.json and
-TensorBoard's HPARAMS tab."""
+"""What a run reports: its progress and training throughput, and the metrics gathered for
+metrics.json and TensorBoard's HPARAMS tab."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -68,6 +69,22 @@ class Throughput(L.Callback):
         return self.images / self.seconds if self.seconds else None
 
 
+class ProgressBar(RichProgressBar):
+    """Lightning's ``RichProgressBar``, whose training bar and metrics are brought up to date
+    every ``refresh_rate`` steps and at an epoch's last one: Lightning's reads the metrics at
+    every step, which costs the host about as much as all of the project's callbacks together."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        done = batch_idx + 1
+        if self.refresh_rate and (done % self.refresh_rate == 0 or done >= trainer.num_training_batches):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The classifier logs an epoch's training metrics after the bar's own epoch end: show the last ones.
+        self._update_metrics(trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
+
+
 def throughput(trainer: L.Trainer) -> dict[str, float]:
     """The whole run's ``train/images_per_s`` and ``train/seconds``, when it measured them."""
     measured = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
@@ -98,14 +115,16 @@ def tested_metrics(trainer: L.Trainer, model: L.LightningModule) -> dict[str, An
     return metrics
 
 
-def log_hyperparams(trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, metrics: dict[str, Any]) -> None:
+def log_hyperparams(
+    trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, metrics: dict[str, Any], budget_s: float | None
+) -> None:
     """The run's configuration (``model/...``, ``data/...``, ``trainer/...``, flattened by
     Lightning) beside its ``SUMMARY`` metrics in TensorBoard's HPARAMS tab (rank 0 writes)."""
     params = {
         "model": dict(model.hparams),
         "data": dict(datamodule.hparams),
         "trainer": {"precision": trainer.precision, "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
-                    "world_size": trainer.world_size},
+                    "world_size": trainer.world_size, "budget_s": budget_s},
     }
     summary = {k: metrics[k] for k in SUMMARY if isinstance(metrics.get(k), float)}
     for logger in trainer.loggers:

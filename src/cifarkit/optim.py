@@ -137,14 +137,22 @@ class Lookahead(WeightAveraging):
 
 class FreezeParameters(L.Callback):
     """Stop training the parameters named in ``names`` (as in ``pl_module.named_parameters()``,
-    e.g. ``net.whiten.bias``) from epoch ``after_epochs`` on: their gradients are dropped just
-    before each optimizer step, so neither the step, its momentum nor weight decay moves them.
-    Dropping the gradient (instead of switching ``requires_grad`` off) keeps the set of
+    e.g. ``net.whiten.bias``) once the fraction ``after`` of the run's optimizer steps is done
+    (airbench94: after 3 of its 10 epochs, 0.3): their gradients are dropped just before each
+    optimizer step, so neither the step, its momentum nor weight decay moves them. Sized from
+    the run's steps like the schedule, so a longer or shorter run freezes at the same point of
+    it. Dropping the gradient (instead of switching ``requires_grad`` off) keeps the set of
     parameters that DDP synchronizes fixed."""
 
-    def __init__(self, names: list[str], after_epochs: int) -> None:
-        self.names, self.after_epochs = list(names), after_epochs
+    def __init__(self, names: list[str], after: float) -> None:
+        if not 0 <= after <= 1:
+            raise UserError(f"FreezeParameters needs 0 <= after <= 1 (a fraction of the run's steps), got {after}")
+        self.names, self.after = list(names), after
         self.params: list[torch.nn.Parameter] = []
+        self.from_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.from_step = round(self.after * run_steps(trainer, "callbacks.freeze_whitening_bias"))
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         named = dict(pl_module.named_parameters())
@@ -154,6 +162,6 @@ class FreezeParameters(L.Callback):
         self.params = [named[n] for n in self.names]
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
-        if trainer.current_epoch >= self.after_epochs:
+        if trainer.global_step >= self.from_step:
             for p in self.params:
                 p.grad = None

@@ -14,6 +14,7 @@ end or after validation, where every rank is at the same point.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -97,14 +98,15 @@ class GracefulStop(L.Callback):
         path = self.dirpath / "interrupted.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         self._restore()
+        steps = f" trainer.max_steps={trainer.max_steps}" if trainer.max_steps > 0 else ""  # a budget-sized run's own count
         raise TrainingStopped(
-            f"stopped by {name} at {where}; checkpoint saved, continue with ckpt_path={path}",
+            f"stopped by {name} at {where}; checkpoint saved, continue with ckpt_path={path}{steps}",
             exit_code=128 + (self.signum or signal.SIGTERM),
         )
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # Agreeing across DDP ranks costs a collective: do it every few steps there, every step alone.
-        if trainer.world_size == 1 or trainer.global_step % self.every_n_steps == 0:
+        # Agreeing across DDP ranks costs a collective: do it every few steps there; alone, only once signalled.
+        if (self.signum is not None) if trainer.world_size == 1 else trainer.global_step % self.every_n_steps == 0:
             self._maybe_stop(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -130,16 +132,17 @@ class GracefulStop(L.Callback):
 class NonFiniteGuard(L.Callback):
     """Stop with the step number when the training loss becomes NaN or infinite.
 
-    On an accelerator the check stays on the device (no host sync per step) and is read every
-    ``check_every_n_steps`` steps, at the epoch's last step and before each validation (on the
-    CPU: every step), so no
-    checkpoint of diverged weights is ever saved: ``last.ckpt`` stays the last good one. The
-    ranks of a DDP run decide together, so they all stop.
+    Each step's loss is looked at: on the CPU its value is read (no stall there), on an
+    accelerator the check stays on the device (no host sync per step). The run stops at once
+    on a single CPU device; otherwise the ranks decide together every ``check_every_n_steps``
+    steps, at the epoch's or the run's last step and before each validation, so that no
+    checkpoint of diverged weights is ever saved: ``last.ckpt`` stays the last good one.
     """
 
     def __init__(self, check_every_n_steps: int) -> None:
         self.every = check_every_n_steps
-        self.first_bad: torch.Tensor | None = None
+        self.first_bad = -1  # the first step whose loss was not finite, once read
+        self._on_device: torch.Tensor | None = None  # the same on an accelerator, read at a check
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -147,15 +150,19 @@ class NonFiniteGuard(L.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is None:
             return
-        if self.first_bad is None:
-            self.first_bad = torch.full((), -1, dtype=torch.long, device=loss.device)
-        bad = ~torch.isfinite(loss.detach())
         step = trainer.global_step  # already advanced past this step's optimizer update
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
-        # On the CPU a check costs no sync. The epoch's last step is checked too, before a run
-        # without validation saves its checkpoint at the epoch's end (not from on_train_epoch_end:
-        # see the module docstring).
-        if step % self.every == 0 or loss.device.type == "cpu" or batch_idx + 1 >= trainer.num_training_batches:
+        if loss.device.type == "cpu":
+            if self.first_bad < 0 and not math.isfinite(loss.item()):
+                self.first_bad = step
+        else:
+            if self._on_device is None:
+                self._on_device = torch.full((), -1, dtype=torch.long, device=loss.device)
+            bad = ~torch.isfinite(loss.detach()) & (self._on_device < 0)
+            self._on_device = torch.where(bad, torch.full_like(self._on_device, step), self._on_device)
+        # The epoch's and the run's last steps are checked too, before the checkpoint saved at the
+        # epoch's end (not from on_train_epoch_end: see the module docstring).
+        last = batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= step
+        if (trainer.world_size == 1 and self.first_bad >= 0) or step % self.every == 0 or last:
             self._check(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -163,10 +170,11 @@ class NonFiniteGuard(L.Callback):
             self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:
-        local = self.first_bad is not None and int(self.first_bad) >= 0
-        if not trainer.strategy.reduce_boolean_decision(local, all=False):
+        if self.first_bad < 0 and self._on_device is not None:
+            self.first_bad = int(self._on_device)
+        if not trainer.strategy.reduce_boolean_decision(self.first_bad >= 0, all=False):
             return
-        step = int(self.first_bad) if local else trainer.global_step
+        step = self.first_bad if self.first_bad >= 0 else trainer.global_step
         ckpt = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt" if trainer.checkpoint_callback else None
         keep = f"last good checkpoint: {ckpt}" if ckpt and ckpt.exists() else "no checkpoint had been saved yet"
         raise TrainingStopped(

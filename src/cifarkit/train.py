@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from cifarkit.augment import TTA
+from cifarkit.budget import size_to_budget
 from cifarkit.checkpoints import SavedNet, checkpoint_file
 from cifarkit.classifier import ImageClassifier, check_same_classes
 from cifarkit.datamodule import ImageDataModule
@@ -70,6 +71,10 @@ def train(cfg: DictConfig) -> float:
     seed = L.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt_path:
         checkpoint_file(cfg.ckpt_path)  # a missing file stops before the data is decoded
+    budget = {}
+    if cfg.get("budget_s") is not None and cfg.trainer.max_steps in (None, -1):  # a given step count wins
+        budget = size_to_budget(cfg, build)
+        L.seed_everything(cfg.seed, workers=True)  # the run starts as one with trainer.max_steps set would
     datamodule, trainer = build(cfg)
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
     metrics: dict[str, Any] = {}
@@ -87,8 +92,9 @@ def train(cfg: DictConfig) -> float:
             metrics.update(tested_metrics(trainer, model))
     finally:  # the HPARAMS tab gets a row for a run that stopped early too
         metrics = (metrics or final_metrics(trainer)) | throughput(trainer)
-        log_hyperparams(trainer, model, datamodule, metrics)
+        log_hyperparams(trainer, model, datamodule, metrics, cfg.get("budget_s"))
     metrics.update(
+        **({"budget": budget} if budget else {}),
         status="completed",
         epochs=trainer.current_epoch,
         steps=trainer.global_step,
@@ -103,14 +109,17 @@ def train(cfg: DictConfig) -> float:
 
 
 def optimized_value(name: str, metrics: dict[str, Any], has_validation: bool) -> float:
-    """The metric a sweeper optimizes; without a validation split (``data.val_size=0``) a
-    validation metric cannot exist, so the test accuracy stands in, with a warning."""
-    if name not in metrics and not has_validation and name.startswith("val/"):
-        if "test/acc" not in metrics:  # test=false too: nothing to return, but the run itself is fine
-            log.warning("no validation split and no test, so %s was not measured; returning nan", name)
-            return math.nan
-        log.warning("data.val_size=0 leaves no validation split, so %s was not measured; returning test/acc instead", name)
-        name = "test/acc"
+    """The metric a sweeper optimizes. A validation metric may not exist although the run went
+    well: without a validation split (``data.val_size=0``) the test accuracy stands in, and a
+    run that ended before its first validation (a step count or budget inside epoch 0) gives
+    nan; each with a warning."""
+    if name not in metrics and name.startswith("val/") and not any(k.startswith("val/") for k in metrics):
+        if not has_validation and "test/acc" in metrics:
+            log.warning("data.val_size=0 leaves no validation split, so %s was not measured; returning test/acc instead", name)
+            return float(metrics["test/acc"])
+        why = "data.val_size=0 leaves no validation split" if not has_validation else "the run ended before its first validation"
+        log.warning("%s%s, so %s was not measured; returning nan", why, "" if has_validation else " and test=false", name)
+        return math.nan
     if name not in metrics:
         raise UserError(f"optimized_metric={name} was not logged; use one of: {', '.join(sorted(metrics))}")
     return float(metrics[name])

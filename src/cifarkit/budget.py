@@ -1,0 +1,106 @@
+"""A time budget instead of a step count: ``budget_s=600`` trains for the steps this machine does in
+about 600 seconds.
+
+``size_to_budget`` runs a short probe before the run: the same data, model, trainer and the
+callbacks that act on training steps, for a few warm-up steps (the first one compiles with
+``model.compile=true``) and then timed ones, in the run's own strategy (under DDP every rank
+takes part, so the probe pays the same all-reduce). From the steady time per step and the
+warm-up's extra time it sizes the step count so that the run's training (``train/seconds``)
+ends at ``TARGET`` of the budget; under DDP every rank takes rank 0's count. The run itself is
+then an ordinary run with ``trainer.max_steps`` set: the schedule, lookahead's ramp and the
+freeze point are sized from it as from any step count, and ``trainer.max_steps=<count>
+trainer.max_epochs=-1`` reproduces it exactly on any machine. The probe's steps train a copy of
+the model that is thrown away; the run starts from the seed like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from time import perf_counter
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from omegaconf import DictConfig, open_dict
+
+from cifarkit.errors import UserError
+from cifarkit.pictures import RunPictures
+from cifarkit.safety import CarryCheckpoints, GracefulStop
+
+log = logging.getLogger(__name__)
+TARGET = 0.95  # of the budget: what the probe cannot see (logging, the progress bar, load) gets the rest
+WARMUP_STEPS = 3  # untimed: memory allocation, kernel selection, compilation
+MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 10, 2.0, 100
+# Callbacks that write the run's files or watch it rather than train it: left out of the probe.
+NOT_PROBED = (ModelCheckpoint, RunPictures, GracefulStop, CarryCheckpoints, LearningRateMonitor, ProgressBar)
+
+
+class StepClock(L.Callback):
+    """Times the probe: the warm-up steps from the start of training, then steps until enough
+    of them and enough seconds are measured (the device synced only at those points)."""
+
+    def __init__(self) -> None:
+        self.start = self.warm = self.end = 0.0
+        self.timed = 0
+
+    def _now(self, pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return perf_counter()
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.start = self._now(pl_module)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == WARMUP_STEPS:
+            self.warm = self._now(pl_module)
+        elif trainer.global_step > WARMUP_STEPS:
+            self.end, self.timed = self._now(pl_module), trainer.global_step - WARMUP_STEPS
+            if self.timed >= MIN_TIMED_STEPS and self.end - self.warm >= MIN_TIMED_S:
+                trainer.should_stop = True
+
+    @property
+    def seconds_per_step(self) -> float:
+        return (self.end - self.warm) / self.timed
+
+    @property
+    def warmup_extra_s(self) -> float:
+        """What the warm-up steps took beyond steady steps: paid again by the run's first steps."""
+        return max(0.0, self.warm - self.start - WARMUP_STEPS * self.seconds_per_step)
+
+
+def steps_for(budget_s: float, seconds_per_step: float, warmup_extra_s: float) -> int:
+    """The step count whose training ends at ``TARGET`` of the budget."""
+    return max(1, math.floor((TARGET * budget_s - warmup_extra_s) / seconds_per_step))
+
+
+def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
+    """Probe this machine's rate and set ``cfg.trainer.max_steps`` (and ``max_epochs=-1``) to fit
+    ``cfg.budget_s``; return what was decided, for metrics.json. ``build`` is train.py's."""
+    budget = float(cfg.budget_s)
+    if budget <= 0:
+        raise UserError(f"budget_s={cfg.budget_s} must be a number of seconds above 0, or null")
+    if cfg.ckpt_path:
+        raise UserError("a budget-sized run resumes with its own step count: add trainer.max_steps=<the steps its log "
+                        "and metrics.json name> (the budget is not measured again on a resume)")
+    probe_cfg = cfg.copy()
+    with open_dict(probe_cfg):
+        probe_cfg.trainer.update(max_steps=WARMUP_STEPS + MAX_TIMED_STEPS, max_epochs=-1, max_time=None, limit_val_batches=0,
+                                 num_sanity_val_steps=0, enable_model_summary=False)
+    datamodule, trainer = build(probe_cfg, with_loggers=False)
+    clock = StepClock()
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, NOT_PROBED)] + [clock]
+    trainer.fit(instantiate(cfg.model, classes=datamodule.classes), datamodule=datamodule)
+    if clock.timed == 0:
+        raise UserError("the budget probe could not time a step (fewer training batches than its warm-up); set trainer.max_steps instead")
+    decided = trainer.strategy.broadcast((clock.seconds_per_step, clock.warmup_extra_s), src=0)  # rank 0's, on every rank
+    steps = steps_for(budget, *decided)
+    with open_dict(cfg):
+        cfg.trainer.max_steps, cfg.trainer.max_epochs = steps, -1
+    log.info("budget %g s: %d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
+             "trainer.max_steps=%d trainer.max_epochs=-1 reproduces this run", budget, steps, decided[0], WARMUP_STEPS,
+             decided[1], steps * decided[0] + decided[1], steps)
+    return {"seconds": budget, "steps": steps, "seconds_per_step": decided[0], "warmup_extra_s": decided[1]}
