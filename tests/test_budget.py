@@ -60,6 +60,7 @@ def test_a_budget_sizes_every_step_sized_piece_and_its_count_reproduces_the_run(
     assert metrics["steps"] == expected and sized.seen == {"lookahead": expected, "freeze": round(0.3 * expected)}
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["lr_schedulers"][0]["last_epoch"] == expected  # warmup-then-decay stepped through the whole sized run
+    assert json.loads((tmp_path / "out" / "budget.json").read_text()) == metrics["budget"]  # what a resume of it reads
 
     monkeypatch.undo()
     again = compose_cfg(cpu10(image_folder, tmp_path, "again", "budget_s=5", f"trainer.max_steps={expected}", "trainer.max_epochs=-1"))
@@ -74,7 +75,8 @@ def test_a_budget_sizes_every_step_sized_piece_and_its_count_reproduces_the_run(
 def test_what_a_budget_cannot_do(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     with pytest.raises(UserError, match="budget_s=0 must be a number of seconds above 0"):
         train(compose_cfg(cpu10(image_folder, tmp_path, "zero", "budget_s=0")))
-    ckpt = tmp_path / "some.ckpt"
+    ckpt = tmp_path / "run" / "checkpoints" / "some.ckpt"  # of a run that recorded no decision
+    ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"x")
-    with pytest.raises(UserError, match="a budget-sized run resumes with its own step count: add trainer.max_steps="):
+    with pytest.raises(UserError, match=r"budget_s is set but .*budget.json does not say the step count the run was sized to; add trainer.max_steps="):
         train(compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=10", f"ckpt_path={ckpt}")))

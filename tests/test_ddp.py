@@ -13,6 +13,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import pytest
 import torch
 from conftest import ROOT, folder_overrides, run_cli, run_dirs
 
+from cifarkit.checkpoints import read_checkpoint
 from cifarkit.train import evaluate
 
 
@@ -187,3 +189,59 @@ def test_sigterm_to_rank_0_stops_every_rank(image_folder: Path, tmp_path: Path) 
     (run,) = run_dirs(logs)
     ckpt = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
     assert ckpt["epoch"] >= 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(args: list[str], run_dir: Path, cwd: Path) -> list[subprocess.Popen]:
+    """Two node processes on 127.0.0.1, one device each, started as a cluster's launcher starts
+    them: the standard environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK, LOCAL_RANK)
+    and one run directory named on the command line."""
+    env = {**os.environ, **PYTHONPATH, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    command = [sys.executable, str(ROOT / "train.py"), *args, "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={run_dir}"]
+    return [subprocess.Popen(command, cwd=cwd, env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for node in (0, 1)]
+
+
+def test_two_nodes_train_one_run(image_folder: Path, tmp_path: Path) -> None:
+    run, probe = tmp_path / "logs" / "train" / "runs" / "two_nodes", tmp_path / "probe"
+    args = DDP + folder_overrides(image_folder, tmp_path) + [
+        "data.augment.crop=null", "data.augment.flip=null", f"paths.log_dir={tmp_path / 'logs'}",
+        "+callbacks.rank_probe._target_=test_ddp.RankProbe", f"+callbacks.rank_probe.out={probe}"]
+    nodes = start_nodes(args, run, tmp_path)
+    outs = [node.communicate(timeout=240) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert run_dirs(tmp_path / "logs") == [run] and len(list(run.rglob("metrics.json"))) == 1
+    assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert len(ckpts) == 2 and ckpts[1] == "last.ckpt" and read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    seen = [json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1)]  # global ranks 0 and 1: one per node
+    assert len(seen[0]["train"]) == len(seen[1]["train"]) == 30 and not set(seen[0]["train"]) & set(seen[1]["train"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 2 * math.ceil(30 / 8)
+    assert sum(seen[0]["test"]) + sum(seen[1]["test"]) == 36
+
+
+@pytest.mark.slow  # waits for the surviving node to notice
+def test_a_killed_node_ends_the_other_in_one_line(image_folder: Path, tmp_path: Path) -> None:
+    run = tmp_path / "logs" / "train" / "runs" / "two_nodes"
+    args = DDP + folder_overrides(image_folder, tmp_path) + [
+        f"paths.log_dir={tmp_path / 'logs'}", "trainer.max_epochs=1000", "trainer.strategy.timeout.seconds=40"]
+    first, second = start_nodes(args, run, tmp_path)
+    end = time.monotonic() + 180
+    while not (run / "checkpoints" / "last.ckpt").exists():
+        assert first.poll() is None and time.monotonic() < end, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    second.kill()
+    second.communicate(timeout=30)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 1 and time.monotonic() - t0 < 60, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "DDP ranks lost each other" in errors[0] and "Traceback" not in err, err[-3000:]
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] >= 0  # what was saved stays loadable

@@ -10,13 +10,16 @@ ends at ``TARGET`` of the budget; under DDP every rank takes rank 0's count. The
 then an ordinary run with ``trainer.max_steps`` set: the schedule, lookahead's ramp and the
 freeze point are sized from it as from any step count, and ``trainer.max_steps=<count>
 trainer.max_epochs=-1`` reproduces it exactly on any machine. The probe's steps train a copy of
-the model that is thrown away; the run starts from the seed like any other.
+the model that is thrown away; the run starts from the seed like any other. The decision is kept
+in the run directory (``budget.json``), so a resumed run continues with the same count.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -27,10 +30,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from omegaconf import DictConfig, open_dict
 
 from cifarkit.errors import UserError
+from cifarkit.files import write_json
 from cifarkit.pictures import RunPictures
 from cifarkit.safety import CarryCheckpoints, GracefulStop
 
 log = logging.getLogger(__name__)
+BUDGET_FILE = "budget.json"  # the decision, in the run directory: a resume continues with the same count
 TARGET = 0.95  # of the budget: what the probe cannot see (logging, the progress bar, load) gets the rest
 WARMUP_STEPS = 3  # untimed: memory allocation, kernel selection, compilation
 MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 10, 2.0, 100
@@ -83,9 +88,8 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
     budget = float(cfg.budget_s)
     if budget <= 0:
         raise UserError(f"budget_s={cfg.budget_s} must be a number of seconds above 0, or null")
-    if cfg.ckpt_path:
-        raise UserError("a budget-sized run resumes with its own step count: add trainer.max_steps=<the steps its log "
-                        "and metrics.json name> (the budget is not measured again on a resume)")
+    if cfg.ckpt_path:  # a resume keeps the step count its run was sized to (its schedule depends on it)
+        return _resumed(cfg)
     probe_cfg = cfg.copy()
     with open_dict(probe_cfg):
         probe_cfg.trainer.update(max_steps=WARMUP_STEPS + MAX_TIMED_STEPS, max_epochs=-1, max_time=None, limit_val_batches=0,
@@ -98,9 +102,29 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
         raise UserError("the budget probe could not time a step (fewer training batches than its warm-up); set trainer.max_steps instead")
     decided = trainer.strategy.broadcast((clock.seconds_per_step, clock.warmup_extra_s), src=0)  # rank 0's, on every rank
     steps = steps_for(budget, *decided)
-    with open_dict(cfg):
-        cfg.trainer.max_steps, cfg.trainer.max_epochs = steps, -1
+    decision = {"seconds": budget, "steps": steps, "seconds_per_step": decided[0], "warmup_extra_s": decided[1]}
+    _use(cfg, decision)
+    if trainer.is_global_zero:
+        write_json(Path(cfg.paths.output_dir) / BUDGET_FILE, decision)
     log.info("budget %g s: %d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
              "trainer.max_steps=%d trainer.max_epochs=-1 reproduces this run", budget, steps, decided[0], WARMUP_STEPS,
              decided[1], steps * decided[0] + decided[1], steps)
-    return {"seconds": budget, "steps": steps, "seconds_per_step": decided[0], "warmup_extra_s": decided[1]}
+    return decision
+
+
+def _use(cfg: DictConfig, decision: dict[str, Any]) -> None:
+    with open_dict(cfg):
+        cfg.trainer.max_steps, cfg.trainer.max_epochs = decision["steps"], -1
+
+
+def _resumed(cfg: DictConfig) -> dict[str, Any]:
+    """The decision the checkpoint's run recorded beside its checkpoints (``budget.json``)."""
+    recorded = Path(cfg.ckpt_path).resolve().parent.parent / BUDGET_FILE
+    try:
+        decision = json.loads(recorded.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"budget_s is set but {recorded} does not say the step count the run was sized to; "
+                        "add trainer.max_steps=<its steps, from its log> to resume it") from None
+    _use(cfg, decision)
+    log.info("budget %g s: resuming the run sized to %d steps (%s)", decision["seconds"], decision["steps"], recorded)
+    return decision

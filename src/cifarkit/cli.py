@@ -9,7 +9,9 @@ its ``metrics.json`` and the sweep goes on.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import json
 import logging
 import os
 import signal
@@ -27,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from cifarkit.errors import TrainingStopped, UserError
-from cifarkit.files import write_metrics
+from cifarkit.files import DiskFull, disk_full, write_metrics
+from cifarkit.resume import AUTO, find_unfinished
 from cifarkit.sweep import study_seed
 
 log = logging.getLogger(__name__)
@@ -54,17 +57,15 @@ def _misconfiguration() -> tuple[type[Exception], ...]:
     return _lightning("lightning.fabric.utilities.exceptions", "MisconfigurationException")
 
 
-def _rank() -> int:
-    """This process's global rank: Lightning's ``rank_zero_only.rank`` (its strategy sets it), or,
-    without Lightning, the environment read by Lightning's own rule (``fabric``'s ``_get_rank``)."""
+def _global_zero() -> bool:
+    """Whether this process is the run's global rank 0: not if Lightning's strategy gave it another
+    rank, nor if the launcher's environment says so (torchrun's RANK, SLURM's SLURM_PROCID, a node
+    rank or a local rank), read by the rules of Lightning's cluster environments."""
     rank_zero_only = _lightning("lightning.pytorch.utilities", "rank_zero_only")
-    if rank_zero_only:
-        return rank_zero_only[0].rank
-    for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
-        rank = os.environ.get(key)
-        if rank is not None:
-            return int(rank)
-    return 0
+    if rank_zero_only and rank_zero_only[0].rank != 0:
+        return False
+    keys = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
+    return all(int(os.environ.get(key) or 0) == 0 for key in keys)
 
 
 def one_line(e: BaseException) -> str:
@@ -105,16 +106,32 @@ def _concrete_overrides(args: list[str]) -> list[str] | None:
     return out
 
 
-def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> None:
-    """Compose once before Hydra starts, so a typo costs one clear line and no run directory."""
+def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> DictConfig | None:
+    """Compose once before Hydra starts, so a typo costs one clear line and no run directory;
+    the composed config (Hydra's node included), or None for Hydra's own flags."""
     try:
         overrides = _concrete_overrides(args)
         if overrides is None:
-            return
+            return None
         with hydra.initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
+            return hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as e:
         fail(one_line(e))
+        raise  # not reached: fail exits
+
+
+def auto_resume(cfg: DictConfig) -> list[str]:
+    """``ckpt_path=auto`` on a single run: the overrides that continue the newest unfinished run
+    of this configuration in its own directory, or start a new one; says which in one line.
+    (A sweep's job looks in its own directory instead: cifarkit.train.)"""
+    runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+    found = find_unfinished(runs, cfg)
+    if found is None:
+        print(f"ckpt_path=auto: no unfinished run of this configuration under {runs}; starting a new one", file=sys.stderr)
+        return ["ckpt_path=null"]
+    run_dir, ckpt = found
+    print(f"ckpt_path=auto: continuing {run_dir} from {ckpt.name}", file=sys.stderr)
+    return [f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"]
 
 
 def _output_dir() -> Path | None:
@@ -143,11 +160,14 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             print("stopped by SIGTERM outside training; nothing new was saved", file=sys.stderr)
             raise SystemExit(128 + signal.SIGTERM) from None
         except Exception as e:
-            lost = lost_ranks(e)
-            user = lost or isinstance(e, (*USER_ERRORS, *_misconfiguration()))
+            lost, full = lost_ranks(e), disk_full(e) and not isinstance(e, DiskFull)
+            user = lost or full or isinstance(e, (*USER_ERRORS, *_misconfiguration()))
             if not multirun and not user:
                 raise  # a bug: Hydra prints the traceback
             msg = one_line(e) if user else f"{e.__class__.__name__}: {e}"
+            if full:  # a write outside files.atomic_write (a logger's): the disk, not the file, is known
+                msg = (f"the disk is full ({msg[:200]}); the checkpoints already written are intact: "
+                       "free space and run again (training continues with ckpt_path=auto)")
             if lost:
                 msg = (f"the DDP ranks lost each other ({msg[:200]}): a rank stalled or died; the checkpoints already "
                        "saved are intact; raise trainer.strategy.timeout.seconds if a step legitimately takes longer")
@@ -170,9 +190,14 @@ def lost_ranks(e: BaseException) -> bool:
 
 
 def _mark_failed(status: str, message: str) -> None:
-    """Record a run that did not complete, unless it already wrote its metrics."""
+    """Record a run that did not complete, unless it completed before failing (or the disk is full)."""
     out = _output_dir()
-    if _rank() == 0 and out is not None and not (out / "metrics.json").exists():
+    if not _global_zero() or out is None:
+        return
+    with contextlib.suppress(OSError, ValueError, UserError):
+        if json.loads((out / "metrics.json").read_text()).get("status") == "completed":
+            return
+    with contextlib.suppress(OSError, UserError):
         write_metrics(out, {"status": status, "error": message})
 
 
@@ -190,7 +215,14 @@ def register_resolvers() -> None:
 
 
 def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:
-    """Entry point for train.py / eval.py / predict.py."""
+    """Entry point for train.py / eval.py / predict.py / export.py."""
     register_resolvers()
-    check_command_line(config_dir, config_name, sys.argv[1:])
+    cfg = check_command_line(config_dir, config_name, sys.argv[1:])
+    args = sys.argv[1:]
+    multirun = bool({"-m", "--multirun"} & set(args)) or (cfg is not None and cfg.hydra.mode == RunMode.MULTIRUN)
+    fixed_dir = any(a.startswith("hydra.run.dir=") for a in args)  # then every rank looks there (cifarkit.train)
+    if cfg is not None and cfg.get("ckpt_path") == AUTO and not multirun and not fixed_dir and _global_zero():
+        sys.argv = [*sys.argv, *auto_resume(cfg)]  # the last override of a key wins
+    if not _global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
+        sys.argv = [*sys.argv, "hydra.output_subdir=null"]
     hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -32,6 +33,9 @@ from cifarkit.checkpoints import read_checkpoint
 from cifarkit.errors import TrainingStopped
 from cifarkit.files import atomic_write
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # SLURM's warnings before a pre-emption or the time limit
+
 
 class GracefulStop(L.Callback):
     """On SIGTERM or SIGINT, finish the current step, save ``checkpoints/interrupted.ckpt``, stop.
@@ -44,6 +48,13 @@ class GracefulStop(L.Callback):
     is ignored, and diverged weights are never saved. If no step ends within ``grace_s`` after
     the signal (a stalled run), the process says so in one line and exits anyway; and if rank 0
     fails, it ends the ranks it started rather than leave them waiting.
+
+    SLURM's warning before a pre-emption or the time limit (``sbatch --signal=USR1@120``; USR2
+    for submitit's jobs, which hydra/launcher=slurm starts) is a stop like SIGTERM, after which
+    rank 0 puts the job back in the queue with ``scontrol requeue``; the requeued job's
+    ``ckpt_path=auto`` continues from the checkpoint. Lightning's own auto-requeue saves from
+    inside the signal handler, mid-step; this waits for the step's end, so the continued run
+    equals one that was never stopped.
     """
 
     def __init__(self, dirpath: str, every_n_steps: int, grace_s: float) -> None:
@@ -79,7 +90,7 @@ class GracefulStop(L.Callback):
         # After Lightning has installed its SIGTERM handler (so ours replaces it, not wraps it).
         self.signum = None
         self._children = list(getattr(getattr(trainer.strategy, "launcher", None), "procs", []))
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (*STOP_SIGNALS, *REQUEUE_SIGNALS):
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def _restore(self) -> None:
@@ -98,11 +109,25 @@ class GracefulStop(L.Callback):
         path = self.dirpath / "interrupted.ckpt"
         trainer.save_checkpoint(path, weights_only=False)
         self._restore()
-        steps = f" trainer.max_steps={trainer.max_steps}" if trainer.max_steps > 0 else ""  # a budget-sized run's own count
-        raise TrainingStopped(
-            f"stopped by {name} at {where}; checkpoint saved, continue with ckpt_path={path}{steps}",
-            exit_code=128 + (self.signum or signal.SIGTERM),
-        )
+        then = f"continue with ckpt_path={path}"
+        if self.signum in REQUEUE_SIGNALS and trainer.is_global_zero:
+            then = self._requeue()
+        raise TrainingStopped(f"stopped by {name} at {where}; checkpoint saved, {then}", exit_code=128 + (self.signum or signal.SIGTERM))
+
+    def _requeue(self) -> str:
+        """Put this SLURM job back in the queue; what the stop's line says next."""
+        job = os.environ.get("SLURM_JOB_ID")
+        if job is None:
+            return "not a SLURM job, so nothing was requeued; continue with ckpt_path=auto"
+        if os.environ.get("SLURM_ARRAY_JOB_ID"):
+            job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+        try:
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return f"but scontrol requeue {job} failed ({e}); requeue it and continue with ckpt_path=auto"
+        if done.returncode:
+            return f"but scontrol requeue {job} failed ({done.stderr.strip()[:200]}); requeue it and continue with ckpt_path=auto"
+        return f"SLURM job {job} requeued: it continues with ckpt_path=auto"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # Agreeing across DDP ranks costs a collective: do it every few steps there; alone, only once signalled.

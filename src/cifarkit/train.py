@@ -8,7 +8,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from cifarkit.augment import TTA
 from cifarkit.budget import size_to_budget
@@ -18,6 +18,7 @@ from cifarkit.datamodule import ImageDataModule
 from cifarkit.devices import resolve_accelerator, resolve_precision
 from cifarkit.errors import UserError
 from cifarkit.files import write_metrics
+from cifarkit.resume import AUTO, own_run
 from cifarkit.metrics import SUMMARY, final_metrics, log_hyperparams, tested_metrics, throughput
 from cifarkit.safety import AtomicCheckpointIO
 
@@ -69,6 +70,11 @@ def train(cfg: DictConfig) -> float:
     line when bad); the classifier refuses it there if its classes are not the data's.
     """
     seed = L.seed_everything(cfg.seed, workers=True)
+    if cfg.ckpt_path == AUTO:  # a sweep's job, or a run in a fixed directory: continue what is there
+        ckpt = own_run(cfg.paths.output_dir)
+        log.info("ckpt_path=auto: %s", f"continuing from {ckpt}" if ckpt else f"nothing unfinished in {cfg.paths.output_dir}; starting a new run")
+        with open_dict(cfg):
+            cfg.ckpt_path = str(ckpt) if ckpt else None
     if cfg.ckpt_path:
         checkpoint_file(cfg.ckpt_path)  # a missing file stops before the data is decoded
     budget = {}

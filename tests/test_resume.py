@@ -1,0 +1,199 @@
+"""Runs that resume themselves: ckpt_path=auto after a signal, after SLURM's requeue signal and
+after a full disk, into the same run directory, with the metrics of a run never stopped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from conftest import FAST, ROOT, add_callback, compose, error_line, folder_overrides, last_line, run_dirs
+from omegaconf import OmegaConf
+
+from cifarkit.checkpoints import read_checkpoint
+from cifarkit.files import DiskFull, atomic_write, write_metrics
+from cifarkit.resume import find_unfinished
+
+RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
+
+
+def args(image_folder: Path, tmp_path: Path, logs: str, *extra: str) -> list[str]:
+    return FAST + folder_overrides(image_folder, tmp_path) + [
+        "data.image_size=16", "data.batch_size=16", "trainer.max_epochs=2", f"paths.log_dir={tmp_path / logs}", *extra]
+
+
+def finished(tmp_path: Path, logs: str) -> dict:
+    (run,) = run_dirs(tmp_path / logs)
+    return json.loads((run / "metrics.json").read_text())
+
+
+class SignalAt(L.Callback):
+    """Sends ``sig`` to this process as training step ``step`` starts (once): a real signal, mid-epoch."""
+
+    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
+        self.step, self.sig, self.sent = step, sig, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
+
+
+def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder: Path, tmp_path: Path, main, monkeypatch) -> None:
+    assert main("train.py", args(image_folder, tmp_path, "whole")).code == 0
+    add_callback(monkeypatch, SignalAt(6))  # 4 steps an epoch: in epoch 1
+    stopped = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
+    assert stopped.code == 128 + signal.SIGTERM and "interrupted.ckpt" in last_line(stopped.err)
+    assert "no unfinished run of this configuration" in stopped.err  # the first time: a new run
+    monkeypatch.undo()
+    (run,) = run_dirs(tmp_path / "logs")
+    events = set((run / "tensorboard").glob("events.out.tfevents.*"))
+    resumed = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert f"ckpt_path=auto: continuing {run} from interrupted.ckpt" in resumed.err
+    assert run_dirs(tmp_path / "logs") == [run]  # the same run directory, and its TensorBoard version:
+    assert set((run / "tensorboard").glob("events.out.tfevents.*")) > events and not [p for p in (run / "tensorboard").iterdir() if p.is_dir()]
+    metrics, whole = finished(tmp_path, "logs"), finished(tmp_path, "whole")
+    assert metrics["status"] == "completed" and {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
+
+    again = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))  # a finished run is never resumed
+    assert again.code == 0 and "no unfinished run of this configuration" in again.err and len(run_dirs(tmp_path / "logs")) == 2
+
+
+def test_auto_looks_for_the_same_configuration_only(tmp_path: Path) -> None:
+    """An unfinished run of another configuration (here another seed) is not this run's."""
+    cfg = compose(tmp_path, ["trainer=cpu", "seed=1"])
+    run = tmp_path / "runs" / "earlier"
+    (run / ".hydra").mkdir(parents=True)
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    assert find_unfinished(tmp_path / "runs", cfg) == (run, run / "checkpoints" / "last.ckpt")
+    assert find_unfinished(tmp_path / "runs", compose(tmp_path, ["trainer=cpu", "seed=2"])) is None
+    write_metrics(run, {"status": "completed"})
+    assert find_unfinished(tmp_path / "runs", cfg) is None  # finished
+
+
+FAKE_SCONTROL = """#!/bin/sh
+echo "$@" >> "{log}"
+"""
+
+
+def test_slurm_requeue_signal_saves_requeues_and_the_job_continues(image_folder: Path, tmp_path: Path, main) -> None:
+    """SLURM's warning signal to a real run: it saves, calls ``scontrol requeue <job>`` and stops in
+    one line; the requeued job's same command continues it."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(FAKE_SCONTROL.format(log=calls))
+    (bin_dir / "scontrol").chmod(0o755)
+    command = args(image_folder, tmp_path, "logs", "ckpt_path=auto", "trainer.max_epochs=8", "data.batch_size=4")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 120
+    while not list((tmp_path / "logs").glob("train/runs/*/checkpoints/last.ckpt")):
+        assert p.poll() is None and time.monotonic() < end, p.communicate()[1][-3000:]
+        time.sleep(0.1)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGUSR1, err[-3000:]
+    assert last_line(err).endswith("checkpoint saved, SLURM job 4242 requeued: it continues with ckpt_path=auto"), err[-2000:]
+    assert calls.read_text().split() == ["requeue", "4242"]
+    (run,) = run_dirs(tmp_path / "logs")
+    assert read_checkpoint(run / "checkpoints" / "interrupted.ckpt")["epoch"] < 7
+    requeued = main("train.py", command)  # the requeued job runs the same command
+    assert requeued.code == 0, requeued.err[-3000:]
+    assert f"continuing {run} from interrupted.ckpt" in requeued.err and run_dirs(tmp_path / "logs") == [run]
+    assert finished(tmp_path, "logs")["status"] == "completed"
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk.
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A 4 MB tmpfs (mounting needs root, as CI runs; elsewhere the test is skipped)."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(where)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    yield where
+    subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    filler = disk / "filler"
+    free = shutil.disk_usage(disk).free
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+class FillAtEpoch(L.Callback):
+    """Fills the disk, but for ``leave`` bytes, as epoch ``epoch`` starts (once)."""
+
+    def __init__(self, disk: Path, epoch: int, leave: int) -> None:
+        self.disk, self.epoch, self.leave, self.done = disk, epoch, leave, False
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch and not self.done:
+            self.done = True
+            fill(self.disk, self.leave)
+
+
+def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(image_folder: Path, tmp_path: Path, small_disk: Path, main,
+                                                                   monkeypatch) -> None:
+    tiny = ["model=airbench", "model.net.widths=[8,16,16]", "trainer.max_epochs=3"]
+    assert main("train.py", args(image_folder, tmp_path, "whole", *tiny)).code == 0
+    add_callback(monkeypatch, FillAtEpoch(small_disk, epoch=1, leave=20_000))
+    on_disk = [*tiny, f"paths.log_dir={small_disk / 'logs'}"]
+    full = main("train.py", args(image_folder, tmp_path, "unused", *on_disk, "ckpt_path=auto"))
+    assert full.code == 1
+    line = error_line(full.err)
+    assert line.startswith("error: the disk is full: could not write ") and str(small_disk) in line and "needs about" in line, line
+    (run,) = run_dirs(small_disk / "logs")
+    assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 0  # the last good checkpoint, intact
+    assert not list((run / "checkpoints").glob(".*.tmp"))  # no partial file left
+    monkeypatch.undo()
+    (small_disk / "filler").unlink()
+    resumed = main("train.py", args(image_folder, tmp_path, "unused", *on_disk, "ckpt_path=auto"))
+    assert resumed.code == 0 and f"continuing {run} from last.ckpt" in resumed.err, resumed.err[-3000:]
+    metrics, whole = finished(tmp_path / "disk", "logs"), finished(tmp_path, "whole")
+    assert {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
+
+
+def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(image_folder: Path, tmp_path: Path, small_disk: Path) -> None:
+    """metrics.json, a checkpoint, a picture, the dataset cache and an export: one line each, old file intact."""
+    from cifarkit.export import export_model
+    from cifarkit.safety import AtomicCheckpointIO
+    from conftest import craft_checkpoint, datamodule
+
+    from cifarkit.model import BasicCNN
+
+    write_metrics(small_disk, {"status": "completed", "test/acc": 0.5})
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(10)}}, small_disk / "last.ckpt")
+    before = {p.name: p.read_bytes() for p in small_disk.iterdir()}
+    fill(small_disk, leave=2_000)
+    writers = {
+        "metrics.json": lambda: write_metrics(small_disk, {"status": "completed", "test/acc": 0.6, "pad": "x" * 10_000}),
+        "last.ckpt": lambda: AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(100_000)}}, small_disk / "last.ckpt"),
+        "samples.png": lambda: atomic_write(small_disk / "samples.png", lambda f: f.write(os.urandom(50_000))),
+        "cache": lambda: datamodule(tmp_path, folder_overrides(image_folder, tmp_path) + [f"data.cache_dir={small_disk / 'cache'}"]).prepare_data(),
+        "model.onnx": lambda: export_model(str(craft_checkpoint(tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"},
+                                                                BasicCNN(num_classes=3).state_dict())), "onnx", str(small_disk / "model.onnx"), ["cifarkit."]),
+    }
+    for name, write in writers.items():
+        with pytest.raises(DiskFull, match=rf"^the disk is full: could not write {small_disk}.* free; the file needs .*ckpt_path=auto\)$") as e:
+            write()
+        assert "\n" not in str(e.value) and isinstance(e.value.__cause__, (OSError, RuntimeError)), name
+    assert {p.name: p.read_bytes() for p in small_disk.iterdir() if p.name in before} == before  # intact
+    assert sorted(p.name for p in small_disk.iterdir() if p.name.startswith(".")) == []  # no partial files
