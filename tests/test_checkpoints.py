@@ -1,10 +1,10 @@
-"""A checkpoint is a file a stranger can hand you: reading it runs no code, and predict.py, eval.py and
-export.py build nothing from it but trusted ``nn.Module`` classes.
+"""A checkpoint is a file a stranger can hand you: reading it runs no code, and predict.py, eval.py,
+export.py and serve.py build nothing from it but trusted ``nn.Module`` classes.
 
 The entry points rebuild the net from the checkpoint's ``hyper_parameters["net"]`` Hydra config.
 Each case below is a crafted checkpoint whose net config carries a payload: if any part of it
 ran, it would create a canary under the test's tmp_path (a file, a folder, or, for
-``cifarkit.cli.fail``, its own ``error:`` line). Each goes through all three entry points, as
+``cifarkit.cli.fail``, its own ``error:`` line). Each goes through all four entry points, as
 their command lines run them, and must be refused in one line before anything is called:
 
 * exit code 1, no Traceback, the last stderr line starts with ``error: `` and names the offending
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +38,17 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAST, Payload, craft_checkpoint, error_line, folder_overrides
+from conftest import ENTRY_POINTS, FAST, Payload, craft_checkpoint, error_line, folder_overrides
 from PIL import Image
 
 from cifarkit.checkpoints import check_net_config, read_checkpoint
 from cifarkit.errors import UserError
 from cifarkit.model import BasicCNN
+
+ENTRY_POINTS.setdefault("serve.py", ("cifarkit.serve", "serve", "serve"))
+# serve.py is given a port that is taken: had a crafted checkpoint not been refused first, it would
+# stop there (failing the test) rather than serve.
+TAKEN = socket.create_server(("127.0.0.1", 0))
 
 # Phrases that only appear once instantiation was under way: the refusal must come before them.
 TOO_LATE = (
@@ -218,10 +224,11 @@ def entry_args(script: str, ckpt: Path, tmp_path: Path, image_folder: Path) -> l
         "predict.py": [f"ckpt_path={ckpt}", f"inputs={img}"],
         "eval.py": [f"ckpt_path={ckpt}", "trainer=cpu", *folder_overrides(image_folder, tmp_path)],
         "export.py": [f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}"],
+        "serve.py": [f"ckpt_path={ckpt}", f"port={TAKEN.getsockname()[1]}"],
     }[script] + [f"paths.log_dir={tmp_path / 'logs'}"]
 
 
-@pytest.mark.parametrize("script", ["predict.py", "eval.py", "export.py"])
+@pytest.mark.parametrize("script", ["predict.py", "eval.py", "export.py", "serve.py"])
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_entry_points_refuse(case: Case, script: str, main, image_folder: Path, tmp_path: Path, monkeypatch) -> None:
     ckpt = prepare(case, tmp_path, monkeypatch)

@@ -6,6 +6,7 @@ this without the training stack.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import asdict, dataclass
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from cifarkit.errors import UserError
 
@@ -62,7 +63,14 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
 
 
 def load_image(path: Path, size: int) -> np.ndarray:
-    """Decode one image file to RGB uint8 (size, size, 3), upright, resized when it is another size.
+    """Decode one image file to RGB uint8 (size, size, 3), upright, resized when it is another size
+    (``decode_image``'s rules), or one line that names the file."""
+    return decode_image(Path(path), size, f"image {path}", "remove or replace it")
+
+
+def decode_image(source: Path | bytes, size: int, name: str, fix: str) -> np.ndarray:
+    """A file or the bytes of one (an upload) as RGB uint8 (size, size, 3), upright, resized when
+    it is another size; otherwise a ``UserError`` "cannot read <name> (why); <fix>".
 
     A camera's EXIF orientation tag is applied, so a phone photo is not learned sideways. An
     image over PIL's decompression-bomb limit (warning level included: ~90 megapixels) is
@@ -71,15 +79,17 @@ def load_image(path: Path, size: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
                 im = ImageOps.exif_transpose(im).convert("RGB")
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.BILINEAR)
                 return np.asarray(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"cannot read image {path}: too large to decode safely ({e}); remove or replace it") from e
+        raise UserError(f"cannot read {name}: too large to decode safely ({e}); {fix}") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise UserError(f"cannot read image {path} ({e}); remove or replace it") from e
+        # PIL names a nameless buffer by its repr (an address): say what it means instead
+        why = "not an image file" if isinstance(e, UnidentifiedImageError) and not isinstance(source, Path) else e
+        raise UserError(f"cannot read {name} ({why}); {fix}") from e
 
 
 def is_hidden(path: Path, under: Path) -> bool:

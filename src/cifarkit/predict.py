@@ -61,15 +61,17 @@ def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
     return score, saved.data.classes, saved.data.image_size
 
 
-def onnx_scorer(path: str) -> tuple[Scorer, list[str], int]:
-    """An export.py ONNX model in ONNX Runtime (CPU provider), whose graph does the preprocessing
-    and softmax itself; the classes and image size come from its metadata."""
+def onnx_scorer(path: str, threads: int | None) -> tuple[Scorer, list[str], int]:
+    """An export.py ONNX model in ONNX Runtime (CPU provider, ``threads`` or one per core), whose
+    graph does the preprocessing and softmax itself; the classes and image size come from its metadata."""
     import onnxruntime as ort  # only this path needs it
 
     if not Path(path).is_file():
         raise UserError(f"ckpt_path={path} does not exist; pass a .ckpt, or a .onnx written by export.py")
     try:
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
         inputs = session.get_inputs()
     except Exception as e:  # not ONNX, or ONNX without export.py's metadata
@@ -86,6 +88,21 @@ def onnx_scorer(path: str) -> tuple[Scorer, list[str], int]:
     return score, info.classes, size
 
 
+def model_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
+    """``cfg.ckpt_path``'s scorer, classes and image size: ONNX Runtime for a ``.onnx`` (with
+    serve.yaml's ``threads``), else the checkpoint's net on ``cfg.device``. predict.py and
+    serve.py load a model only this way."""
+    if Path(str(cfg.ckpt_path)).suffix.lower() == ".onnx":
+        return onnx_scorer(str(cfg.ckpt_path), cfg.get("threads"))
+    return checkpoint_scorer(cfg)
+
+
+def top_classes(probs: torch.Tensor, classes: list[str], k: int) -> list[list[list]]:
+    """Each row's ``k`` most likely ``[class, probability]``, the probability rounded to 6 places."""
+    p, idx = probs.topk(min(k, len(classes)), dim=1)
+    return [[[classes[i], round(v, 6)] for v, i in zip(p_row, i_row)] for p_row, i_row in zip(p.tolist(), idx.tolist())]
+
+
 @torch.inference_mode()
 def predict(cfg: DictConfig) -> int:
     """Print the top-k classes of every image under ``cfg.inputs``; return how many were classified."""
@@ -94,14 +111,10 @@ def predict(cfg: DictConfig) -> int:
     if int(cfg.top_k) < 1:
         raise UserError(f"top_k={cfg.top_k} must be at least 1")
     files = image_files(str(cfg.inputs))
-    is_onnx = Path(str(cfg.ckpt_path)).suffix.lower() == ".onnx"
-    score, classes, size = onnx_scorer(str(cfg.ckpt_path)) if is_onnx else checkpoint_scorer(cfg)
-    k = min(int(cfg.top_k), len(classes))
+    score, classes, size = model_scorer(cfg)
     done = 0
     for paths, images in decoded(files, size):
-        probs, idx = score(images).topk(k, dim=1)
-        for path, p_row, i_row in zip(paths, probs.tolist(), idx.tolist()):
-            top = [[classes[i], round(p, 6)] for p, i in zip(p_row, i_row)]
+        for path, top in zip(paths, top_classes(score(images), classes, int(cfg.top_k))):
             if cfg.format == "json":
                 print(json.dumps({"path": str(path), "top": top}))
             else:

@@ -1,0 +1,388 @@
+"""serve.py: a trained model over HTTP, talked to as a client would, on 127.0.0.1.
+
+One tiny training run is shared by the module, and two real servers run in subprocesses for
+most tests: the .ckpt with batching (up to 8 images a pass) and its ONNX export without
+(``max_batch_size=1``). They answer what predict.py prints for the same files, share forward
+passes between concurrent requests (the pass number and size come back in headers), refuse bad
+input with a 4xx and one line while going on serving, and stop on SIGTERM with no process left.
+The page is driven in Debian's Chromium by Playwright.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from conftest import FAST, ROOT, compose, folder_overrides
+from PIL import Image
+from test_data import bomb_png
+
+from cifarkit.errors import UserError
+from cifarkit.export import export_model
+from cifarkit.serve import serve
+from cifarkit.train import train
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+MAX_BODY_MB = 1
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict
+    headers: dict[str, str]  # names in lower case
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log: Path  # its stdout and stderr
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def post(self, data: bytes, content_type: str = "image/png", path: str = "/predict") -> Reply:
+        return call(urllib.request.Request(self.url + path, data=data, headers={"Content-Type": content_type}, method="POST"))
+
+    def top(self, image: Path) -> list:
+        r = self.post(image.read_bytes())
+        assert r.status == 200, r
+        return r.body["top"]
+
+
+def call(request: urllib.request.Request) -> Reply:
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return Reply(r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()})
+    except urllib.error.HTTPError as e:
+        return Reply(e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()})
+
+
+def form(*files: tuple[str, bytes]) -> tuple[bytes, str]:
+    """A multipart/form-data body as a browser or ``curl -F`` sends it: a text field, then each
+    (filename, content) as a file field; and its Content-Type."""
+    boundary = b"----cifarkit-7MA4YWxkTrZu0gW"
+    parts = [b'Content-Disposition: form-data; name="note"\r\n\r\nnot a file']
+    parts += [b'Content-Disposition: form-data; name="file"; filename="%s"\r\nContent-Type: application/octet-stream\r\n\r\n%s'
+              % (name.encode(), content) for name, content in files]
+    body = b"".join(b"--%s\r\n%s\r\n" % (boundary, part) for part in parts) + b"--%s--\r\n" % boundary
+    return body, f"multipart/form-data; boundary={boundary.decode()}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model: Path, tmp: Path, *overrides: str) -> Server:
+    port, log = free_port(), tmp / f"serve-{model.suffix[1:]}.log"
+    args = [sys.executable, str(ROOT / "serve.py"), f"ckpt_path={model}", f"port={port}", f"paths.log_dir={tmp / 'logs'}", *overrides]
+    with log.open("w") as out:
+        proc = subprocess.Popen(args, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return Server(proc, port, log)
+
+
+def wait_ready(server: Server, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert server.proc.poll() is None, server.log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(server.url + "/health", timeout=5) as r:
+                if r.status == 200 and r.read() == b"ok":
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"not ready in {timeout} s\n{server.log.read_text()[-3000:]}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has ended
+    except OSError:
+        return False
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below ``pid`` (from /proc)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+@dataclass
+class Setup:
+    ckpt: Path
+    onnx: Path
+    images: list[Path]  # PNG and JPEG, several sizes, one with an EXIF rotation
+    batched: Server  # the .ckpt, max_batch_size=8
+    single: Server  # the .onnx, max_batch_size=1
+
+
+@pytest.fixture(scope="module")
+def setup(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("serve")
+    train(compose(root, FAST + folder_overrides(image_folder, root) + ["test=false"], "train"))
+    ckpt = root / "out" / "checkpoints" / "last.ckpt"
+    servers = [start(ckpt, root, "max_batch_size=8", "batch_timeout=0.05", f"max_body_mb={MAX_BODY_MB}")]  # starts meanwhile
+    try:
+        onnx, _ = export_model(str(ckpt), "onnx", None, ["cifarkit."])
+        servers.append(start(onnx, root, "max_batch_size=1"))
+        images = root / "images"
+        images.mkdir()
+        for cls in ("cat", "dog", "frog"):
+            for f in sorted((image_folder / "test" / cls).glob("*"))[:2]:
+                (images / f"{cls}-{f.name}").write_bytes(f.read_bytes())
+        Image.new("RGB", (57, 41), (200, 30, 30)).save(images / "wide.jpeg", quality=90)
+        photo = Image.open(min((image_folder / "test" / "dog").glob("*"))).resize((64, 48))
+        exif = photo.getexif()
+        exif[0x0112] = 6  # Orientation: turn it upright
+        photo.save(images / "camera.jpg", exif=exif)
+        for server in servers:
+            wait_ready(server)
+        yield Setup(ckpt, onnx, sorted(images.iterdir()), *servers)
+    finally:
+        for server in servers:
+            if server.proc.poll() is None:
+                server.proc.terminate()
+                server.proc.wait(60)
+
+
+def predict_py(main, model: Path, images: list[Path], tmp_path: Path) -> dict[str, list]:
+    r = main("predict.py", [f"ckpt_path={model}", f"inputs={images[0].parent}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"])
+    assert r.code == 0, r.err
+    return {Path(row["path"]).name: row["top"] for row in map(json.loads, r.out.splitlines())}
+
+
+def assert_same(got: list, expected: list) -> None:
+    assert [c for c, _ in got] == [c for c, _ in expected]
+    assert [p for _, p in got] == pytest.approx([p for _, p in expected], abs=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["batched", "single"])
+def test_answers_are_predict_pys(kind: str, setup: Setup, main, tmp_path: Path) -> None:
+    """The .ckpt and the .onnx server each answer every file, raw or as a form upload, with the
+    top-3 classes and probabilities that predict.py prints for it."""
+    server, model = (setup.batched, setup.ckpt) if kind == "batched" else (setup.single, setup.onnx)
+    expected = predict_py(main, model, setup.images, tmp_path)
+    assert len(expected) == len(setup.images) == 8
+    for image in setup.images:
+        assert_same(server.top(image), expected[image.name])
+        upload = server.post(*form((image.name, image.read_bytes())))
+        assert upload.status == 200 and upload.body == {"top": server.top(image)}
+        assert len(expected[image.name]) == 3
+
+
+def test_concurrent_requests_share_a_forward_pass(setup: Setup) -> None:
+    """Requests that arrive together are answered by one forward pass (the batching server's
+    headers name the pass and its size), with the same answers as one at a time; without batching
+    every request has a pass of its own."""
+    for server, batched in ((setup.batched, True), (setup.single, False)):
+        alone = {image: server.top(image) for image in setup.images}
+        start = threading.Barrier(len(setup.images))
+
+        def ask(image: Path, server: Server = server, start: threading.Barrier = start) -> tuple[Path, Reply]:
+            start.wait()
+            return image, server.post(image.read_bytes())
+
+        with ThreadPoolExecutor(len(setup.images)) as pool:
+            replies = list(pool.map(ask, setup.images))
+        passes: dict[int, list[int]] = {}
+        for image, r in replies:
+            assert r.status == 200, r
+            assert_same(r.body["top"], alone[image])
+            passes.setdefault(int(r.headers["x-forward-pass"]), []).append(int(r.headers["x-batch-size"]))
+        for sizes in passes.values():  # each pass answered at most the images it held, all saying the same size
+            assert len(set(sizes)) == 1 and len(sizes) <= sizes[0], passes
+        if batched:
+            assert max(len(sizes) for sizes in passes.values()) > 1, f"no pass answered two requests: {passes}"
+        else:
+            assert all(sizes == [1] for sizes in passes.values()) and len(passes) == len(setup.images), passes
+
+
+def raw(server: Server, head: bytes, body: bytes = b"") -> Reply:
+    """One request written by hand on a socket (a Content-Length the body never reaches, chunks)."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
+        s.sendall(head + body)
+        r = http.client.HTTPResponse(s)
+        r.begin()
+        return Reply(r.status, json.loads(r.read()), {k.lower(): v for k, v in r.getheaders()})
+
+
+def bad_requests(server: Server, tmp_path: Path, good: bytes) -> dict[str, tuple[Callable[[], Reply], int, str]]:
+    """Each bad request (to send), the status it must get and a phrase its error must hold."""
+    big = MAX_BODY_MB * 2**20
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [good] + [b"\0" * 65536] * (big // 65536 + 1)) + b"0\r\n\r\n"
+    bomb, bomb2 = bomb_png(tmp_path / "bomb.png", 30_000, 30_000), bomb_png(tmp_path / "bomb2.png", 10_000, 10_000)
+    return {
+        "not an image": (lambda: server.post(b"just some text\n"), 400, "not an image file"),
+        "truncated": (lambda: server.post(good[: len(good) // 2]), 400, "cannot read the image"),
+        "bomb": (lambda: server.post(bomb.read_bytes()), 413, "too large to decode safely"),
+        "bomb (warning level)": (lambda: server.post(bomb2.read_bytes()), 413, "too large to decode safely"),
+        "empty": (lambda: server.post(b""), 400, "carries no image"),
+        "json": (lambda: server.post(b'{"image": 1}', "application/json"), 415, "is not an image"),
+        "GET": (lambda: call(urllib.request.Request(server.url + "/predict")), 405, "Method Not Allowed"),
+        "two files": (lambda: server.post(*form(("a.png", good), ("b.png", good))), 400, "one file, this one has 2"),
+        "no file": (lambda: server.post(*form()), 400, "one file, this one has 0"),
+        "unknown path": (lambda: server.post(good, path="/predict/v2"), 404, "Not Found"),
+        # 100 MB announced, 10 bytes sent: refused from the header, without waiting for the body
+        "announced too large": (lambda: raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                                    b"Content-Length: 104857600\r\n\r\n", good[:10]), 413, "over max_body_mb"),
+        "chunked too large": (lambda: raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                                                  b"Transfer-Encoding: chunked\r\n\r\n", chunks), 413, "over max_body_mb"),
+    }
+
+
+def test_bad_input_gets_a_4xx_and_the_server_goes_on(setup: Setup, tmp_path: Path) -> None:
+    image = setup.images[0]
+    expected = setup.batched.top(image)
+    for name, (send, status, phrase) in bad_requests(setup.batched, tmp_path, image.read_bytes()).items():
+        reply = send()
+        assert reply.status == status, (name, reply)
+        assert list(reply.body) == ["error"] and phrase in reply.body["error"] and "\n" not in reply.body["error"], (name, reply)
+        assert reply.headers["content-type"] == "application/json", (name, reply)
+        assert setup.batched.top(image) == expected, name
+    # a client that goes away halfway through its body: nothing to answer, no server error either
+    with socket.create_connection(("127.0.0.1", setup.batched.port), timeout=60) as s:
+        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n" + image.read_bytes()[:100])
+    assert setup.batched.top(image) == expected
+    # chunked and within the limit is fine
+    ok = raw(setup.batched, b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"%x\r\n%s\r\n0\r\n\r\n" % (len(image.read_bytes()), image.read_bytes()))
+    assert ok.status == 200 and ok.body["top"] == expected
+    log = setup.batched.log.read_text()
+    assert "Traceback" not in log and "Internal server error" not in log, log[-3000:]
+
+
+def test_page_health_and_address(setup: Setup) -> None:
+    with urllib.request.urlopen(setup.batched.url + "/", timeout=60) as r:
+        page = r.read().decode()
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
+    assert '<input id="file" type="file"' in page and "fetch(" in page
+    assert "http://" not in page and "https://" not in page  # no external assets
+    with urllib.request.urlopen(setup.batched.url + "/health", timeout=60) as r:
+        assert r.status == 200 and r.read() == b"ok"
+    # listening on 127.0.0.1 only (state 0A: LISTEN)
+    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:] if line.split()[3] == "0A"]
+    assert f"0100007F:{setup.batched.port:04X}" in listening
+    assert f"00000000:{setup.batched.port:04X}" not in listening
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)")
+def test_page_shows_the_top_classes(setup: Setup) -> None:
+    """In a real browser: choose a file, see it and its top classes as bars, as the API answers."""
+    from playwright.sync_api import sync_playwright
+
+    image = setup.images[-1]
+    expected = setup.batched.top(image)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(setup.batched.url + "/")
+            page.set_input_files("#file", str(image))
+            page.wait_for_selector(".row", timeout=60_000)
+            rows = page.eval_on_selector_all(".row", """rows => rows.map(r => [r.dataset.name, Number(r.dataset.p),
+                r.querySelector('.name').textContent, r.querySelector('.pct').textContent, r.querySelector('.bar').style.width])""")
+            assert page.get_attribute("#preview", "src").startswith("blob:")
+            assert page.text_content("#error") == ""
+        finally:
+            browser.close()
+    assert [[name, p] for name, p, *_ in rows] == expected
+    for (name, p, label, pct, width), _ in zip(rows, expected):
+        assert label == name and pct == f"{100 * p:.1f}%" and float(width.rstrip("%")) == pytest.approx(100 * p, abs=0.051)
+
+
+def test_bad_options_are_one_line(setup: Setup, tmp_path: Path) -> None:
+    """Refused before any server starts (and a crafted checkpoint too: test_checkpoints.py)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        cases = [
+            (["top_k=0"], "top_k=0 must be at least 1"),
+            (["max_batch_size=0"], "max_batch_size=0"),
+            (["batch_timeout=-1"], "batch_timeout=-1"),
+            (["max_body_mb=0"], "max_body_mb=0"),
+            (["threads=0"], "threads=0"),
+            (["batch_timeout=60"], "batch_timeout must be less than request_timeout"),  # LitServe's own check
+            (["port=80"], "port=80 must be from 1024 to 65535"),
+            (["host=localhost"], "host=localhost cannot be served"),
+            ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist"),
+            ([f"ckpt_path={tmp_path / 'missing.onnx'}"], "does not exist"),
+            ([f"port={taken.getsockname()[1]}"], f"port={taken.getsockname()[1]} cannot be used on 127.0.0.1"),
+        ]
+        for overrides, message in cases:
+            cfg = compose(tmp_path, [f"ckpt_path={setup.ckpt}", *overrides], "serve")
+            with pytest.raises(UserError, match=message) as e:
+                serve(cfg)
+            assert "\n" not in str(e.value)
+
+
+def test_without_the_serve_extra(tmp_path: Path) -> None:
+    code = f"import runpy, sys; sys.modules['litserve'] = None; sys.argv = ['serve.py', 'ckpt_path=x']; runpy.run_path({str(ROOT / 'serve.py')!r}, run_name='__main__')"
+    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr == 'error: serve.py needs the serve extra: pip install -e ".[serve]"\n' and r.stdout == ""
+
+
+def assert_all_gone(children: set[int]) -> None:
+    deadline = time.monotonic() + 30
+    while (left := [pid for pid in children if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not left, left
+
+
+def test_sigterm_stops_everything(setup: Setup) -> None:
+    """SIGTERM ends the server, its API process, inference worker and queue manager: exit 0, no
+    traceback. (Near the end of the module: it stops the shared server.)"""
+    server = setup.batched
+    children = descendants(server.proc.pid)
+    assert len(children) >= 3, children  # LitServe's inference worker, API process and manager at least
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(120) == 0
+    assert_all_gone(children)
+    log = server.log.read_text()
+    assert "Traceback" not in log and "SIGTERM: stopping the server" in log and "server stopped" in log, log[-3000:]
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        urllib.request.urlopen(server.url + "/health", timeout=5)
+
+
+def test_a_dead_worker_stops_the_server(setup: Setup) -> None:
+    """An inference worker killed from outside (the OOM killer) ends the whole server in one line,
+    exit 1, rather than leaving it up with nothing to answer. (Last: it stops the other server.)"""
+    server = setup.single
+    children = descendants(server.proc.pid)
+    (worker,) = [pid for pid in children if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    os.kill(worker, signal.SIGKILL)
+    assert server.proc.wait(120) == 1
+    assert_all_gone(children)
+    log = server.log.read_text()
+    assert log.rstrip().splitlines()[-1] == "error: the inference worker stopped (exit code -9; its log is above), so the server did"
+    assert "Traceback" not in log, log[-3000:]
