@@ -27,8 +27,12 @@ it times:
 
 Warm-up steps are excluded and every figure is the median of the rounds (the matmul peak: the
 best of them). ``--device`` picks the accelerator (default: the config's, a GPU when there is
-one; there every timed window has GPU_STEPS times the steps). It prints a table, then one JSON object as its last line. ``--override`` takes Hydra
-overrides of train.yaml (e.g. ``trainer.precision=32-true``), which is how the defaults were chosen.
+one; there every timed window has GPU_STEPS times the steps). It prints a table, then one JSON
+object as its last line. ``--override`` takes Hydra overrides of train.yaml (e.g.
+``trainer.precision=32-true``), which is how the defaults were chosen.
+
+Longer than the project's other files on purpose: the contenders are timed in one interleaved
+schedule, so they share one script; the loops being timed live in benchmarks/loops.py.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ precision, memory format and DeviceLoader batches) on full-size synthetic images
 ``model.compile`` true (inductor's default mode) and, on a CUDA GPU, ``reduce-overhead`` (CUDA
 graphs) and ``max-autotune``. The first steps (compilation included) are timed apart from the
 steady ones. The last line is one JSON object; ``headline_100_epochs_s`` projects the tutorial's
-100 epochs at batch 32 (45,000 training images a epoch) from each mode's steady step.
+100 epochs at batch 32 (45,000 training images an epoch) from each mode's steady step.
 """
 
 from __future__ import annotations

@@ -1,9 +1,10 @@
-"""Shared fixtures and helpers: tiny datasets in the real on-disk formats, configs, and the entry points.
+"""Shared fixtures and helpers: tiny datasets served as the real sources serve them, configs,
+and the entry points.
 
-* ``tiny_cifar10``: a CIFAR-10 tarball in torchvision's exact format (pickled batches,
-  batches.meta), served over HTTP on 127.0.0.1 with torchvision's URL and MD5 tables pointed
-  at it, so the real download, MD5 check and extraction code runs.
-* ``image_folder``: train/<class>/ and test/<class>/ with PNG and JPEG files of mixed sizes.
+* ``tiny_cifar10``, ``tiny_cifar100``, ``tiny_svhn``: the tiny official files of tiny_files.py,
+  served over HTTP on 127.0.0.1 (``served``) with torchvision's URL and MD5 tables pointed at
+  them, so the real download, MD5 check and extraction code runs.
+* ``image_folder``: tiny_files.write_image_folder's tree, once per session.
 * ``compose`` / ``compose_cfg``: a config as the entry points compose it, outputs under a temp folder.
 * ``main``: an entry point run in this process as its command line runs it (``python train.py
   ...``): exit code, stdout and stderr. ``run_cli`` runs it in a subprocess, for what is about
@@ -15,23 +16,18 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import http.server
 import importlib
 import logging
 import os
-import pickle
-import shutil
 import subprocess
 import sys
-import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning  # noqa: F401  imported before any test captures output: its log handler keeps the session's stderr
-import numpy as np
 import pytest
 import torch
 from hydra import compose as hydra_compose
@@ -40,28 +36,16 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
-from PIL import Image
 
 from cifarkit.cli import register_resolvers, run
 from cifarkit.loader import DeviceLoader
+from tiny_files import CLASSES3, write_cifar10_tarball, write_cifar100_tarball, write_image_folder, write_svhn_mats
 
 register_resolvers()  # the configs' ${lr_for_batch:...}, as the entry points register it
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
-CLASSES3 = ["cat", "dog", "frog"]
 ZERO, ONE = torch.zeros(3), torch.ones(3)
-
-
-def class_images(n: int, num_classes: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random images whose mean colour depends on the class (the same colours for every seed),
-    so a net can learn something that carries from train to test."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % num_classes
-    base = np.random.default_rng(0).integers(0, 256, size=(num_classes, 3), dtype=np.int64)
-    noise = rng.integers(-60, 61, size=(n, size, size, 3))
-    x = np.clip(base[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
-    return x, labels
 
 
 def random_images(n: int, seed: int = 0) -> torch.Tensor:
@@ -91,96 +75,72 @@ def device_loader(images: torch.Tensor, labels: torch.Tensor | None = None, **kw
 # Data on disk.
 
 
-def md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def write_cifar10_tarball(dest: Path, per_batch: int = 40, n_test: int = 100) -> dict:
-    """cifar-10-python.tar.gz as the official one is laid out; returns the MD5 tables."""
-    from cifarkit.sources import CIFAR10_CLASSES
-
-    build = dest / "build" / "cifar-10-batches-py"
-    build.mkdir(parents=True)
-
-    def batch(name: str, n: int, seed: int) -> None:
-        x, y = class_images(n, 10, 32, seed)
-        data = x.transpose(0, 3, 1, 2).reshape(n, 3072)  # rows of R plane, G plane, B plane
-        with open(build / name, "wb") as f:
-            pickle.dump({"batch_label": name, "labels": y.tolist(), "data": data, "filenames": []}, f)
-
-    for i in range(1, 6):
-        batch(f"data_batch_{i}", per_batch, seed=i)
-    batch("test_batch", n_test, seed=99)
-    with open(build / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": CIFAR10_CLASSES, "num_cases_per_batch": per_batch}, f)
-    tarball = dest / "cifar-10-python.tar.gz"
-    with tarfile.open(tarball, "w:gz") as tar:
-        tar.add(build, arcname="cifar-10-batches-py")
-    return {
-        "url": tarball.name,  # completed with the server's address by the fixture
-        "tgz_md5": md5(tarball),
-        "train_list": [[f"data_batch_{i}", md5(build / f"data_batch_{i}")] for i in range(1, 6)],
-        "test_list": [["test_batch", md5(build / "test_batch")]],
-        "meta": {"filename": "batches.meta", "key": "label_names", "md5": md5(build / "batches.meta")},
-    }
-
-
 class QuietHandler(http.server.SimpleHTTPRequestHandler):
     def log_message(self, *args: object) -> None:
         pass
 
 
 @pytest.fixture(scope="session")
-def cifar10_tables(tmp_path_factory: pytest.TempPathFactory):
-    src = tmp_path_factory.mktemp("cifar10-source")
-    tables = write_cifar10_tarball(src)
-    handler = functools.partial(QuietHandler, directory=str(src))
+def served(tmp_path_factory: pytest.TempPathFactory):
+    """(a folder, its URL): the folder served over HTTP on 127.0.0.1 for the whole session."""
+    root = tmp_path_factory.mktemp("served")
+    handler = functools.partial(QuietHandler, directory=str(root))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    tables["url"] = f"http://127.0.0.1:{server.server_address[1]}/{tables['url']}"
-    yield tables
+    yield root, f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
+
+
+def served_tables(served: tuple[Path, str], name: str, write: Any) -> dict:
+    """The tables of the files ``write(folder, url)`` writes into the served folder ``name``/."""
+    root, url = served
+    return write(root / name, f"{url}/{name}")
+
+
+@pytest.fixture(scope="session")
+def cifar10_tables(served: tuple[Path, str]) -> dict:
+    return served_tables(served, "cifar10", write_cifar10_tarball)
+
+
+@pytest.fixture(scope="session")
+def cifar100_tables(served: tuple[Path, str]) -> dict:
+    return served_tables(served, "cifar100", write_cifar100_tarball)
+
+
+@pytest.fixture(scope="session")
+def svhn_tables(served: tuple[Path, str]) -> dict:
+    return served_tables(served, "svhn", write_svhn_mats)
+
+
+def point_torchvision(dataset: type, tables: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """Point a torchvision dataset class at the tiny files (its URL and MD5 tables)."""
+    for key, value in tables.items():
+        monkeypatch.setattr(dataset, key, value)
+    return tables
 
 
 @pytest.fixture
 def tiny_cifar10(cifar10_tables: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
-    """Point torchvision's CIFAR10 at the tiny tarball (URL and every MD5)."""
+    """torchvision's CIFAR10 pointed at the tiny tarball."""
     from torchvision.datasets import CIFAR10
 
-    for key, value in cifar10_tables.items():
-        monkeypatch.setattr(CIFAR10, key, value)
-    return cifar10_tables
+    return point_torchvision(CIFAR10, cifar10_tables, monkeypatch)
 
 
-def write_image_folder(root: Path, n_train: int = 24, n_test: int = 12, classes: list[str] = CLASSES3) -> Path:
-    """PNG and JPEG files, most 32x32, some 40x40 (resized on load)."""
-    for split, n, seed in (("train", n_train, 1), ("test", n_test, 2)):
-        x, y = class_images(n * len(classes), len(classes), 40, seed)
-        for i, (img, label) in enumerate(zip(x, y)):
-            d = root / split / classes[label]
-            d.mkdir(parents=True, exist_ok=True)
-            im = Image.fromarray(img)
-            if i % 3 == 0:
-                im.save(d / f"{i:04d}.png")  # 40x40: resized to 32
-            elif i % 3 == 1:
-                im.resize((32, 32)).save(d / f"{i:04d}.jpg", quality=95)
-            else:
-                im.resize((32, 32)).save(d / f"{i:04d}.png")
-    return root
+@pytest.fixture
+def tiny_cifar100(cifar100_tables: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """torchvision's CIFAR100 pointed at the tiny tarball (train 120, test 60 images; cifar100_split)."""
+    from torchvision.datasets import CIFAR100
+
+    return point_torchvision(CIFAR100, cifar100_tables, monkeypatch)
 
 
-# What macOS writes as ``._name.jpg`` beside a file copied to a non-Mac disk: not an image.
-APPLEDOUBLE = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        "
+@pytest.fixture
+def tiny_svhn(svhn_tables: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """torchvision's SVHN pointed at the tiny .mat files (train 60, test 30, extra 40; svhn_split)."""
+    from torchvision.datasets import SVHN
 
-
-def hide_metadata_beside(root: Path) -> None:
-    """What macOS and tools leave in a folder: ``._`` twins, .DS_Store, a hidden folder of a real image."""
-    for p in sorted(root.rglob("*.*")):
-        (p.parent / f"._{p.name}").write_bytes(APPLEDOUBLE)
-        (p.parent / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
-        hidden = p.parent / ".thumbnails" / p.name
-        hidden.parent.mkdir(exist_ok=True)
-        shutil.copy(p, hidden)
+    return point_torchvision(SVHN, svhn_tables, monkeypatch)
 
 
 @pytest.fixture(scope="session")
@@ -249,6 +209,7 @@ ENTRY_POINTS = {  # script: (module, task, config name)
     "eval.py": ("cifarkit.train", "evaluate", "eval"),
     "predict.py": ("cifarkit.predict", "predict", "predict"),
     "export.py": ("cifarkit.export", "export", "export"),
+    "serve.py": ("cifarkit.serve", "serve", "serve"),
 }
 
 

@@ -38,14 +38,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import ENTRY_POINTS, FAST, Payload, craft_checkpoint, error_line, folder_overrides
+from conftest import FAST, Payload, craft_checkpoint, error_line, folder_overrides
 from PIL import Image
 
 from cifarkit.checkpoints import check_net_config, read_checkpoint
 from cifarkit.errors import UserError
 from cifarkit.model import BasicCNN
 
-ENTRY_POINTS.setdefault("serve.py", ("cifarkit.serve", "serve", "serve"))
 # serve.py is given a port that is taken: had a crafted checkpoint not been refused first, it would
 # stop there (failing the test) rather than serve.
 TAKEN = socket.create_server(("127.0.0.1", 0))

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, error_line, folder_overrides, no_validation_warnings, run_cli, run_dirs, write_image_folder
+from conftest import FAST, error_line, folder_overrides, no_validation_warnings, run_cli, run_dirs
+from tiny_files import write_image_folder
 
 from cifarkit.checkpoints import SavedNet
 

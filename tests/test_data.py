@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    APPLEDOUBLE, CLASSES3, FAST, class_images, datamodule, error_line, folder_overrides, hide_metadata_beside, write_image_folder,
-)
+from conftest import FAST, datamodule, error_line, folder_overrides
 from hydra.errors import InstantiationException
 from PIL import Image
+from tiny_files import APPLEDOUBLE, CLASSES3, class_images, hide_metadata_beside, write_image_folder
 
 from cifarkit import datamodule as datamodule_module
 from cifarkit.errors import UserError

@@ -19,7 +19,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import CLASSES3, FAST, ROOT, class_images, compose, folder_overrides, run_dirs
+from conftest import FAST, ROOT, compose, folder_overrides, run_dirs
+from tiny_files import CLASSES3, class_images
 from PIL import Image
 
 from cifarkit.checkpoints import SavedNet

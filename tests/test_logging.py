@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CLASSES3, FAST, folder_overrides
+from conftest import FAST, folder_overrides
+from tiny_files import CLASSES3
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
@@ -20,6 +21,7 @@ from hydra.utils import instantiate
 from cifarkit import pictures
 from cifarkit.metrics import per_class
 from cifarkit.pictures import confusion_figure, render
+from cifarkit.sources import CIFAR100_FINE
 from cifarkit.train import train
 
 
@@ -143,11 +145,27 @@ def test_confusion_figure_shows_row_shares_and_counts() -> None:
     assert [t.get_text() for t in ax.get_yticklabels()] == CLASSES3
 
 
-def test_confusion_figure_many_classes() -> None:
-    """100 classes (CIFAR-100 style) draw without per-cell numbers and without error."""
-    counts = torch.randint(0, 5, (100, 100), generator=torch.Generator().manual_seed(0))
-    fig = confusion_figure(counts, [f"c{i}" for i in range(100)])
-    assert not fig.axes[0].texts
-    image = render(fig)
-    assert image.ndim == 3 and image.shape[2] == 3
-    assert colours(image) > 50
+@pytest.mark.parametrize("n", [100, 300])
+def test_confusion_figure_many_classes_stays_readable(n: int) -> None:
+    """100 classes (CIFAR-100): no per-cell numbers, every class named on both axes in a 6-pt font,
+    one label per cell, no two labels overlapping, all inside a picture under 2,000 pixels a side.
+    300 classes: only every k-th class named (the picture capped), under the same rules."""
+    classes = CIFAR100_FINE if n == 100 else [f"class_{i}" for i in range(n)]
+    counts = torch.randint(0, 5, (n, n), generator=torch.Generator().manual_seed(0))
+    fig = confusion_figure(counts, classes)
+    ax = fig.axes[0]
+    assert not ax.texts
+    assert np.allclose(ax.images[0].get_array(), (counts / counts.sum(1, keepdim=True)).numpy(), atol=1e-6)
+    image = render(fig)  # drawn: the labels' places are known
+    assert colours(image) > 50 and max(image.shape[:2]) <= (2000 if n == 100 else 2400)
+    renderer = fig.canvas.get_renderer()
+    cell = ax.get_window_extent(renderer).height / n  # pixels per class
+    for labels, lo, hi in ((ax.get_yticklabels(), "y0", "y1"), (ax.get_xticklabels(), "x0", "x1")):
+        names = [t.get_text() for t in labels]
+        step = 1 if n == 100 else 2
+        assert names == classes[::step]
+        assert all(t.get_fontsize() >= 6 for t in labels)
+        boxes = sorted((t.get_window_extent(renderer) for t in labels), key=lambda b: getattr(b, lo))
+        assert all(getattr(a, hi) <= getattr(b, lo) for a, b in zip(boxes, boxes[1:])), "labels overlap"
+        assert all(b.x0 >= 0 and b.y0 >= 0 and b.x1 <= image.shape[1] and b.y1 <= image.shape[0] for b in boxes)
+        assert all(getattr(b, hi) - getattr(b, lo) <= step * cell for b in boxes)  # a label fits its row or column

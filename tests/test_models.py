@@ -1,20 +1,27 @@
-"""The airbench and ResNet-18 nets: sizes, whitening, weights that survive a rebuild, one training step."""
+"""The nets: airbench's and ResNet-18's sizes, whitening, weights that survive a rebuild, one
+training step; timm's nets behind TimmNet: families, CIFAR stems, bad options, trusted rebuilds."""
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, add_callback, folder_overrides
+from conftest import FAST, Payload, add_callback, craft_checkpoint, error_line, folder_overrides, run_dirs
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import nn
 
-from cifarkit.checkpoints import build_net
-from cifarkit.images import normalize
-from cifarkit.model import AirbenchNet, ResNet18
+from cifarkit.checkpoints import SavedNet, build_net
+from cifarkit.errors import UserError
+from cifarkit.images import load_image, normalize
+from cifarkit.model import AirbenchNet, ResNet18, TimmNet
 from cifarkit.train import train
 
 NETS = [AirbenchNet, ResNet18]
@@ -135,3 +142,135 @@ def test_train_whitens_airbench_from_the_training_split(image_folder: Path, comp
     out = torch.nn.functional.conv2d(seen["images"].double(), w[:12].double())  # (N, 12, 31, 31)
     cov = torch.cov(out.transpose(0, 1).reshape(12, -1))
     assert torch.allclose(cov, torch.eye(12, dtype=torch.float64), atol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Nets from timm (cifarkit.model.TimmNet).
+
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason='timm is an optional extra: pip install -e ".[timm]"')
+
+
+@needs_timm
+@pytest.mark.parametrize(
+    "name,cifar_stem,features",  # the last feature map's side on 32x32 images
+    [("resnet18", True, 4), ("resnet18", False, 1), ("resnet10t", True, 4), ("vit_tiny_patch16_224", True, None),
+     ("mobilenetv3_small_050", False, 1)],
+)
+def test_timm_families_build_for_32px_images(name: str, cifar_stem: bool, features: int | None) -> None:
+    """Each family builds with the data's class count and takes 32x32 images; the CIFAR stems are the documented ones."""
+    net = TimmNet(name, num_classes=7, image_size=32, cifar_stem=cifar_stem)
+    x = torch.randn(2, 3, 32, 32)
+    assert net(x).shape == (2, 7) and net.training
+    if features is not None:  # a ResNet's CIFAR stem keeps 4x the resolution per side: 4x4 at the end, not 1x1
+        assert net.model.forward_features(x).shape[-2:] == (features, features)
+    if name.startswith("resnet") and cifar_stem:  # resnet10t's deep stem too
+        assert net.model.conv1.kernel_size == (3, 3) and net.model.conv1.stride == (1, 1)
+        assert isinstance(net.model.maxpool, nn.Identity)
+    if name.startswith("vit"):  # 4-pixel patches at the data's size: 64 tokens
+        assert net.model.patch_embed.patch_size == (4, 4) and net.model.patch_embed.num_patches == 64
+
+
+@needs_timm
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        ({"name": "os.system"}, r"model.net.name='os.system' is not a timm model; .*timm.list_models\(\)"),
+        ({"name": "resnet18.a1_in1k"}, "is not a timm model"),  # a pretrained tag: nothing pretrained here
+        ({"name": "resnet18", "pretrained": True}, r"model.net.pretrained is an option of timm's factory"),
+        ({"name": "resnet18", "checkpoint_path": "weights.pth"}, r"model.net.checkpoint_path is an option of timm's factory"),
+        ({"name": "convnext_atto", "cifar_stem": True}, r"cifar_stem=true: convnext_atto .*set model.net.cifar_stem=false"),
+        ({"name": "vit_tiny_patch16_224"}, r"does not take 32x32 images .*cifar_stem=true for a ViT"),
+    ],
+)
+def test_timm_bad_options_are_one_line(args: dict, message: str) -> None:
+    with pytest.raises(UserError, match=message) as e:
+        TimmNet(**{"num_classes": 3, "image_size": 32, "cifar_stem": False, **args})
+    assert "\n" not in str(e.value)
+
+
+def test_timm_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails, as where it is not installed
+    with pytest.raises(UserError, match=r'model=timm needs timm .*pip install -e "\.\[timm\]"'):
+        TimmNet("resnet18", num_classes=3, image_size=32, cifar_stem=True)
+
+
+@needs_timm
+def test_timm_trains_and_its_checkpoint_rebuilds_in_eval_and_predict(image_folder: Path, tmp_path: Path, main) -> None:
+    """One batch of model=timm, then eval.py and predict.py rebuild the net from the checkpoint
+    under the trust rules and give the trained net's own outputs."""
+    data = folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}"]
+    r = main("train.py", FAST + data + ["model=timm", "model.net.name=resnet10t", "+trainer.limit_train_batches=1",
+                                        "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"])
+    assert r.code == 0, r.err[-3000:]
+    (run,) = run_dirs(tmp_path / "logs")
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 1
+    ckpt = run / "checkpoints" / "last.ckpt"
+    saved = SavedNet.read(ckpt)
+    assert saved.net_config == {"_target_": "cifarkit.model.TimmNet", "name": "resnet10t", "cifar_stem": True, "image_size": 32}
+    net = saved.rebuild(["cifarkit."])
+    assert isinstance(net, TimmNet) and torch.equal(net.state_dict()["model.conv1.weight"], saved.weights["model.conv1.weight"])
+
+    r = main("eval.py", ["trainer=cpu", f"ckpt_path={ckpt}", *data])
+    assert r.code == 0, r.err[-3000:]
+    image = next((image_folder / "test" / "dog").glob("*"))
+    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={image}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"])
+    assert r.code == 0, r.err[-3000:]
+    (row,) = [json.loads(line) for line in r.out.splitlines()]
+    x = torch.from_numpy(load_image(image, 32).copy()).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        probs = net(normalize(x, torch.tensor(saved.data.mean), torch.tensor(saved.data.std))).softmax(1)[0]
+    assert [p for _, p in row["top"]] == pytest.approx(sorted(probs.tolist(), reverse=True), abs=1e-5)
+
+
+def write_foreign_config(folder: Path) -> None:
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architecture": "resnet18", "num_classes": 5}')
+
+
+@needs_timm
+def test_a_local_dir_name_is_live_without_the_check(tmp_path: Path) -> None:
+    """The witness: timm itself honours a ``local-dir:`` name, building what a foreign file says."""
+    import timm
+
+    write_foreign_config(tmp_path / "evil")
+    assert timm.create_model(f"local-dir:{tmp_path / 'evil'}", pretrained=False).num_classes == 5
+
+
+HOSTILE_NAMES = {
+    "dotted_path": "os.system",
+    "hub_config": "hf-hub:timm/resnet18.a1_in1k",  # timm would fetch a config from the Hugging Face hub
+    "local_config": "local-dir:{tmp}/evil",  # timm would read {tmp}/evil/config.json
+    "interpolation": "${oc.create:{_target_: numpy.savetxt, _args_: ['{tmp}/canary', [1]]}}",
+}
+
+
+@needs_timm
+@pytest.mark.parametrize("case", [*HOSTILE_NAMES, "factory_option"])
+def test_crafted_timm_checkpoint_is_refused_before_timm_builds_anything(case: str, tmp_path: Path, main, monkeypatch) -> None:
+    """A checkpoint naming the trusted wrapper with a hostile ``name`` (or a factory option that
+    loads a file) is refused in one line, and timm's factory is never called."""
+    import timm
+
+    calls: list[tuple] = []
+
+    @functools.wraps(timm.create_model)  # its signature too: TimmNet reads the factory's options from it
+    def spy(*args: Any, **kwargs: Any) -> None:
+        calls.append(args)
+
+    monkeypatch.setattr(timm, "create_model", spy)
+    write_foreign_config(tmp_path / "evil")
+    torch.save(Payload(tmp_path / "canary"), tmp_path / "payload.pt")  # what checkpoint_path would load
+    net = {"_target_": "cifarkit.model.TimmNet", "name": "resnet18", "image_size": 32, "cifar_stem": True}
+    if case == "factory_option":
+        net["checkpoint_path"] = str(tmp_path / "payload.pt")
+    else:
+        net["name"] = HOSTILE_NAMES[case].replace("{tmp}", str(tmp_path))
+    ckpt = craft_checkpoint(tmp_path / "crafted.ckpt", net, {"model.fc.weight": torch.zeros(3, 512)})
+    image = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(image)
+    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={image}", f"paths.log_dir={tmp_path / 'logs'}"])
+    assert r.code == 1 and r.out == ""
+    last = error_line(r.err)
+    expected = {"interpolation": "holds an interpolation", "factory_option": "model.net.checkpoint_path is an option of timm's factory"}
+    assert expected.get(case, f"model.net.name={net['name']!r} is not a timm model") in last, last
+    assert not calls and not (tmp_path / "canary").exists()

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CLASSES3, FAST, craft_checkpoint, folder_overrides, hide_metadata_beside
+from conftest import FAST, craft_checkpoint, folder_overrides
+from tiny_files import CLASSES3, hide_metadata_beside
 from PIL import Image
 
 from cifarkit.checkpoints import SavedNet

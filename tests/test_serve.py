@@ -6,6 +6,9 @@ most tests: the .ckpt with batching (up to 8 images a pass) and its ONNX export 
 passes between concurrent requests (the pass number and size come back in headers), refuse bad
 input with a 4xx and one line while going on serving, and stop on SIGTERM with no process left.
 The page is driven in Debian's Chromium by Playwright.
+
+Longer than the other test modules on purpose: starting the two servers takes most of its time,
+so every test that talks to them shares this module's one setup.
 """
 
 from __future__ import annotations

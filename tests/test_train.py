@@ -11,7 +11,8 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import open_dict
-from conftest import FAST, add_callback, folder_overrides, no_validation_warnings, run_dirs, write_image_folder
+from conftest import FAST, add_callback, folder_overrides, no_validation_warnings, run_dirs
+from tiny_files import write_image_folder
 
 from cifarkit.devices import resolve_precision
 from cifarkit.errors import UserError

@@ -9,7 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 
 # The metrics train.py logs when it ends and shows beside the configuration in the HPARAMS tab.
@@ -119,7 +119,11 @@ def log_hyperparams(
     trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, metrics: dict[str, Any], budget_s: float | None
 ) -> None:
     """The run's configuration (``model/...``, ``data/...``, ``trainer/...``, flattened by
-    Lightning) beside its ``SUMMARY`` metrics in TensorBoard's HPARAMS tab (rank 0 writes)."""
+    Lightning) beside its ``SUMMARY`` metrics in TensorBoard's HPARAMS tab (rank 0 writes).
+
+    MLflow and W&B got the model's and the data's hyperparameters from Lightning when fitting
+    started, and every metric as it was logged: they get the ``trainer/...`` part only.
+    """
     params = {
         "model": dict(model.hparams),
         "data": dict(datamodule.hparams),
@@ -130,3 +134,5 @@ def log_hyperparams(
     for logger in trainer.loggers:
         if isinstance(logger, TensorBoardLogger) and summary:
             logger.log_hyperparams(params, summary, step=trainer.global_step)
+        elif isinstance(logger, (MLFlowLogger, WandbLogger)):
+            logger.log_hyperparams({"trainer": params["trainer"]})

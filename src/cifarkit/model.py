@@ -1,13 +1,18 @@
 """Networks. ``BasicCNN`` is the tutorial's BasicBlock CNN, layer for layer; ``AirbenchNet``
-is airbench94's net; ``ResNet18`` is ResNet-18 with a stem for 32x32 images."""
+is airbench94's net; ``ResNet18`` is ResNet-18 with a stem for 32x32 images; ``TimmNet`` is
+any timm net, untrained, behind a wrapper defined here so the checkpoint trust rules judge it."""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cifarkit.errors import UserError
 
 
 class BasicBlock(nn.Module):
@@ -232,3 +237,69 @@ class ResNet18(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.stages(self.stem(x)))
         return self.fc(torch.flatten(x, start_dim=1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Nets from timm (an optional extra). The wrapper is defined here, so a checkpoint naming it is
+# judged by the trust rules like the nets above (cifarkit/checkpoints.py); its arguments are
+# plain data, checked below before timm builds anything.
+
+VIT_MODULES = ("vision_transformer", "deit")  # timm's modules of VisionTransformer nets
+
+
+def _timm() -> Any:
+    try:
+        import timm
+    except ImportError as e:
+        raise UserError(f'model=timm needs timm ({e}); install the extra: pip install -e ".[timm]"') from e
+    return timm
+
+
+class TimmNet(nn.Module):
+    """A timm net built with ``num_classes`` outputs and never with pretrained weights, so
+    nothing is downloaded and a checkpoint rebuilds it from its own weights.
+
+    ``name`` must be one of ``timm.list_models()`` as listed: no pretrained tag, no ``hf-hub:``
+    or ``local-dir:`` source (which read a config from elsewhere). ``kwargs`` go to the net's
+    own constructor (e.g. ``drop_path_rate``, ``img_size``); timm's factory options
+    (``pretrained``, ``checkpoint_path``, ``cache_dir``, ...) are refused, since they load files.
+
+    ``cifar_stem`` keeps 32x32 images from shrinking to a few pixels before the first stage:
+    for timm's ResNet family (its ``ResNet`` class: resnet*, resnext*, seresnet*, ecaresnet*,
+    wide_resnet*, resnest*, skresnet*, res2net*) a 3x3 stride-1 first conv and no max pool, as
+    ``ResNet18`` above; for ViTs (timm's vision_transformer and deit modules) patches of 4
+    pixels at ``image_size``. Other families have none here: use ``cifar_stem=false`` (and pass
+    ``img_size`` to nets that fix their input size when built).
+    """
+
+    def __init__(self, name: str, num_classes: int, image_size: int, cifar_stem: bool, **kwargs: Any) -> None:
+        super().__init__()
+        timm = _timm()
+        if not isinstance(name, str) or name not in timm.list_models():
+            raise UserError(f"model.net.name={name!r} is not a timm model; list them with python -c 'import timm; print(timm.list_models())'")
+        factory = {*inspect.signature(timm.create_model).parameters, *inspect.signature(timm.models.build_model_with_cfg).parameters}
+        refused = sorted(k for k in kwargs if k in factory or k.startswith("pretrained"))
+        if refused:
+            raise UserError(f"model.net.{refused[0]} is an option of timm's factory, not of the net; TimmNet loads no weights or files (remove it)")
+        vit = timm.models.is_model_in_modules(name, VIT_MODULES)
+        if cifar_stem and vit:
+            kwargs = {"img_size": image_size, "patch_size": 4, **kwargs}
+        self.model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
+        if cifar_stem and not vit:
+            if not isinstance(self.model, timm.models.resnet.ResNet):
+                raise UserError(f"model.net.cifar_stem=true: {name} ({type(self.model).__name__}) has no CIFAR stem here "
+                                "(timm's ResNets and ViTs do); set model.net.cifar_stem=false")
+            width = self.model.bn1.num_features  # the stem's output width, deep stems included
+            self.model.conv1 = nn.Conv2d(3, width, kernel_size=3, padding=1, bias=False)
+            nn.init.kaiming_normal_(self.model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm starts its convs
+            self.model.maxpool = nn.Identity()
+        try:  # one image through, so a net that cannot take the data's images says so now, in one line
+            with torch.no_grad():
+                self.model.eval()(torch.zeros(1, 3, image_size, image_size))
+        except Exception as e:
+            raise UserError(f"timm's {name} does not take {image_size}x{image_size} images ({str(e).splitlines()[0]}); "
+                            "set model.net.cifar_stem=true for a ViT, or pass the size it needs, e.g. +model.net.img_size=...") from e
+        self.model.train()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)

@@ -5,7 +5,8 @@
 * ``confusion_matrix.png``: the test confusion matrix (row-normalized, with counts), drawn
   after testing.
 
-Both go to the run directory and, when a TensorBoard logger is attached, to its IMAGES tab.
+Both go to the run directory and to the run's loggers: TensorBoard's IMAGES tab, an MLflow
+run's artifacts, a W&B run's images.
 Figures are built on matplotlib's Agg canvas directly (no pyplot, no display needed).
 """
 
@@ -45,21 +46,40 @@ def samples_figure(images: torch.Tensor, labels: torch.Tensor, classes: list[str
     return fig
 
 
+COUNTS_UP_TO = 20  # classes whose cells still fit their counts
+LABEL_PT = 6.0  # the tick labels' font size beyond that
+MAX_SIDE_IN = 20.0  # the matrix's largest side: beyond 160 classes only every k-th class is named
+
+
 def confusion_figure(counts: torch.Tensor, classes: list[str]) -> Figure:
-    """Rows: true class, columns: predicted; colour = share of the row, text = count."""
+    """Rows: true class, columns: predicted; colour = share of the row, text = count.
+
+    Up to ``COUNTS_UP_TO`` classes each cell shows its count. Beyond, cells shrink to just fit a
+    6-pt label per row (CIFAR-100's 100 classes: every class named, about 1,500 pixels a side);
+    where even that would pass ``MAX_SIDE_IN``, the cells shrink further and only every k-th
+    class is named, so labels never overlap.
+    """
     counts = counts.cpu().to(torch.int64)
     rates = counts.float() / counts.sum(dim=1, keepdim=True).clamp(min=1)
     n = len(classes)
-    size = max(5.0, 0.55 * n + 2)
+    with_counts = n <= COUNTS_UP_TO
+    font = 8.0 if with_counts else LABEL_PT
+    label_gap = 1.5 * font / 72  # inches between two labels' baselines
+    cell = 0.55 if with_counts else min(label_gap, MAX_SIDE_IN / n)
+    step = math.ceil(label_gap / cell)
+    labels_in = 0 if with_counts else max(map(len, classes)) * 0.6 * font / 72  # room the longest name needs
+    size = max(5.0, n * cell + labels_in + 2)
     fig = Figure(figsize=(size, size), dpi=100)
     ax = fig.add_subplot()
     im = ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
-    ax.set_xticks(range(n), classes, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks(range(n), classes, fontsize=8)
-    ax.set_xlabel("predicted")
+    ticks = range(0, n, step)
+    names = [classes[i] for i in ticks]
+    ax.set_xticks(ticks, names, rotation=45 if with_counts else 90, ha="right" if with_counts else "center", fontsize=font)
+    ax.set_yticks(ticks, names, fontsize=font)
+    ax.set_xlabel("predicted" + (f" (one class in {step} named)" if step > 1 else ""))
     ax.set_ylabel("true")
-    if n <= 20:  # beyond that the numbers no longer fit in their cells
+    if with_counts:
         for t in range(n):
             for p in range(n):
                 colour = "white" if rates[t, p] > 0.5 else "black"
@@ -79,10 +99,16 @@ class RunPictures(L.Callback):
 
     def _publish(self, trainer: L.Trainer, name: str, fig: Figure) -> None:
         image = render(fig)
-        atomic_write(self.output_dir / f"{name}.png", lambda f: Image.fromarray(image).save(f, format="PNG"))
+        path = self.output_dir / f"{name}.png"
+        atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+        loggers = L.pytorch.loggers
         for logger in trainer.loggers:
-            if isinstance(logger, L.pytorch.loggers.TensorBoardLogger):
+            if isinstance(logger, loggers.TensorBoardLogger):
                 logger.experiment.add_image(name, image, trainer.global_step, dataformats="HWC")
+            elif isinstance(logger, loggers.MLFlowLogger):  # the file itself, as a run artifact
+                logger.experiment.log_artifact(logger.run_id, str(path))
+            elif isinstance(logger, loggers.WandbLogger):  # an image in the run's media
+                logger.log_image(name, [str(path)], step=trainer.global_step)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule

@@ -3,13 +3,16 @@
 Each is an ``ImageDataModule`` (cifarkit/datamodule.py) that says what its classes are, what
 identifies its files (the cache key) and how to decode them; everything after decoding is shared.
 
-* ``CIFAR10DataModule``: the official python batches, downloaded and MD5-checked by torchvision.
+* ``CIFAR10DataModule``, ``CIFAR100DataModule``, ``SVHNDataModule``: the official 32x32 files,
+  downloaded and MD5-checked by torchvision (``DownloadedDataModule`` says what to do when
+  they are missing, corrupt or cannot be fetched).
 * ``ImageFolderDataModule``: your own ``root/train/<class>/*`` and ``root/test/<class>/*`` images.
 """
 
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -22,56 +25,173 @@ from cifarkit.errors import UserError
 from cifarkit.images import IMAGE_SUFFIXES, is_hidden, load_image
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# CIFAR-100's names as its meta file lists them (checked against it when decoding). They are
+# written out because the model is built from the classes before any file is fetched.
+CIFAR100_FINE = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
+can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant
+flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree
+motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
+porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel
+streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale
+willow_tree wolf woman worm""".split()
+CIFAR100_COARSE = """aquatic_mammals fish flowers food_containers fruit_and_vegetables household_electrical_devices
+household_furniture insects large_carnivores large_man-made_outdoor_things large_natural_outdoor_scenes
+large_omnivores_and_herbivores medium_mammals non-insect_invertebrates people reptiles small_mammals trees vehicles_1
+vehicles_2""".split()
+SVHN_CLASSES = [str(digit) for digit in range(10)]
 
 
-class CIFAR10DataModule(ImageDataModule):
-    """The official CIFAR-10 files in ``data_dir``, fetched there when ``download`` (torchvision
-    verifies every file's MD5 either way when downloading is allowed)."""
+class DownloadedDataModule(ImageDataModule):
+    """Official 32x32 files in ``data_dir``, fetched there when ``download``. torchvision checks
+    every file's MD5 whenever it opens them, and fetches what is missing or corrupt when allowed."""
+
+    title = ""  # the dataset's name in messages
+    key = ""  # the cache key's prefix
+    files = ""  # what to put in data_dir by hand
 
     def __init__(self, data_dir: str, download: bool, **kwargs: Any) -> None:
         if kwargs["image_size"] != 32:
-            raise UserError(f"CIFAR-10 images are 32x32, not data.image_size={kwargs['image_size']}; use data=image_folder to resize")
+            raise UserError(f"{self.title} images are 32x32, not data.image_size={kwargs['image_size']}; use data=image_folder to resize")
         super().__init__(**kwargs)
         self.data_dir, self.download = Path(data_dir), download
+
+    def _splits(self) -> tuple[str, ...]:
+        """The file sets ``_open`` opens; all are checked before decoding."""
+        return ("train", "test")
+
+    def _open(self, split: str) -> Any:
+        """torchvision's dataset of ``split`` in ``data_dir`` (downloading when allowed)."""
+        raise NotImplementedError
+
+    def _source_key(self) -> str:
+        return f"{self.key}:{self.data_dir.resolve()}"
+
+    def _dataset(self, split: str) -> Any:
+        try:
+            return self._open(split)
+        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" / "File not found or corrupted"
+            fix = (f"delete the corrupt files to download them again, or put {self.files} there and run with data.download=false"
+                   if self.download else f"put {self.files} there, or run with data.download=true")
+            raise UserError(f"{self.title} in data.data_dir={self.data_dir} is missing or corrupt ({e}); {fix}") from e
+        except OSError as e:  # no network, DNS failure, HTTP error
+            raise UserError(
+                f"could not download {self.title} into data.data_dir={self.data_dir} ({e.__class__.__name__}: {e}); "
+                f"put {self.files} there and run with data.download=false"
+            ) from e
+
+    def prepare_data(self) -> None:
+        if self.download or not self.cache_file.exists():
+            # Always verify the files when downloading is allowed; the cache alone is trusted otherwise.
+            for split in self._splits():
+                self._dataset(split)
+        super().prepare_data()
+
+
+class CIFAR10DataModule(DownloadedDataModule):
+    """The official CIFAR-10 python batches."""
+
+    title, key, files = "CIFAR-10", "cifar10", "the extracted 'cifar-10-batches-py' folder"
 
     @property
     def classes(self) -> list[str]:
         return CIFAR10_CLASSES
 
-    def _source_key(self) -> str:
-        return f"cifar10:{self.data_dir.resolve()}"
-
-    def _dataset(self, train: bool) -> Any:
+    def _open(self, split: str) -> Any:
         from torchvision.datasets import CIFAR10
 
-        fix = f"check data.data_dir={self.data_dir}"
-        try:
-            if self.download:
-                CIFAR10(str(self.data_dir), train=train, download=True)  # verifies MD5s, fetches if needed
-            return CIFAR10(str(self.data_dir), train=train, download=False)
-        except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" / "File not found or corrupted"
-            how = fix + (" or run with data.download=true" if not self.download else " (delete it to download again)")
-            raise UserError(f"CIFAR-10 in {self.data_dir} is missing or corrupt ({e}); {how}") from e
-        except OSError as e:  # no network, DNS failure, HTTP error
-            raise UserError(
-                f"could not download CIFAR-10 into {self.data_dir} ({e.__class__.__name__}: {e}); "
-                f"put the extracted 'cifar-10-batches-py' folder there and run with data.download=false"
-            ) from e
+        return CIFAR10(str(self.data_dir), train=split == "train", download=self.download)
 
     def _decode(self) -> dict[str, torch.Tensor]:
         out = {}
-        for split, train in (("train", True), ("test", False)):
-            ds = self._dataset(train)
+        for split in self._splits():
+            ds = self._dataset(split)
             out[f"{split}_x"] = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()
             out[f"{split}_y"] = torch.tensor(ds.targets, dtype=torch.int64)
         return out
 
-    def prepare_data(self) -> None:
-        if self.download or not self.cache_file.exists():
-            # Always verify the files when downloading is allowed; the cache alone is trusted otherwise.
-            for train in (True, False):
-                self._dataset(train)
-        super().prepare_data()
+
+def _unpickle(path: Path) -> dict:
+    """One of CIFAR's python pickles, read as torchvision reads them (after it checked its MD5)."""
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="latin1")
+
+
+class CIFAR100DataModule(CIFAR10DataModule):
+    """The official CIFAR-100 python batches: ``labels=fine`` (100 classes) or ``coarse`` (their
+    20 superclasses). torchvision reads only the fine labels; the coarse ones and both name
+    lists are read here from the same verified files."""
+
+    title, key, files = "CIFAR-100", "cifar100", "the extracted 'cifar-100-python' folder"
+
+    def __init__(self, labels: str, **kwargs: Any) -> None:
+        if labels not in ("fine", "coarse"):
+            raise UserError(f"unknown data.labels={labels!r}; use data.labels=fine (100 classes) or data.labels=coarse (20 superclasses)")
+        super().__init__(**kwargs)
+        self.labels = labels
+
+    @property
+    def classes(self) -> list[str]:
+        return CIFAR100_FINE if self.labels == "fine" else CIFAR100_COARSE
+
+    def _open(self, split: str) -> Any:
+        from torchvision.datasets import CIFAR100
+
+        return CIFAR100(str(self.data_dir), train=split == "train", download=self.download)
+
+    def _source_key(self) -> str:
+        return f"{super()._source_key()}:{self.labels}"
+
+    def _decode(self) -> dict[str, torch.Tensor]:
+        from torchvision.datasets import CIFAR100
+
+        out = super()._decode()  # every file verified, the fine labels read
+        folder = self.data_dir / CIFAR100.base_folder
+        names = _unpickle(folder / CIFAR100.meta["filename"])[f"{self.labels}_label_names"]
+        if names != self.classes:
+            raise UserError(f"{folder} lists other {self.labels} class names than CIFAR-100's; delete it to download it again")
+        if self.labels == "coarse":
+            for split, files in (("train", CIFAR100.train_list), ("test", CIFAR100.test_list)):
+                coarse = [label for name, _ in files for label in _unpickle(folder / name)["coarse_labels"]]
+                out[f"{split}_y"] = torch.tensor(coarse, dtype=torch.int64)
+        return out
+
+
+class SVHNDataModule(DownloadedDataModule):
+    """The official SVHN cropped digits (.mat files, read with scipy): train and test, plus the
+    531,131 easier ``extra`` images added to training when ``extra``. The files label the digit
+    0 as 10; torchvision maps it to 0, so class ``"d"`` is digit d."""
+
+    title, key = "SVHN", "svhn"
+
+    def __init__(self, extra: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.extra = extra
+        self.files = "train_32x32.mat, test_32x32.mat and extra_32x32.mat" if extra else "train_32x32.mat and test_32x32.mat"
+
+    @property
+    def classes(self) -> list[str]:
+        return SVHN_CLASSES
+
+    def _splits(self) -> tuple[str, ...]:
+        return ("train", "test", "extra") if self.extra else ("train", "test")
+
+    def _open(self, split: str) -> Any:
+        from torchvision.datasets import SVHN
+
+        return SVHN(str(self.data_dir), split=split, download=self.download)
+
+    def _source_key(self) -> str:
+        return f"{super()._source_key()}:extra={self.extra}"
+
+    def _decode(self) -> dict[str, torch.Tensor]:
+        parts = {split: self._dataset(split) for split in self._splits()}  # data: (N, 3, 32, 32) uint8
+        train = [parts["train"], *([parts["extra"]] if self.extra else [])]
+        return {
+            "train_x": torch.from_numpy(np.concatenate([ds.data for ds in train])),
+            "train_y": torch.from_numpy(np.concatenate([ds.labels for ds in train])).to(torch.int64),
+            "test_x": torch.from_numpy(np.ascontiguousarray(parts["test"].data)),
+            "test_y": torch.from_numpy(parts["test"].labels).to(torch.int64),
+        }
 
 
 class ImageFolderDataModule(ImageDataModule):
