@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.files import DiskFull, atomic_write, write_metrics
-from cifarkit.resume import find_unfinished
+from cifarkit.resume import find_unfinished, is_running
 
 RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
 
@@ -68,18 +68,83 @@ def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder
     assert again.code == 0 and "no unfinished run of this configuration" in again.err and len(run_dirs(tmp_path / "logs")) == 2
 
 
-def test_auto_looks_for_the_same_configuration_only(tmp_path: Path) -> None:
-    """An unfinished run of another configuration (here another seed) is not this run's."""
-    cfg = compose(tmp_path, ["trainer=cpu", "seed=1"])
-    run = tmp_path / "runs" / "earlier"
+def unfinished_run(run: Path, cfg) -> Path:
+    """A run directory of ``cfg`` that stopped after saving last.ckpt."""
     (run / ".hydra").mkdir(parents=True)
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
     (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    assert find_unfinished(tmp_path / "runs", cfg) == (run, run / "checkpoints" / "last.ckpt")
-    assert find_unfinished(tmp_path / "runs", compose(tmp_path, ["trainer=cpu", "seed=2"])) is None
+    return run
+
+
+def test_auto_looks_for_the_same_configuration_only(tmp_path: Path) -> None:
+    """An unfinished run of another configuration (here another seed) is not this run's."""
+    cfg = compose(tmp_path, ["trainer=cpu", "seed=1"])
+    run = unfinished_run(tmp_path / "runs" / "earlier", cfg)
+    assert find_unfinished(tmp_path / "runs", cfg) == ((run, run / "checkpoints" / "last.ckpt"), [])
+    assert find_unfinished(tmp_path / "runs", compose(tmp_path, ["trainer=cpu", "seed=2"])) == (None, [])
     write_metrics(run, {"status": "completed"})
-    assert find_unfinished(tmp_path / "runs", cfg) is None  # finished
+    assert find_unfinished(tmp_path / "runs", cfg) == (None, [])  # finished
+
+
+def hold_in_another_process(run: Path) -> subprocess.Popen:
+    """A process that holds ``run``'s lock as a training run's rank 0 does, until it is killed."""
+    code = "import sys, time; from cifarkit.resume import hold_run; f = hold_run(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def test_auto_leaves_a_run_that_is_still_training_alone(image_folder: Path, tmp_path: Path, main, monkeypatch) -> None:
+    """While another process holds an interrupted run's lock (as its rank 0 does while it trains),
+    ckpt_path=auto starts a new run beside it and names it, and a command aimed at its directory
+    stops in one line without touching it; once that process is SIGKILLed the OS frees the lock
+    and auto continues the run."""
+    argv = args(image_folder, tmp_path, "logs", "ckpt_path=auto")
+    add_callback(monkeypatch, SignalAt(2))
+    assert main("train.py", argv).code == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    (run,) = run_dirs(tmp_path / "logs")
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    holder = hold_in_another_process(run)
+    try:
+        assert find_unfinished(run.parent, cfg) == (None, [run])
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        r = main("train.py", argv)
+        assert r.code == 0, r.err[-3000:]
+        assert f"under {run.parent} (1 still training, left alone: {run}); starting a new one" in r.err
+        assert len(run_dirs(tmp_path / "logs")) == 2
+        r = main("train.py", argv + [f"hydra.run.dir={run}"])
+        assert r.code == 1
+        assert error_line(r.err) == (f"error: another process is still training in {run}; let it finish or stop it first, "
+                                     "or start a separate run (without hydra.run.dir)")
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing of it touched
+    finally:
+        holder.kill()
+        holder.wait()
+    r = main("train.py", argv)
+    assert r.code == 0 and f"ckpt_path=auto: continuing {run} from interrupted.ckpt" in r.err, r.err[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["status"] == "completed"
+
+
+class Look(L.Callback):
+    """Records, as training starts, whether the run directory is locked."""
+
+    def __init__(self) -> None:
+        self.locked: list[bool] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.locked.append(is_running(Path(trainer.checkpoint_callback.dirpath).parent))
+
+
+def test_a_run_holds_its_directory_while_it_trains(image_folder: Path, tmp_path: Path, main, monkeypatch) -> None:
+    """The lock is taken before training and given back when the command ends."""
+    look = Look()
+    add_callback(monkeypatch, look)
+    r = main("train.py", args(image_folder, tmp_path, "logs"))
+    assert r.code == 0, r.err[-3000:]
+    (run,) = run_dirs(tmp_path / "logs")
+    assert look.locked == [True] and (run / "run.lock").is_file() and not is_running(run)
 
 
 FAKE_SCONTROL = """#!/bin/sh

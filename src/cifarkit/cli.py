@@ -28,9 +28,9 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from cifarkit.errors import TrainingStopped, UserError
+from cifarkit.errors import RunInUse, TrainingStopped, UserError
 from cifarkit.files import DiskFull, disk_full, write_metrics
-from cifarkit.resume import AUTO, find_unfinished
+from cifarkit.resume import AUTO, find_unfinished, hold_run, in_use, is_running
 from cifarkit.sweep import study_seed
 
 log = logging.getLogger(__name__)
@@ -125,12 +125,13 @@ def auto_resume(cfg: DictConfig) -> list[str]:
     of this configuration in its own directory, or start a new one; says which in one line.
     (A sweep's job looks in its own directory instead: cifarkit.train.)"""
     runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
-    found = find_unfinished(runs, cfg)
+    found, running = find_unfinished(runs, cfg)
+    busy = f" ({len(running)} still training, left alone: {', '.join(map(str, running))})" if running else ""
     if found is None:
-        print(f"ckpt_path=auto: no unfinished run of this configuration under {runs}; starting a new one", file=sys.stderr)
+        print(f"ckpt_path=auto: no unfinished run of this configuration under {runs}{busy}; starting a new one", file=sys.stderr)
         return ["ckpt_path=null"]
     run_dir, ckpt = found
-    print(f"ckpt_path=auto: continuing {run_dir} from {ckpt.name}", file=sys.stderr)
+    print(f"ckpt_path=auto: continuing {run_dir} from {ckpt.name}{busy}", file=sys.stderr)
     return [f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"]
 
 
@@ -146,7 +147,10 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
 
     def wrapper(cfg: DictConfig) -> Any:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        out, lock = _output_dir(), None
         try:
+            if out is not None and _global_zero():  # the run directory is this process's while it lives
+                lock = hold_run(out)
             return task(cfg)
         except TrainingStopped as e:
             _mark_failed("failed" if e.exit_code == 1 else "interrupted", str(e))
@@ -171,11 +175,15 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             if lost:
                 msg = (f"the DDP ranks lost each other ({msg[:200]}): a rank stalled or died; the checkpoints already "
                        "saved are intact; raise trainer.strategy.timeout.seconds if a step legitimately takes longer")
-            _mark_failed("failed", msg)
+            if not isinstance(e, RunInUse):  # that directory is another live run's
+                _mark_failed("failed", msg)
             if multirun:
                 (log.error if user else log.exception)("job failed: %s", msg)
                 return FAILED_JOB
             fail(msg)
+        finally:
+            if lock is not None:
+                lock.close()
 
     return wrapper
 
@@ -223,6 +231,10 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
     fixed_dir = any(a.startswith("hydra.run.dir=") for a in args)  # then every rank looks there (cifarkit.train)
     if cfg is not None and cfg.get("ckpt_path") == AUTO and not multirun and not fixed_dir and _global_zero():
         sys.argv = [*sys.argv, *auto_resume(cfg)]  # the last override of a key wins
+    if fixed_dir and not multirun and _global_zero():  # before Hydra writes its files there
+        run_dir = Path([a for a in args if a.startswith("hydra.run.dir=")][-1].split("=", 1)[1])
+        if is_running(run_dir):
+            fail(str(in_use(run_dir)))
     if not _global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
         sys.argv = [*sys.argv, "hydra.output_subdir=null"]
     hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

@@ -10,6 +10,10 @@ class UserError(Exception):
     """A problem with the user's input (data, paths, config); its message says how to fix it."""
 
 
+class RunInUse(UserError):
+    """Another live process trains in the run directory: this command writes nothing there."""
+
+
 class TrainingStopped(Exception):
     """Raised to end fit() early; cli.guarded turns it into one line and an exit code."""
 

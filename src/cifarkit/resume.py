@@ -10,19 +10,70 @@ interpolations unresolved), leaving out ``ckpt_path`` itself. A finished run is 
 ``cifarkit.cli`` asks before Hydra creates a run directory, so that the continued run writes into
 the old one (its checkpoints, logs and TensorBoard version); a job whose own directory already
 holds an unfinished run (a requeued SLURM job of a sweep) continues there (``own_run``).
+
+A run still training is not unfinished: its rank 0 holds an OS lock on ``run.lock`` in its
+directory for as long as the process lives (``hold_run``; released however the process ends,
+even by SIGKILL), and ``ckpt_path=auto`` leaves a locked run alone (``is_running``), so two
+commands never write one run directory. Where the OS has no ``fcntl`` (Windows) there is no lock.
 Lightning-free.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from cifarkit.errors import RunInUse
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
 AUTO = "auto"
 CANDIDATES = ("interrupted.ckpt", "hpc_ckpt_*.ckpt", "last.ckpt")
+LOCK = "run.lock"  # held by a training run's rank 0 while it lives
+
+
+def _try_lock(f: IO[str]) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def is_running(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir``'s lock: a run training there now."""
+    if fcntl is None or not (run_dir / LOCK).is_file():
+        return False
+    with open(run_dir / LOCK, "a") as f:  # closing releases the probe's own lock
+        return not _try_lock(f)
+
+
+def hold_run(run_dir: str | Path) -> IO[str] | None:
+    """Lock ``run_dir`` for as long as the returned file stays open (close it when the run
+    ends; the OS drops it if the process dies). Another process holding it: ``RunInUse``."""
+    if fcntl is None:
+        return None
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")
+    for _ in range(20):  # another command's is_running may hold it for an instant
+        if _try_lock(f):
+            return f
+        time.sleep(0.05)
+    f.close()
+    raise in_use(run_dir)
+
+
+def in_use(run_dir: str | Path) -> RunInUse:
+    return RunInUse(f"another process is still training in {run_dir}; let it finish or stop it first, "
+                    "or start a separate run (without hydra.run.dir)")
 
 
 def resumable_checkpoint(run_dir: Path) -> Path | None:
@@ -45,16 +96,18 @@ def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
-def find_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[Path, Path] | None:
+def find_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[tuple[Path, Path] | None, list[Path]]:
     """The unfinished run under ``runs_dir`` composed from the same configuration as ``cfg`` whose
-    checkpoint is the newest, and that checkpoint."""
+    checkpoint is the newest, with that checkpoint (or None); and the runs of that configuration
+    still training, which are left alone."""
     wanted = _comparable(cfg)
-    found = []
+    found, running = [], []
     for run_dir in runs_dir.glob("*"):
         ckpt = resumable_checkpoint(run_dir) if (run_dir / ".hydra" / "config.yaml").is_file() else None
         if ckpt is not None and _comparable(OmegaConf.load(run_dir / ".hydra" / "config.yaml")) == wanted:
-            found.append((run_dir, ckpt))
-    return max(found, key=lambda found: found[1].stat().st_mtime_ns, default=None)
+            (running if is_running(run_dir) else found).append((run_dir, ckpt))
+    newest = max(found, key=lambda found: found[1].stat().st_mtime_ns, default=None)
+    return newest, sorted(run_dir for run_dir, _ in running)
 
 
 def own_run(output_dir: str | Path) -> Path | None:
