@@ -164,13 +164,6 @@ FAST = [
 ]
 
 
-def no_validation_warnings(test: Any) -> Any:
-    """For a run with ``data.val_size=0``: Lightning's warnings that the validation loader is empty
-    and that the best checkpoint's val/acc is missing are what such a run is about."""
-    test = pytest.mark.filterwarnings("ignore:Total length of `DeviceLoader` across ranks is zero")(test)
-    return pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/acc'\\)` could not find the monitored key")(test)
-
-
 def folder_overrides(root: Path, tmp: Path) -> list[str]:
     return ["data=image_folder", f"data.root={root}", f"paths.data_dir={tmp / 'data'}", "data.val_size=12"]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, add_callback, folder_overrides, no_validation_warnings
+from conftest import FAST, add_callback, folder_overrides
 
 from cifarkit import budget
 from cifarkit.errors import UserError
@@ -47,7 +47,6 @@ class Sized(L.Callback):
                 self.seen["freeze"] = c.from_step
 
 
-@no_validation_warnings
 def test_a_budget_sizes_every_step_sized_piece_and_its_count_reproduces_the_run(image_folder: Path, tmp_path: Path, compose_cfg,
                                                                                monkeypatch) -> None:
     clock, sized = count(), Sized()

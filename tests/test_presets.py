@@ -8,12 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, folder_overrides, no_validation_warnings
+from conftest import FAST, folder_overrides
 
 from cifarkit.train import evaluate, train
 
 
-@no_validation_warnings
 def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     """The preset as users run it, on tiny data and 6 steps (batch 8, no time limit): the
     checkpoint holds the moving average, which is what the test scored and eval.py scores."""

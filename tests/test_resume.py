@@ -47,7 +47,7 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), self.sig)
 
 
-def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder: Path, tmp_path: Path, main, monkeypatch) -> None:
+def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder: Path, tmp_path: Path, main, monkeypatch, recwarn) -> None:
     assert main("train.py", args(image_folder, tmp_path, "whole")).code == 0
     add_callback(monkeypatch, SignalAt(6))  # 4 steps an epoch: in epoch 1
     stopped = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
@@ -59,6 +59,7 @@ def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder
     resumed = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
     assert resumed.code == 0, resumed.err[-3000:]
     assert f"ckpt_path=auto: continuing {run} from interrupted.ckpt" in resumed.err
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # its own checkpoints: no warning
     assert run_dirs(tmp_path / "logs") == [run]  # the same run directory, and its TensorBoard version:
     assert set((run / "tensorboard").glob("events.out.tfevents.*")) > events and not [p for p in (run / "tensorboard").iterdir() if p.is_dir()]
     metrics, whole = finished(tmp_path, "logs"), finished(tmp_path, "whole")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -63,12 +65,33 @@ def check_launcher(trainer: L.Trainer) -> None:
         )
 
 
+def expected_warnings(cfg: DictConfig) -> list[str]:
+    """Lightning's warnings that only restate what the run means to do, so they are not shown:
+    without a validation split (``data.val_size=0``) the validation loader is empty and the best
+    checkpoint finds no val/acc (the final weights are tested, and the log says so); a run
+    continued in its own directory finds its checkpoints there."""
+    patterns = []
+    if cfg.data.get("val_size") == 0:
+        patterns += ["Total length of `DeviceLoader` across ranks is zero", r"`ModelCheckpoint\(monitor='val/"]
+    ckpt = cfg.get("ckpt_path")
+    if ckpt == AUTO or (ckpt and Path(ckpt).parent.resolve() == (Path(cfg.paths.output_dir) / "checkpoints").resolve()):
+        patterns.append("Checkpoint directory .* exists and is not empty")
+    return patterns
+
+
 def train(cfg: DictConfig) -> float:
     """Fit, test the best checkpoint, write ``metrics.json``; return ``cfg.optimized_metric``.
 
     A ``ckpt_path`` is read once, by Lightning through ``AtomicCheckpointIO`` (safely, in one
     line when bad); the classifier refuses it there if its classes are not the data's.
     """
+    with warnings.catch_warnings():
+        for pattern in expected_warnings(cfg):
+            warnings.filterwarnings("ignore", message=pattern)
+        return _train(cfg)
+
+
+def _train(cfg: DictConfig) -> float:
     seed = L.seed_everything(cfg.seed, workers=True)
     if cfg.ckpt_path == AUTO:  # a sweep's job, or a run in a fixed directory: continue what is there
         ckpt = own_run(cfg.paths.output_dir)
