@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import json
 import logging
 import os
 import signal
@@ -30,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cifarkit.errors import RunInUse, TrainingStopped, UserError
 from cifarkit.files import DiskFull, disk_full, write_metrics
-from cifarkit.resume import AUTO, find_unfinished, hold_run, in_use, is_running
+from cifarkit.resume import AUTO, completed, find_unfinished, hold_run, in_use, is_running
 from cifarkit.sweep import study_seed
 
 log = logging.getLogger(__name__)
@@ -200,11 +199,8 @@ def lost_ranks(e: BaseException) -> bool:
 def _mark_failed(status: str, message: str) -> None:
     """Record a run that did not complete, unless it completed before failing (or the disk is full)."""
     out = _output_dir()
-    if not _global_zero() or out is None:
+    if not _global_zero() or out is None or completed(out):
         return
-    with contextlib.suppress(OSError, ValueError, UserError):
-        if json.loads((out / "metrics.json").read_text()).get("status") == "completed":
-            return
     with contextlib.suppress(OSError, UserError):
         write_metrics(out, {"status": status, "error": message})
 
@@ -228,13 +224,12 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
     cfg = check_command_line(config_dir, config_name, sys.argv[1:])
     args = sys.argv[1:]
     multirun = bool({"-m", "--multirun"} & set(args)) or (cfg is not None and cfg.hydra.mode == RunMode.MULTIRUN)
-    fixed_dir = any(a.startswith("hydra.run.dir=") for a in args)  # then every rank looks there (cifarkit.train)
-    if cfg is not None and cfg.get("ckpt_path") == AUTO and not multirun and not fixed_dir and _global_zero():
+    # A run directory named on the command line: every rank looks there for ckpt_path=auto (cifarkit.train).
+    fixed_dir = next((Path(a.split("=", 1)[1]) for a in reversed(args) if a.startswith("hydra.run.dir=")), None)
+    if cfg is not None and cfg.get("ckpt_path") == AUTO and not multirun and fixed_dir is None and _global_zero():
         sys.argv = [*sys.argv, *auto_resume(cfg)]  # the last override of a key wins
-    if fixed_dir and not multirun and _global_zero():  # before Hydra writes its files there
-        run_dir = Path([a for a in args if a.startswith("hydra.run.dir=")][-1].split("=", 1)[1])
-        if is_running(run_dir):
-            fail(str(in_use(run_dir)))
+    if fixed_dir is not None and not multirun and _global_zero() and is_running(fixed_dir):  # before Hydra writes there
+        fail(str(in_use(fixed_dir)))
     if not _global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
         sys.argv = [*sys.argv, "hydra.output_subdir=null"]
     hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

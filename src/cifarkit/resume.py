@@ -76,15 +76,19 @@ def in_use(run_dir: str | Path) -> RunInUse:
                     "or start a separate run (without hydra.run.dir)")
 
 
+def completed(run_dir: Path) -> bool:
+    """Whether the run's ``metrics.json`` says it completed (no file, or a half-written one from a
+    killed run: it did not)."""
+    try:
+        return json.loads((run_dir / "metrics.json").read_text()).get("status") == "completed"
+    except (OSError, ValueError):
+        return False
+
+
 def resumable_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint an unfinished run continues from, or None (finished, or nothing saved)."""
-    metrics = run_dir / "metrics.json"
-    if metrics.is_file():
-        try:
-            if json.loads(metrics.read_text()).get("status") == "completed":
-                return None
-        except (OSError, ValueError):  # a half-written file from a killed run: it did not complete
-            pass
+    if completed(run_dir):
+        return None
     found = [p for pattern in CANDIDATES for p in (run_dir / "checkpoints").glob(pattern) if p.is_file()]
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
