@@ -38,11 +38,9 @@ schedule, so they share one script; the loops being timed live in benchmarks/loo
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -61,6 +59,7 @@ from loops import (
     COMPUTE_DTYPE, epoch_images_per_s, forever, host_overhead, lightning_window, raw_loop, sync, timed, train_loader, tutorial_loop,
 )
 from omegaconf import DictConfig, open_dict
+from results import add_argument, machine, save
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
@@ -100,6 +99,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the config's trainer.accelerator")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); also for the train.py run")
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides of train.yaml for the default path")
+    add_argument(p)
     return p.parse_args()
 
 
@@ -133,17 +133,6 @@ def native(device: torch.device, dtype: torch.dtype) -> bool:
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
     return torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported()
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """What the numbers were measured on; the load average says how busy the machine was."""
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "device": dev, "bf16_native": native(device, torch.bfloat16),
-            "threads": torch.get_num_threads(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
@@ -219,6 +208,8 @@ def main() -> None:
     except UserError as e:
         sys.exit(f"bench: {e}")
     print_table(result)
+    if not args.tiny:  # --tiny is for tests: its figures mean little
+        save(args.results, f"bench-{result['mode']}", result, torch.device(result["accelerator"]))
     print(json.dumps(result))
 
 
@@ -315,7 +306,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         "rounds": p["rounds"],
         "train_images": len(y),
         "accelerator": device.type,
-        "machine": machine(device),
+        "machine": {**machine(device), "bf16_native": native(device, torch.bfloat16)},
         "per_round": {k: [round(v, 4) for v in vals] for k, vals in r.items()},  # img/s for pipe_*, else s/step
     }
 

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from bench import SYNTHETIC, compose_cfg, machine
+from bench import SYNTHETIC, compose_cfg
 from hydra.utils import instantiate
 from loops import raw_loop, sync, timed
 from omegaconf import open_dict
+from results import add_argument, machine, save
 
 from cifarkit.devices import resolve_accelerator, resolve_precision
 
@@ -38,6 +39,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=30, help="steady steps timed per mode and batch")
     p.add_argument("--model", default="basic_cnn", help="a configs/model option")
     p.add_argument("--images", type=int, default=50_000, help="synthetic training images")
+    add_argument(p)
     args = p.parse_args()
     device = torch.device(resolve_accelerator("auto" if args.device == "auto" else {"cpu": "cpu", "cuda": "gpu"}[args.device]))
     modes = ["eager", "default"] + (["reduce-overhead", "max-autotune"] if device.type == "cuda" else [])
@@ -73,7 +75,9 @@ def main() -> None:
         for mode, r in by_mode.items():
             r["speedup"] = round(eager / r["ms_per_step"], 3)
             print(f"batch {batch:>4} {mode:>16}: {r['ms_per_step']:9.3f} ms/step ({r['speedup']:.2f}x eager), first {WARM} steps {r['first_steps_s']:.1f} s")
-    print(json.dumps({"model": args.model, "precision": str(precision), "warm_steps": WARM, "by_batch": results, "machine": machine(device)}))
+    report = {"model": args.model, "precision": str(precision), "warm_steps": WARM, "by_batch": results, "machine": machine(device)}
+    save(args.results, f"compile-{args.model}", report, device)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

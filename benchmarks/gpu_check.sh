@@ -13,8 +13,7 @@
 #    the default path's rate, the GPU's name; beside it train.log, bench.log and compile.log.
 #
 # There, .device/ (carried; ignored by git) holds Hydra's wheels, installed into /tmp/site when
-# Hydra is missing, and cifar10-jpeg-mini.tar.xz, extracted when no --root is given (README of
-# ../shared/device). Every step has a time limit and all of them end by DEADLINE_S; a step that
+# Hydra is missing, and cifar10-jpeg-mini.tar.xz, extracted when no --root is given. Every step has a time limit and all of them end by DEADLINE_S; a step that
 # fails or runs out of time is recorded in the JSON, and the script then exits 1.
 # --dry-run (or DRY_RUN=1): the same steps on the CPU with tiny settings, for tests.
 set -uo pipefail

@@ -1,6 +1,6 @@
 """The training loops bench.py times against each other, and the host's cost of one step.
 
-* ``tutorial_loop``: the tutorial's loop (seed_baseline.py): fp32, Adam, per-sample PIL transforms.
+* ``tutorial_loop``: the tutorial's loop (benchmarks/tutorial.py's recipe): fp32, Adam, per-sample PIL transforms.
 * ``raw_loop``: plain PyTorch with everything train.py's default path uses (net, optimizer,
   precision, memory format, DeviceLoader batches).
 * ``lightning_window``: train.py's default path itself (``build()``, its callbacks and logger).
@@ -74,7 +74,7 @@ def epoch_images_per_s(loader: DeviceLoader, device: torch.device) -> float:
 
 
 def tutorial_loop(dm: ImageDataModule, device: torch.device, batch_size: int = 32) -> Iterator[None]:
-    """The tutorial's loop (seed_baseline.py): fp32, Adam(1e-3), per-sample PIL transforms, batch 32 unless told."""
+    """The tutorial's loop (benchmarks/tutorial.py's recipe): fp32, Adam(1e-3), per-sample PIL transforms, batch 32 unless told."""
     x, y = dm.splits["train"]
     transform = pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)
     loader = DataLoader(PILDataset(x, y, transform), batch_size=batch_size, shuffle=True, num_workers=0)

@@ -25,7 +25,6 @@ import http.client
 import io
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -41,6 +40,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
+from results import add_argument, machine, save
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 20
@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--image", help="the image every request sends (default: a 640x480 JPEG made here)")
     p.add_argument("--override", nargs="*", default=[], help="serve.py options for the batching run, e.g. max_batch_size=32")
     p.add_argument("--screenshot", help="save the page with --photo's answer to this PNG instead of timing")
+    add_argument(p)
     p.add_argument("--photo", help="the image for --screenshot (default: scikit-image's data.chelsea(), cropped square)")
     return p.parse_args()
 
@@ -159,14 +160,6 @@ def measure(url: str, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
     return load(url, body, args.clients, args.requests)
 
 
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
-
-
 def screenshot(args: argparse.Namespace, log_dir: Path) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -206,7 +199,10 @@ def main() -> None:
     print(f"{'':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'failed':>6}")
     for name, r in runs.items():
         print(f"{name:<12} {r['requests_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['mean_batch']!s:>6} {r['failed']:>6}")
-    print(json.dumps({"cpu": cpu_name(), "cores": os.cpu_count(), "image_bytes": len(body), "runs": runs}))
+    report = {"image_bytes": len(body), "clients": args.clients, "runs": runs, "machine": machine()}
+    if not args.url:  # a server started here, on this machine
+        save(args.results, "serve", report)
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":
