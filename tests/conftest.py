@@ -37,7 +37,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from cifarkit.cli import register_resolvers, run
+from cifarkit.cli import run
+from cifarkit.resolvers import register_resolvers
 from cifarkit.loader import DeviceLoader
 from tiny_files import CLASSES3, write_cifar10_tarball, write_cifar100_tarball, write_image_folder, write_svhn_mats
 

@@ -19,7 +19,7 @@ from conftest import FAST, ROOT, add_callback, folder_overrides, last_line, run_
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.errors import TrainingStopped
-from cifarkit.safety import AtomicCheckpointIO
+from cifarkit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.train import train
 
 SMALL = ["data.image_size=16"]  # a 4x smaller first fc layer: same code paths, faster steps

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.files import DiskFull, atomic_write, write_metrics
-from cifarkit.resume import find_unfinished, is_running
+from cifarkit.rundir import find_unfinished, is_running
 
 RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
 
@@ -90,7 +90,7 @@ def test_auto_looks_for_the_same_configuration_only(tmp_path: Path) -> None:
 
 def hold_in_another_process(run: Path) -> subprocess.Popen:
     """A process that holds ``run``'s lock as a training run's rank 0 does, until it is killed."""
-    code = "import sys, time; from cifarkit.resume import hold_run; f = hold_run(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+    code = "import sys, time; from cifarkit.rundir import hold_run; f = hold_run(sys.argv[1]); print('held', flush=True); time.sleep(600)"
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     return holder
@@ -240,7 +240,7 @@ def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(image_folder:
 def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(image_folder: Path, tmp_path: Path, small_disk: Path) -> None:
     """metrics.json, a checkpoint, a picture, the dataset cache and an export: one line each, old file intact."""
     from cifarkit.export import export_model
-    from cifarkit.safety import AtomicCheckpointIO
+    from cifarkit.checkpoint_io import AtomicCheckpointIO
     from conftest import craft_checkpoint, datamodule
 
     from cifarkit.model import BasicCNN

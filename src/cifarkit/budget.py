@@ -32,7 +32,8 @@ from omegaconf import DictConfig, open_dict
 from cifarkit.errors import UserError
 from cifarkit.files import write_json
 from cifarkit.pictures import RunPictures
-from cifarkit.safety import CarryCheckpoints, GracefulStop
+from cifarkit.checkpoint_io import CarryCheckpoints
+from cifarkit.stopping import GracefulStop
 
 log = logging.getLogger(__name__)
 BUDGET_FILE = "budget.json"  # the decision, in the run directory: a resume continues with the same count

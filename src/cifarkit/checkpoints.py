@@ -10,7 +10,7 @@ A checkpoint is read once per entry point, always here:
   string's prefix), nested configs included; no other Hydra key, no interpolation. The whole
   config is judged before any class is called.
 
-Writing them (atomically, with their ``data_info``) is cifarkit/safety.py's ``AtomicCheckpointIO``
+Writing them (atomically, with their ``data_info``) is cifarkit/checkpoint_io.py's ``AtomicCheckpointIO``
 and ``ImageClassifier.on_save_checkpoint``. Lightning-free.
 """
 

@@ -14,15 +14,15 @@ from omegaconf import DictConfig, open_dict
 
 from cifarkit.augment import TTA
 from cifarkit.budget import size_to_budget
+from cifarkit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.checkpoints import SavedNet, checkpoint_file
 from cifarkit.classifier import ImageClassifier, check_same_classes
 from cifarkit.datamodule import ImageDataModule
 from cifarkit.devices import resolve_accelerator, resolve_precision
 from cifarkit.errors import UserError
 from cifarkit.files import write_metrics
-from cifarkit.resume import AUTO, own_run
 from cifarkit.metrics import SUMMARY, final_metrics, log_hyperparams, tested_metrics, throughput
-from cifarkit.safety import AtomicCheckpointIO
+from cifarkit.rundir import AUTO, own_run
 
 log = logging.getLogger(__name__)
 
