@@ -3,6 +3,8 @@ after a full disk, into the same run directory, with the metrics of a run never 
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
@@ -20,7 +22,7 @@ from omegaconf import OmegaConf
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.files import DiskFull, atomic_write, write_metrics
-from cifarkit.rundir import find_unfinished, is_running
+from cifarkit.rundir import find_unfinished, is_running, resolve_auto, runs_dir
 
 RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
 
@@ -86,6 +88,18 @@ def test_auto_looks_for_the_same_configuration_only(tmp_path: Path) -> None:
     assert find_unfinished(tmp_path / "runs", compose(tmp_path, ["trainer=cpu", "seed=2"])) == (None, [])
     write_metrics(run, {"status": "completed"})
     assert find_unfinished(tmp_path / "runs", cfg) == (None, [])  # finished
+
+
+def test_auto_reports_a_run_whose_checkpoints_cannot_be_read(tmp_path: Path) -> None:
+    """A run whose only checkpoint is cut short is named in one line, not silently skipped; beside
+    a good checkpoint of an earlier step, the good one is continued from, whatever its name."""
+    cfg = compose(tmp_path, ["trainer=cpu"])
+    run = unfinished_run(runs_dir(cfg) / "earlier", cfg)
+    assert resolve_auto(cfg, None) == (
+        None, f"ckpt_path=auto: {run} did not finish, but none of its checkpoints can be read (last.ckpt); starting a new one")
+    torch.save({"state_dict": {}, "global_step": 4}, run / "checkpoints" / "epoch_000.ckpt")
+    point, line = resolve_auto(cfg, None)
+    assert (point.ckpt, line) == (run / "checkpoints" / "epoch_000.ckpt", f"ckpt_path=auto: continuing {run} from epoch_000.ckpt (step 4)")
 
 
 def hold_in_another_process(run: Path) -> subprocess.Popen:
@@ -263,3 +277,51 @@ def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(image_folder: P
         assert "\n" not in str(e.value) and isinstance(e.value.__cause__, (OSError, RuntimeError)), name
     assert {p.name: p.read_bytes() for p in small_disk.iterdir() if p.name in before} == before  # intact
     assert sorted(p.name for p in small_disk.iterdir() if p.name.startswith(".")) == []  # no partial files
+
+
+def disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Writing checkpoint ``name`` fails as on a full disk: part of it reaches the file, then ENOSPC."""
+    from cifarkit.checkpoint_io import AtomicCheckpointIO
+
+    real_io_save, real_save, writing = AtomicCheckpointIO.save_checkpoint, torch.save, [""]
+
+    def io_save(self, checkpoint, path, *args, **kwargs):
+        writing[0] = Path(path).name
+        return real_io_save(self, checkpoint, path, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        if writing[0] != name:
+            return real_save(obj, f, *args, **kwargs)
+        whole = io.BytesIO()
+        real_save(obj, whole, *args, **kwargs)
+        f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", io_save)
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_auto_continues_a_run_that_failed_on_a_full_disk_from_its_newest_good_checkpoint(image_folder: Path, tmp_path: Path,
+                                                                                         main, monkeypatch) -> None:
+    """The disk fills as last.ckpt is first written, just after epoch 0's best checkpoint: the error line
+    says what ckpt_path=auto will do, and the same command with it does that: the same run directory,
+    from epoch_000.ckpt's step, and the metrics of a run never stopped."""
+    assert main("train.py", args(image_folder, tmp_path, "whole")).code == 0
+    disk_full_at(monkeypatch, "last.ckpt")
+    full = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
+    monkeypatch.undo()
+    (run,) = run_dirs(tmp_path / "logs")
+    ckpts = run / "checkpoints"
+    assert full.code == 1 and sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt"]  # no partial file either
+    step = read_checkpoint(ckpts / "epoch_000.ckpt")["global_step"]
+    assert step == 4  # 4 steps an epoch
+    assert error_line(full.err).endswith(
+        f"the files already written are intact: free space there and run the same command with ckpt_path=auto: "
+        f"it continues {run} from epoch_000.ckpt (step {step})")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    resumed = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert f"ckpt_path=auto: continuing {run} from epoch_000.ckpt (step {step})" in resumed.err
+    assert run_dirs(tmp_path / "logs") == [run]
+    metrics, whole = finished(tmp_path, "logs"), finished(tmp_path, "whole")
+    assert metrics["status"] == "completed" and {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}

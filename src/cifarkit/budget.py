@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -29,14 +28,14 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, open_dict
 
+from cifarkit import rundir
+from cifarkit.checkpoint_io import CarryCheckpoints
 from cifarkit.errors import UserError
 from cifarkit.files import write_json
 from cifarkit.pictures import RunPictures
-from cifarkit.checkpoint_io import CarryCheckpoints
 from cifarkit.stopping import GracefulStop
 
 log = logging.getLogger(__name__)
-BUDGET_FILE = "budget.json"  # the decision, in the run directory: a resume continues with the same count
 TARGET = 0.95  # of the budget: what the probe cannot see (logging, the progress bar, load) gets the rest
 WARMUP_STEPS = 3  # untimed: memory allocation, kernel selection, compilation
 MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 10, 2.0, 100
@@ -106,7 +105,7 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
     decision = {"seconds": budget, "steps": steps, "seconds_per_step": decided[0], "warmup_extra_s": decided[1]}
     _use(cfg, decision)
     if trainer.is_global_zero:
-        write_json(Path(cfg.paths.output_dir) / BUDGET_FILE, decision)
+        write_json(rundir.budget_file(cfg.paths.output_dir), decision)
     log.info("budget %g s: %d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
              "trainer.max_steps=%d trainer.max_epochs=-1 reproduces this run", budget, steps, decided[0], WARMUP_STEPS,
              decided[1], steps * decided[0] + decided[1], steps)
@@ -120,7 +119,7 @@ def _use(cfg: DictConfig, decision: dict[str, Any]) -> None:
 
 def _resumed(cfg: DictConfig) -> dict[str, Any]:
     """The decision the checkpoint's run recorded beside its checkpoints (``budget.json``)."""
-    recorded = Path(cfg.ckpt_path).resolve().parent.parent / BUDGET_FILE
+    recorded = rundir.budget_file(rundir.of_checkpoint(cfg.ckpt_path))
     try:
         decision = json.loads(recorded.read_text())
     except (OSError, ValueError):

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarkit import rundir
 from cifarkit.augment import TTA
 from cifarkit.errors import UserError
 from cifarkit.images import DataInfo
@@ -36,7 +37,7 @@ def checkpoint_file(path: str | Path) -> Path:
     """``path`` if it is a file, else the one line that says so (before any work starts)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. <run>/{rundir.CHECKPOINTS}/{rundir.LAST})")
     return p
 
 

@@ -22,14 +22,14 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from cifarkit import rundir
 from cifarkit.errors import USER_ERRORS, RunInUse, TrainingStopped, UserError, lost_ranks, misconfiguration, one_line
 from cifarkit.files import DiskFull, disk_full, write_metrics
 from cifarkit.ranks import from_lightning, global_zero
 from cifarkit.resolvers import register_resolvers
-from cifarkit.rundir import AUTO, completed, find_unfinished, hold_run, in_use, is_running
 
 log = logging.getLogger(__name__)
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
@@ -77,21 +77,6 @@ def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> D
         raise  # not reached: fail exits
 
 
-def auto_resume(cfg: DictConfig) -> list[str]:
-    """``ckpt_path=auto`` on a single run: the overrides that continue the newest unfinished run
-    of this configuration in its own directory, or start a new one; says which in one line.
-    (A sweep's job looks in its own directory instead: cifarkit.train.)"""
-    runs = Path(cfg.paths.log_dir) / cfg.task_name / "runs"
-    found, running = find_unfinished(runs, cfg)
-    busy = f" ({len(running)} still training, left alone: {', '.join(map(str, running))})" if running else ""
-    if found is None:
-        print(f"ckpt_path=auto: no unfinished run of this configuration under {runs}{busy}; starting a new one", file=sys.stderr)
-        return ["ckpt_path=null"]
-    run_dir, ckpt = found
-    print(f"ckpt_path=auto: continuing {run_dir} from {ckpt.name}{busy}", file=sys.stderr)
-    return [f"ckpt_path={ckpt}", f"hydra.run.dir={run_dir}"]
-
-
 def _output_dir() -> Path | None:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
@@ -107,7 +92,9 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         out, lock = _output_dir(), None
         try:
             if out is not None and global_zero():  # the run directory is this process's while it lives
-                lock = hold_run(out)
+                lock = rundir.hold_run(out)
+            if cfg.get("ckpt_path") == rundir.AUTO:  # still: a sweep's job, or a rank > 0 started with the command line
+                _continue_in(cfg, out)
             return task(cfg)
         except TrainingStopped as e:
             _mark_failed("failed" if e.exit_code == 1 else "interrupted", str(e))
@@ -127,8 +114,8 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
                 raise  # a bug: Hydra prints the traceback
             msg = one_line(e) if user else f"{e.__class__.__name__}: {e}"
             if full:  # a write outside files.atomic_write (a logger's): the disk, not the file, is known
-                msg = (f"the disk is full ({msg[:200]}); the checkpoints already written are intact: "
-                       "free space and run again (training continues with ckpt_path=auto)")
+                then = rundir.after_full_disk(rundir.metrics_file(out)) if out else "free space and run again"
+                msg = f"the disk is full ({msg[:200]}); the checkpoints already written are intact: {then}"
             if lost:
                 msg = (f"the DDP ranks lost each other ({msg[:200]}): a rank stalled or died; the checkpoints already "
                        "saved are intact; raise trainer.strategy.timeout.seconds if a step legitimately takes longer")
@@ -145,10 +132,18 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
     return wrapper
 
 
+def _continue_in(cfg: DictConfig, out: Path | None) -> None:
+    """``ckpt_path=auto`` where the directory is Hydra's to pick: continue what it holds, if anything."""
+    point, line = rundir.resolve_auto(cfg, out)
+    log.info("%s", line)
+    with open_dict(cfg):
+        cfg.ckpt_path = str(point.ckpt) if point else None
+
+
 def _mark_failed(status: str, message: str) -> None:
     """Record a run that did not complete, unless it completed before failing (or the disk is full)."""
     out = _output_dir()
-    if not global_zero() or out is None or completed(out):
+    if not global_zero() or out is None or rundir.completed(out):
         return
     with contextlib.suppress(OSError, UserError):
         write_metrics(out, {"status": status, "error": message})
@@ -160,12 +155,17 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
     cfg = check_command_line(config_dir, config_name, sys.argv[1:])
     args = sys.argv[1:]
     multirun = bool({"-m", "--multirun"} & set(args)) or (cfg is not None and cfg.hydra.mode == RunMode.MULTIRUN)
-    # A run directory named on the command line: every rank looks there for ckpt_path=auto (cifarkit.train).
+    # ckpt_path=auto resolves here, before Hydra creates a directory: a single run continues the newest
+    # unfinished run of its configuration in that run's directory, or what the directory it names holds
+    # (every rank looks there). A sweep's jobs, and ranks > 0 without a named directory, look in their own.
     fixed_dir = next((Path(a.split("=", 1)[1]) for a in reversed(args) if a.startswith("hydra.run.dir=")), None)
-    if cfg is not None and cfg.get("ckpt_path") == AUTO and not multirun and fixed_dir is None and global_zero():
-        sys.argv = [*sys.argv, *auto_resume(cfg)]  # the last override of a key wins
-    if fixed_dir is not None and not multirun and global_zero() and is_running(fixed_dir):  # before Hydra writes there
-        fail(str(in_use(fixed_dir)))
+    if fixed_dir is not None and not multirun and global_zero() and rundir.is_running(fixed_dir):  # before Hydra writes
+        fail(str(rundir.in_use(fixed_dir)))
+    if cfg is not None and cfg.get("ckpt_path") == rundir.AUTO and not multirun and (fixed_dir or global_zero()):
+        point, line = rundir.resolve_auto(cfg, fixed_dir)
+        print(line, file=sys.stderr)
+        found = [f"ckpt_path={point.ckpt}", f"hydra.run.dir={point.run_dir}"] if point else ["ckpt_path=null"]
+        sys.argv = [*sys.argv, *found]  # the last override of a key wins
     if not global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
         sys.argv = [*sys.argv, "hydra.output_subdir=null"]
     hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

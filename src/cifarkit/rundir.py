@@ -1,27 +1,39 @@
-"""Runs that resume themselves: ``ckpt_path=auto`` finds the newest unfinished run of the same
-task and configuration and continues it, in its own run directory.
+"""The run directory: what a run leaves where, which runs are unfinished, and what ``ckpt_path=auto``
+continues. Every other module and config asks here for these names.
 
-A run is unfinished when its ``metrics.json`` does not say ``completed`` (it was interrupted,
-failed, for instance on a full disk, or was killed before writing one) and it left a checkpoint
-to continue from: the newest of ``interrupted.ckpt``, Lightning's SLURM ``hpc_ckpt_*.ckpt`` and
-``last.ckpt``. The configuration is compared as composed (the command line and the YAML files,
-interpolations unresolved), leaving out ``ckpt_path`` itself. A finished run is never resumed.
+A training run's directory (``${paths.output_dir}``)::
 
-``cifarkit.cli`` asks before Hydra creates a run directory, so that the continued run writes into
-the old one (its checkpoints, logs and TensorBoard version); a job whose own directory already
-holds an unfinished run (a requeued SLURM job of a sweep) continues there (``own_run``).
+    .hydra/config.yaml   the configuration as composed (Hydra writes it)
+    checkpoints/         epoch_NNN.ckpt (the best by val/acc), last.ckpt (after every epoch),
+                         interrupted.ckpt (a signal), hpc_ckpt_N.ckpt (Lightning's own SLURM requeue)
+    metrics.json         how the run ended ("status") and its metrics
+    budget.json          the step count a ``budget_s`` run was sized to (cifarkit/budget.py)
+    run.lock             held by the run's rank 0 while it trains
+    train.log, tensorboard/, samples.png, ...
 
-A run still training is not unfinished: its rank 0 holds an OS lock on ``run.lock`` in its
-directory for as long as the process lives (``hold_run``; released however the process ends,
-even by SIGKILL), and ``ckpt_path=auto`` leaves a locked run alone (``is_running``), so two
-commands never write one run directory. Where the OS has no ``fcntl`` (Windows) there is no lock.
-Lightning-free.
+A run is unfinished when its ``metrics.json`` says it was interrupted (a signal) or failed (a full
+disk, a NaN loss, lost DDP ranks...), or there is no readable one (killed before writing it); and
+it left a checkpoint. It continues from its newest good checkpoint, by the step saved in it,
+whatever the file's name (``epoch_000.ckpt`` when the disk filled before ``last.ckpt``).
+
+``ckpt_path=auto`` resolves here, once (``resolve_auto``): before Hydra creates a run directory,
+a single run looks for the newest unfinished run of the same task and configuration, compared as
+composed (interpolations unresolved, ``ckpt_path`` left out), and continues it in its own
+directory (its checkpoints, logs and TensorBoard version); a run given a directory
+(``hydra.run.dir``) or a sweep's job (a requeued SLURM job) continues what its own directory holds.
+A finished run is never resumed.
+
+A run still training is not unfinished: its rank 0 holds an OS lock on ``run.lock`` for as long as
+the process lives (``hold_run``; released however the process ends, even by SIGKILL), and
+``ckpt_path=auto`` leaves a locked run alone (``is_running``), so two commands never write one run
+directory. Where the OS has no ``fcntl`` (Windows) there is no lock. Lightning-free.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
@@ -35,8 +47,35 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 AUTO = "auto"
-CANDIDATES = ("interrupted.ckpt", "hpc_ckpt_*.ckpt", "last.ckpt")
-LOCK = "run.lock"  # held by a training run's rank 0 while it lives
+CONFIG = Path(".hydra") / "config.yaml"
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+INTERRUPTED = "interrupted.ckpt"
+METRICS = "metrics.json"
+BUDGET = "budget.json"
+LOCK = "run.lock"
+UNFINISHED = ("interrupted", "failed")  # metrics.json's statuses of a run to continue; none at all: killed
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def metrics_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / METRICS
+
+
+def budget_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / BUDGET
+
+
+def of_checkpoint(ckpt: str | Path) -> Path:
+    """The run directory a checkpoint of its ``checkpoints/`` belongs to."""
+    return Path(ckpt).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock of a run that is training.
 
 
 def _try_lock(f: IO[str]) -> bool:
@@ -76,21 +115,65 @@ def in_use(run_dir: str | Path) -> RunInUse:
                     "or start a separate run (without hydra.run.dir)")
 
 
-def completed(run_dir: Path) -> bool:
-    """Whether the run's ``metrics.json`` says it completed (no file, or a half-written one from a
-    killed run: it did not)."""
+# ---------------------------------------------------------------------------------------------
+# Finished or not, and where an unfinished run continues from.
+
+
+def status(run_dir: Path) -> str | None:
+    """What the run's ``metrics.json`` says of its end; None without one (or a half-written one from a killed run)."""
     try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
-
-
-def resumable_checkpoint(run_dir: Path) -> Path | None:
-    """The checkpoint an unfinished run continues from, or None (finished, or nothing saved)."""
-    if completed(run_dir):
+        return json.loads(metrics_file(run_dir).read_text()).get("status")
+    except (OSError, ValueError, AttributeError):
         return None
-    found = [p for pattern in CANDIDATES for p in (run_dir / "checkpoints").glob(pattern) if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
+def completed(run_dir: Path) -> bool:
+    """Whether the run's ``metrics.json`` says it completed."""
+    return status(run_dir) == "completed"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The training step a checkpoint was saved at, or None when it cannot be read (cut short, not a
+    checkpoint). Memory-mapped and ``weights_only``: no tensor is read, no pickled code runs."""
+    import torch  # only here: cifarkit/cli.py imports this module before anything heavy
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) else None
+    return step if isinstance(step, int) else None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """An unfinished run and the checkpoint it continues from; ``step`` None: none of ``ckpts`` is readable."""
+
+    run_dir: Path
+    ckpt: Path
+    step: int | None
+    ckpts: tuple[Path, ...]
+
+    def continues(self) -> str:
+        """Which file and step the run continues from, or that its checkpoints cannot be read (one line)."""
+        if self.step is None:
+            names = ", ".join(p.name for p in self.ckpts)
+            return f"{self.run_dir} did not finish, but none of its checkpoints can be read ({names})"
+        return f"{self.run_dir} from {self.ckpt.name} (step {self.step})"
+
+
+def resume_point(run_dir: Path) -> ResumePoint | None:
+    """Where an unfinished run continues: its newest good checkpoint by step (the newer file of two
+    at one step); None when it finished or saved nothing."""
+    if status(run_dir) not in (*UNFINISHED, None):
+        return None
+    ckpts = tuple(sorted(p for p in checkpoint_dir(run_dir).glob("*.ckpt") if p.is_file()))
+    if not ckpts:
+        return None
+    steps = {p: checkpoint_step(p) for p in ckpts}
+    good = [p for p in ckpts if steps[p] is not None]
+    newest = max(good or ckpts, key=lambda p: (steps[p] or 0, p.stat().st_mtime_ns))
+    return ResumePoint(run_dir, newest, steps[newest], ckpts)
 
 
 def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
@@ -103,17 +186,56 @@ def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 def find_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[tuple[Path, Path] | None, list[Path]]:
     """The unfinished run under ``runs_dir`` composed from the same configuration as ``cfg`` whose
     checkpoint is the newest, with that checkpoint (or None); and the runs of that configuration
-    still training, which are left alone."""
+    still training, which are left alone. A run with a readable checkpoint goes before one without."""
+    point, running = _newest_unfinished(runs_dir, cfg)
+    return ((point.run_dir, point.ckpt) if point else None), running
+
+
+def _newest_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[ResumePoint | None, list[Path]]:
     wanted = _comparable(cfg)
     found, running = [], []
     for run_dir in runs_dir.glob("*"):
-        ckpt = resumable_checkpoint(run_dir) if (run_dir / ".hydra" / "config.yaml").is_file() else None
-        if ckpt is not None and _comparable(OmegaConf.load(run_dir / ".hydra" / "config.yaml")) == wanted:
-            (running if is_running(run_dir) else found).append((run_dir, ckpt))
-    newest = max(found, key=lambda found: found[1].stat().st_mtime_ns, default=None)
-    return newest, sorted(run_dir for run_dir, _ in running)
+        if not (run_dir / CONFIG).is_file() or _comparable(OmegaConf.load(run_dir / CONFIG)) != wanted:
+            continue
+        point = resume_point(run_dir)
+        if point is not None:
+            (running if is_running(run_dir) else found).append(point)
+    newest = max(found, key=lambda p: (p.step is not None, p.ckpt.stat().st_mtime_ns), default=None)
+    return newest, sorted(p.run_dir for p in running)
 
 
-def own_run(output_dir: str | Path) -> Path | None:
-    """The checkpoint to continue from when this job's own directory holds an unfinished run."""
-    return resumable_checkpoint(Path(output_dir))
+def runs_dir(cfg: DictConfig) -> Path:
+    """Where a task's single runs are: ``${paths.log_dir}/<task>/runs`` (configs/hydra/default.yaml)."""
+    return Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+
+
+def resolve_auto(cfg: DictConfig, run_dir: Path | None) -> tuple[ResumePoint | None, str]:
+    """``ckpt_path=auto``: what to continue and the one line that says so. In ``run_dir`` (a run
+    given its directory, a sweep's job) its own unfinished run; without, the newest unfinished run
+    of ``cfg``'s configuration among the task's runs, before Hydra creates a new directory."""
+    if run_dir is not None:
+        point, where = resume_point(run_dir), f"nothing unfinished in {run_dir}"
+        busy = ""
+    else:
+        point, running = _newest_unfinished(runs_dir(cfg), cfg)
+        where = f"no unfinished run of this configuration under {runs_dir(cfg)}"
+        busy = f" ({len(running)} still training, left alone: {', '.join(map(str, running))})" if running else ""
+    if point is None:
+        return None, f"ckpt_path=auto: {where}{busy}; starting a new one"
+    if point.step is None:
+        return None, f"ckpt_path=auto: {point.continues()}{busy}; starting a new one"
+    return point, f"ckpt_path=auto: continuing {point.continues()}{busy}"
+
+
+def after_full_disk(path: Path) -> str:
+    """What to do once a write of ``path`` found the disk full. For a file of a run directory (its
+    own or a checkpoint), exactly what ``ckpt_path=auto`` will do with that run."""
+    run_dir = next((d for d in (path.parent, path.parent.parent) if (d / CONFIG).is_file()), None)
+    if run_dir is None:
+        return "free space there and run again (training continues with ckpt_path=auto)"
+    point = resume_point(run_dir)
+    if point is None or point.step is None:
+        does = f"starts a new run, as {run_dir} holds no checkpoint to continue from"
+    else:
+        does = f"continues {point.continues()}"
+    return f"free space there and run the same command with ckpt_path=auto: it {does}"

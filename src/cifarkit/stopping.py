@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from cifarkit import rundir
 from cifarkit.errors import TrainingStopped
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -101,7 +102,7 @@ class GracefulStop(L.Callback):
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
             raise TrainingStopped(f"stopped by {name} at {where}; the weights are NaN/inf, so no checkpoint was saved", 1)
-        path = self.dirpath / "interrupted.ckpt"
+        path = self.dirpath / rundir.INTERRUPTED
         trainer.save_checkpoint(path, weights_only=False)
         self._restore()
         then = f"continue with ckpt_path={path}"
@@ -195,7 +196,7 @@ class NonFiniteGuard(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.first_bad >= 0, all=False):
             return
         step = self.first_bad if self.first_bad >= 0 else trainer.global_step
-        ckpt = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt" if trainer.checkpoint_callback else None
+        ckpt = Path(trainer.checkpoint_callback.dirpath) / rundir.LAST if trainer.checkpoint_callback else None
         keep = f"last good checkpoint: {ckpt}" if ckpt and ckpt.exists() else "no checkpoint had been saved yet"
         raise TrainingStopped(
             f"training loss became NaN/inf at step {step} (epoch {trainer.current_epoch}); "

@@ -10,8 +10,9 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from cifarkit import rundir
 from cifarkit.augment import TTA
 from cifarkit.budget import size_to_budget
 from cifarkit.checkpoint_io import AtomicCheckpointIO
@@ -22,7 +23,6 @@ from cifarkit.devices import resolve_accelerator, resolve_precision
 from cifarkit.errors import UserError
 from cifarkit.files import write_metrics
 from cifarkit.metrics import SUMMARY, final_metrics, log_hyperparams, tested_metrics, throughput
-from cifarkit.rundir import AUTO, own_run
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def expected_warnings(cfg: DictConfig) -> list[str]:
     if cfg.data.get("val_size") == 0:
         patterns += ["Total length of `DeviceLoader` across ranks is zero", r"`ModelCheckpoint\(monitor='val/"]
     ckpt = cfg.get("ckpt_path")
-    if ckpt == AUTO or (ckpt and Path(ckpt).parent.resolve() == (Path(cfg.paths.output_dir) / "checkpoints").resolve()):
+    if ckpt and Path(ckpt).parent.resolve() == rundir.checkpoint_dir(cfg.paths.output_dir).resolve():
         patterns.append("Checkpoint directory .* exists and is not empty")
     return patterns
 
@@ -93,11 +93,6 @@ def train(cfg: DictConfig) -> float:
 
 def _train(cfg: DictConfig) -> float:
     seed = L.seed_everything(cfg.seed, workers=True)
-    if cfg.ckpt_path == AUTO:  # a sweep's job, or a run in a fixed directory: continue what is there
-        ckpt = own_run(cfg.paths.output_dir)
-        log.info("ckpt_path=auto: %s", f"continuing from {ckpt}" if ckpt else f"nothing unfinished in {cfg.paths.output_dir}; starting a new run")
-        with open_dict(cfg):
-            cfg.ckpt_path = str(ckpt) if ckpt else None
     if cfg.ckpt_path:
         checkpoint_file(cfg.ckpt_path)  # a missing file stops before the data is decoded
     budget = {}
