@@ -11,20 +11,29 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, ROOT, add_callback, compose, error_line, folder_overrides, last_line, run_dirs
+from conftest import (
+    FAST,
+    RESUME_KEYS,
+    SignalAt,
+    add_callback,
+    compose,
+    error_line,
+    folder_overrides,
+    last_line,
+    run_dirs,
+    start_train,
+    wait_for,
+)
 from omegaconf import OmegaConf
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.files import DiskFull, atomic_write, write_metrics
 from cifarkit.rundir import find_unfinished, is_running, resolve_auto, runs_dir
-
-RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
 
 
 def args(image_folder: Path, tmp_path: Path, logs: str, *extra: str) -> list[str]:
@@ -35,18 +44,6 @@ def args(image_folder: Path, tmp_path: Path, logs: str, *extra: str) -> list[str
 def finished(tmp_path: Path, logs: str) -> dict:
     (run,) = run_dirs(tmp_path / logs)
     return json.loads((run / "metrics.json").read_text())
-
-
-class SignalAt(L.Callback):
-    """Sends ``sig`` to this process as training step ``step`` starts (once): a real signal, mid-epoch."""
-
-    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
-        self.step, self.sig, self.sent = step, sig, False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.sig)
 
 
 def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder: Path, tmp_path: Path, main, monkeypatch, recwarn) -> None:
@@ -175,13 +172,8 @@ def test_slurm_requeue_signal_saves_requeues_and_the_job_continues(image_folder:
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL.format(log=calls))
     (bin_dir / "scontrol").chmod(0o755)
     command = args(image_folder, tmp_path, "logs", "ckpt_path=auto", "trainer.max_epochs=8", "data.batch_size=4")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + 120
-    while not list((tmp_path / "logs").glob("train/runs/*/checkpoints/last.ckpt")):
-        assert p.poll() is None and time.monotonic() < end, p.communicate()[1][-3000:]
-        time.sleep(0.1)
+    p = start_train(command, tmp_path, env={"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    wait_for(p, tmp_path / "logs", "train/runs/*/checkpoints/last.ckpt")
     p.send_signal(signal.SIGUSR1)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGUSR1, err[-3000:]
@@ -253,10 +245,10 @@ def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(image_folder:
 
 def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(image_folder: Path, tmp_path: Path, small_disk: Path) -> None:
     """metrics.json, a checkpoint, a picture, the dataset cache and an export: one line each, old file intact."""
-    from cifarkit.export import export_model
-    from cifarkit.checkpoint_io import AtomicCheckpointIO
     from conftest import craft_checkpoint, datamodule
 
+    from cifarkit.checkpoint_io import AtomicCheckpointIO
+    from cifarkit.export import export_model
     from cifarkit.model import BasicCNN
 
     write_metrics(small_disk, {"status": "completed", "test/acc": 0.5})
