@@ -50,6 +50,8 @@ class CarryCheckpoints(L.Callback):
     saved state is pointed at them before ``ModelCheckpoint`` loads it.
     """
 
+    in_budget_probe = False  # it writes the run's files rather than train: cifarkit/budget.py's probe leaves it out
+
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("callbacks", {})
         for cb in trainer.checkpoint_callbacks:

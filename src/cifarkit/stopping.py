@@ -53,6 +53,8 @@ class GracefulStop(L.Callback):
     equals one that was never stopped.
     """
 
+    in_budget_probe = False  # it watches the run rather than train: cifarkit/budget.py's probe leaves it out
+
     def __init__(self, dirpath: str, every_n_steps: int, grace_s: float) -> None:
         self.dirpath = Path(dirpath)
         self.every_n_steps = every_n_steps

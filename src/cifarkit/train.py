@@ -10,11 +10,11 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from cifarkit import rundir
 from cifarkit.augment import TTA
-from cifarkit.budget import size_to_budget
+from cifarkit.budget import size_to_budget, skipped
 from cifarkit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.checkpoints import SavedNet, checkpoint_file
 from cifarkit.classifier import ImageClassifier, check_same_classes
@@ -97,8 +97,13 @@ def _train(cfg: DictConfig) -> float:
         checkpoint_file(cfg.ckpt_path)  # a missing file stops before the data is decoded
     budget = {}
     if cfg.get("budget_s") is not None and cfg.trainer.max_steps in (None, -1):  # a given step count wins
-        budget = size_to_budget(cfg, build)
-        L.seed_everything(cfg.seed, workers=True)  # the run starts as one with trainer.max_steps set would
+        if why := skipped(cfg):
+            log.info(why)
+        else:
+            budget = size_to_budget(cfg, build)
+            with open_dict(cfg):  # from here the run is one with this step count, as the log line says
+                cfg.trainer.max_steps, cfg.trainer.max_epochs = budget["steps"], -1
+            L.seed_everything(cfg.seed, workers=True)  # the run starts as one with trainer.max_steps set would
     datamodule, trainer = build(cfg)
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
     metrics: dict[str, Any] = {}
