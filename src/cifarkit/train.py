@@ -18,6 +18,7 @@ from cifarkit.budget import size_to_budget, skipped
 from cifarkit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.checkpoints import SavedNet, checkpoint_file
 from cifarkit.classifier import ImageClassifier, check_same_classes
+from cifarkit.console import quiet_lightning
 from cifarkit.datamodule import ImageDataModule
 from cifarkit.devices import resolve_accelerator, resolve_precision
 from cifarkit.errors import UserError
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 
 def build(cfg: DictConfig, with_loggers: bool = True, **data_overrides: Any) -> tuple[ImageDataModule, L.Trainer]:
     """Instantiate the data and the trainer from the config: every callback comes from
-    ``cfg.callbacks`` (configs/callbacks/), every logger from ``cfg.logger``."""
+    ``cfg.callbacks`` (configs/callbacks/), every logger from ``cfg.logger``; Lightning's first screen is
+    quieted as cifarkit/console.py says."""
+    quiet_lightning()
     device = resolve_accelerator(cfg.trainer.accelerator)
     if cfg.trainer.get("sync_batchnorm") and device not in ("cuda", "xpu", "hpu"):
         raise UserError(f"trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm does not run on {device}); set trainer.sync_batchnorm=false")
