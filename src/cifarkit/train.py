@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from cifarkit import rundir
-from cifarkit.augment import TTA
+from cifarkit.augment import check_tta
 from cifarkit.budget import size_to_budget, skipped
 from cifarkit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.checkpoints import SavedNet, checkpoint_file
@@ -161,8 +161,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint and write ``metrics.json``. The test images are prepared as the
     checkpoint's ``data_info`` says (image size, mean/std), whatever the data options say."""
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.tta is not None and cfg.tta not in TTA:
-        raise UserError(f"tta={cfg.tta!r} is not known; use one of {', '.join(TTA)}")
+    if cfg.tta is not None:
+        check_tta(cfg.tta, "tta")
     saved = SavedNet.read(cfg.ckpt_path)
     net = saved.rebuild(list(cfg.trusted_targets))  # the whole net config is judged before anything is built
     model = ImageClassifier(net, saved.data.classes, optimizer=None, scheduler=None, param_groups=None,
