@@ -35,15 +35,18 @@ def presets(group: str) -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
 
 
-# One batch of each split: quick with any recipe. The others train the preset's epochs of the recipe's own net (tens
-# to hundreds of steps each, resnet18's among them), minutes on a 2-core CPU.
-@pytest.mark.parametrize("debug", [d if d == "fdr" else pytest.param(d, marks=pytest.mark.slow) for d in presets("debug")])
+# debug=fdr: one batch of each split, quick with any recipe. The others train the preset's epochs of the recipe's own
+# net (tens to hundreds of steps each, resnet18's among them): minutes on a 2-core CPU, so slow.
+DEBUG = [d if d == "fdr" else pytest.param(d, marks=pytest.mark.slow) for d in presets("debug")]
+
+
+@pytest.mark.parametrize("debug", DEBUG)
 @pytest.mark.parametrize("experiment", presets("experiment"))
 def test_every_experiment_runs_with_every_debug_preset(experiment: str, debug: str, image_folder: Path, tmp_path: Path,
                                                        main) -> None:
     """``python train.py experiment=<each> debug=<each>`` on tiny data (batch 8: the recipes' batches are larger
     than its 72 images) exits 0; a budget steps aside for fast_dev_run in one line."""
-    data = [o for o in folder_overrides(image_folder, tmp_path) if not o.startswith("data.val_size")]  # the recipe's split
+    data = [o for o in folder_overrides(image_folder, tmp_path) if not o.startswith("data.val_size")]  # recipe's split
     fast = [o for o in FAST if not o.startswith("trainer.max_epochs")]  # the debug preset says how long
     r = main("train.py", fast + data + [f"experiment={experiment}", f"debug={debug}", "data.batch_size=8",
                                         f"paths.log_dir={tmp_path / 'logs'}"])

@@ -92,11 +92,13 @@ def test_auto_reports_a_run_whose_checkpoints_cannot_be_read(tmp_path: Path) -> 
     a good checkpoint of an earlier step, the good one is continued from, whatever its name."""
     cfg = compose(tmp_path, ["trainer=cpu"])
     run = unfinished_run(runs_dir(cfg) / "earlier", cfg)
-    assert resolve_auto(cfg, None) == (
-        None, f"ckpt_path=auto: {run} did not finish, but none of its checkpoints can be read (last.ckpt); starting a new one")
+    unreadable = (f"ckpt_path=auto: {run} did not finish, but none of its checkpoints can be read (last.ckpt); "
+                  "starting a new one")
+    assert resolve_auto(cfg, None) == (None, unreadable)
     torch.save({"state_dict": {}, "global_step": 4}, run / "checkpoints" / "epoch_000.ckpt")
     point, line = resolve_auto(cfg, None)
-    assert (point.ckpt, line) == (run / "checkpoints" / "epoch_000.ckpt", f"ckpt_path=auto: continuing {run} from epoch_000.ckpt (step 4)")
+    assert point.ckpt == run / "checkpoints" / "epoch_000.ckpt"
+    assert line == f"ckpt_path=auto: continuing {run} from epoch_000.ckpt (step 4)"
 
 
 def hold_in_another_process(run: Path) -> subprocess.Popen:
@@ -293,8 +295,9 @@ def disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
-def test_auto_continues_a_run_that_failed_on_a_full_disk_from_its_newest_good_checkpoint(image_folder: Path, tmp_path: Path,
-                                                                                         main, monkeypatch) -> None:
+def test_auto_continues_a_run_that_failed_on_a_full_disk_from_its_newest_good_checkpoint(
+    image_folder: Path, tmp_path: Path, main, monkeypatch
+) -> None:
     """The disk fills as last.ckpt is first written, just after epoch 0's best checkpoint: the error line
     says what ckpt_path=auto will do, and the same command with it does that: the same run directory,
     from epoch_000.ckpt's step, and the metrics of a run never stopped."""
@@ -316,4 +319,5 @@ def test_auto_continues_a_run_that_failed_on_a_full_disk_from_its_newest_good_ch
     assert f"ckpt_path=auto: continuing {run} from epoch_000.ckpt (step {step})" in resumed.err
     assert run_dirs(tmp_path / "logs") == [run]
     metrics, whole = finished(tmp_path, "logs"), finished(tmp_path, "whole")
-    assert metrics["status"] == "completed" and {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
+    assert metrics["status"] == "completed"
+    assert {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}

@@ -37,7 +37,8 @@ def checkpoint_file(path: str | Path) -> Path:
     """``path`` if it is a file, else the one line that says so (before any work starts)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. <run>/{rundir.CHECKPOINTS}/{rundir.LAST})")
+        example = f"<run>/{rundir.CHECKPOINTS}/{rundir.LAST}"
+        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. {example})")
     return p
 
 

@@ -2,9 +2,10 @@
 
 ``run(task, config_dir, config_name)`` first composes the config from the command line (first
 value of each sweep) so that an unknown key or option fails in one line before anything
-starts, then hands over to ``hydra.main``. Inside a run, a ``UserError`` (or a Hydra/Lightning
-configuration error) prints one line and exits 1; in a multirun the job is marked failed in
-its ``metrics.json`` and the sweep goes on.
+starts, resolves ``ckpt_path=auto`` (cifarkit/rundir.py) before Hydra picks the run directory,
+then hands over to ``hydra.main``. Inside a run, its rank 0 holds the directory's lock, and a
+``UserError`` (or a Hydra/Lightning configuration error) prints one line and exits 1; in a
+multirun the job is marked failed in its ``metrics.json`` and the sweep goes on.
 """
 
 from __future__ import annotations
