@@ -164,7 +164,8 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
         fail(str(rundir.in_use(fixed_dir)))
     if cfg is not None and cfg.get("ckpt_path") == rundir.AUTO and not multirun and (fixed_dir or global_zero()):
         point, line = rundir.resolve_auto(cfg, fixed_dir)
-        print(line, file=sys.stderr)
+        if global_zero():  # every rank of a named directory finds the same; one says so
+            print(line, file=sys.stderr)
         found = [f"ckpt_path={point.ckpt}", f"hydra.run.dir={point.run_dir}"] if point else ["ckpt_path=null"]
         sys.argv = [*sys.argv, *found]  # the last override of a key wins
     if not global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
