@@ -64,7 +64,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarkit.cli import register_resolvers
+from cifarkit.resolvers import register_resolvers
 from cifarkit.datamodule import ImageDataModule
 from cifarkit.devices import resolve_accelerator
 from cifarkit.errors import UserError

@@ -11,6 +11,9 @@ and the entry points.
   the process itself (signals, DDP, a missing Lightning).
 * ``error_line``: the one ``error: `` line a bad input must end with.
 * ``craft_checkpoint`` / ``Payload``: checkpoints in train.py's layout with chosen contents.
+* ``start_train`` / ``wait_for``: train.py started in the background, and polling for a file it writes.
+* ``SignalAt``, ``RESUME_KEYS``: a real signal mid-run, and the metrics a resumed run shares with one never stopped.
+* ``free_port``: a free TCP port on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -20,14 +23,17 @@ import http.server
 import importlib
 import logging
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning  # noqa: F401  imported before any test captures output: its log handler keeps the session's stderr
+import lightning as L  # imported before any test captures output: its log handler keeps the session's stderr
 import pytest
 import torch
 from hydra import compose as hydra_compose
@@ -36,10 +42,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
-
-from cifarkit.cli import register_resolvers, run
-from cifarkit.loader import DeviceLoader
 from tiny_files import CLASSES3, write_cifar10_tarball, write_cifar100_tarball, write_image_folder, write_svhn_mats
+
+from cifarkit.cli import run
+from cifarkit.loader import DeviceLoader
+from cifarkit.resolvers import register_resolvers
 
 register_resolvers()  # the configs' ${lr_for_batch:...}, as the entry points register it
 
@@ -258,6 +265,48 @@ def error_line(err: str) -> str:
     last = last_line(err)
     assert last.startswith("error: ") and err.count("\nerror: ") + err.startswith("error: ") == 1, err[-3000:]
     return last
+
+
+def start_train(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
+    """``python train.py <args>`` in the background, as a user starts it; outputs go under ``cwd``."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(p: subprocess.Popen, root: Path, pattern: str, timeout: float = 120) -> Path:
+    """The first file matching ``pattern`` under ``root``, polled for while ``p`` runs (its stderr if it ends)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        found = sorted(root.glob(pattern))
+        if found:
+            return found[0]
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        time.sleep(0.1)
+    p.kill()
+    raise AssertionError(f"{pattern} never appeared under {root}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The metrics a resumed run must share with a run that was never stopped.
+RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
+
+
+class SignalAt(L.Callback):
+    """Sends ``sig`` to this process as training step ``step`` starts (once): a real signal, mid-epoch."""
+
+    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
+        self.step, self.sig, self.sent = step, sig, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), self.sig)
 
 
 def run_dirs(log_dir: Path, task: str = "train") -> list[Path]:

@@ -13,7 +13,6 @@ import os
 import pty
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, folder_overrides, run_cli, run_dirs
+from conftest import ROOT, folder_overrides, free_port, run_cli, run_dirs, start_train, wait_for
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.train import evaluate
@@ -174,12 +173,8 @@ def test_a_stalled_rank_ends_the_run_in_one_line(image_folder: Path, tmp_path: P
 def test_sigterm_to_rank_0_stops_every_rank(image_folder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     args = DDP + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={logs}", "trainer.max_epochs=1000"]
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + 180
-    while not list(logs.glob("train/runs/*/checkpoints/last.ckpt")):
-        assert p.poll() is None and time.monotonic() < end, p.communicate()[1][-3000:]
-        time.sleep(0.2)
+    p = start_train(args, tmp_path)
+    wait_for(p, logs, "train/runs/*/checkpoints/last.ckpt", timeout=180)
     p.send_signal(signal.SIGTERM)  # to rank 0 only, as `kill PID` does
     _, err = p.communicate(timeout=120)
     assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
@@ -189,12 +184,6 @@ def test_sigterm_to_rank_0_stops_every_rank(image_folder: Path, tmp_path: Path) 
     (run,) = run_dirs(logs)
     ckpt = torch.load(run / "checkpoints" / "interrupted.ckpt", weights_only=True)
     assert ckpt["epoch"] >= 1
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_nodes(args: list[str], run_dir: Path, cwd: Path) -> list[subprocess.Popen]:
@@ -233,10 +222,7 @@ def test_a_killed_node_ends_the_other_in_one_line(image_folder: Path, tmp_path: 
     args = DDP + folder_overrides(image_folder, tmp_path) + [
         f"paths.log_dir={tmp_path / 'logs'}", "trainer.max_epochs=1000", "trainer.strategy.timeout.seconds=40"]
     first, second = start_nodes(args, run, tmp_path)
-    end = time.monotonic() + 180
-    while not (run / "checkpoints" / "last.ckpt").exists():
-        assert first.poll() is None and time.monotonic() < end, first.communicate()[1][-3000:]
-        time.sleep(0.2)
+    wait_for(first, run, "checkpoints/last.ckpt", timeout=180)
     t0 = time.monotonic()
     second.kill()
     second.communicate(timeout=30)

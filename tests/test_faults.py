@@ -5,43 +5,32 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from conftest import (
+    FAST,
+    RESUME_KEYS,
+    SignalAt,
+    add_callback,
+    folder_overrides,
+    last_line,
+    run_cli,
+    run_dirs,
+    start_train,
+    wait_for,
+)
 from omegaconf import open_dict
 
-from conftest import FAST, ROOT, add_callback, folder_overrides, last_line, run_cli, run_dirs
-
+from cifarkit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.errors import TrainingStopped
-from cifarkit.safety import AtomicCheckpointIO
 from cifarkit.train import train
 
 SMALL = ["data.image_size=16"]  # a 4x smaller first fc layer: same code paths, faster steps
-
-
-def start(args: list[str], cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(p: subprocess.Popen, pattern: str, log_dir: Path, timeout: float = 120) -> Path:
-    """The first file matching ``pattern`` in the run directory, once the run has written it."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        found = sorted((log_dir / "train" / "runs").glob(f"*/{pattern}"))
-        if found:
-            return found[0]
-        assert p.poll() is None, p.communicate()[1]
-        time.sleep(0.1)
-    p.kill()
-    raise AssertionError(f"{pattern} never appeared")
 
 
 def long_run(image_folder: Path, tmp_path: Path) -> list[str]:
@@ -59,8 +48,8 @@ def resume_to_completion(image_folder: Path, tmp_path: Path, ckpt: Path, epochs:
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
 def test_signal_saves_stops_in_one_line_and_resumes(sig, image_folder, tmp_path):
-    p = start(long_run(image_folder, tmp_path), tmp_path)
-    wait_for(p, "checkpoints/last.ckpt", tmp_path / "logs")  # epoch 0 done: it is training now
+    p = start_train(long_run(image_folder, tmp_path), tmp_path)
+    wait_for(p, tmp_path / "logs", "train/runs/*/checkpoints/last.ckpt")  # epoch 0 done: it is training now
     p.send_signal(sig)
     t0 = time.monotonic()
     _, err = p.communicate(timeout=60)
@@ -87,8 +76,8 @@ def test_signal_saves_stops_in_one_line_and_resumes(sig, image_folder, tmp_path)
 
 @pytest.mark.slow
 def test_sigkill_mid_epoch_resumes_from_last(image_folder, tmp_path):
-    p = start(long_run(image_folder, tmp_path) + ["data.batch_size=4"], tmp_path)
-    last = wait_for(p, "checkpoints/last.ckpt", tmp_path / "logs")
+    p = start_train(long_run(image_folder, tmp_path) + ["data.batch_size=4"], tmp_path)
+    last = wait_for(p, tmp_path / "logs", "train/runs/*/checkpoints/last.ckpt")
     time.sleep(1.0)  # somewhere in epoch 1
     p.kill()
     p.communicate(timeout=30)
@@ -99,9 +88,6 @@ def test_sigkill_mid_epoch_resumes_from_last(image_folder, tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
     whole_metrics = json.loads((run_dirs(tmp_path / "whole")[0] / "metrics.json").read_text())
     assert {k: resumed[k] for k in RESUME_KEYS} == {k: whole_metrics[k] for k in RESUME_KEYS}
-
-
-RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
 
 
 def run_in_process(compose_cfg, image_folder: Path, tmp_path: Path, name: str, epochs: int,
@@ -125,17 +111,6 @@ def test_resume_at_epoch_boundary_gives_the_same_metrics(compose_cfg, image_fold
     assert Path(resumed["best_ckpt"]).name == Path(whole["best_ckpt"]).name
     assert Path(resumed["best_ckpt"]).parent == tmp_path / "resumed" / "checkpoints"
     assert (tmp_path / "first" / "checkpoints" / "last.ckpt").is_file()
-
-
-class SignalAt(L.Callback):
-    """Sends ``sig`` to this process as training step ``step`` starts: a real signal, mid-epoch."""
-
-    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
-        self.step, self.sig = step, sig
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), self.sig)
 
 
 @pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 6])  # 4 steps an epoch: in epoch 0, in epoch 1

@@ -1,5 +1,5 @@
 """A preset as users run it: cpu10 trains end to end and tests its averaged weights (every preset's
-run is built in test_config.py)."""
+run is built in test_config.py), and every experiment preset runs with every debug preset."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, folder_overrides
+from conftest import CONFIG_DIR, FAST, compose, folder_overrides, run_dirs
 
 from cifarkit.train import evaluate, train
 
@@ -29,3 +29,29 @@ def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose
     assert saved["train/images_per_s"] * saved["train/seconds"] == pytest.approx(6 * 8)
     again = evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={tmp_path / 'out' / 'checkpoints' / 'last.ckpt'}", *data], "eval"))
     assert again["test/loss"] == pytest.approx(saved["test/loss"], rel=1e-5)
+
+
+def presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+
+
+# debug=fdr: one batch of each split, quick with any recipe. The others train the preset's epochs of the recipe's own
+# net (tens to hundreds of steps each, resnet18's among them): minutes on a 2-core CPU, so slow.
+DEBUG = [d if d == "fdr" else pytest.param(d, marks=pytest.mark.slow) for d in presets("debug")]
+
+
+@pytest.mark.parametrize("debug", DEBUG)
+@pytest.mark.parametrize("experiment", presets("experiment"))
+def test_every_experiment_runs_with_every_debug_preset(experiment: str, debug: str, image_folder: Path, tmp_path: Path,
+                                                       main) -> None:
+    """``python train.py experiment=<each> debug=<each>`` on tiny data (batch 8: the recipes' batches are larger
+    than its 72 images) exits 0; a budget steps aside for fast_dev_run in one line."""
+    data = [o for o in folder_overrides(image_folder, tmp_path) if not o.startswith("data.val_size")]  # recipe's split
+    fast = [o for o in FAST if not o.startswith("trainer.max_epochs")]  # the debug preset says how long
+    r = main("train.py", fast + data + [f"experiment={experiment}", f"debug={debug}", "data.batch_size=8",
+                                        f"paths.log_dir={tmp_path / 'logs'}"])
+    assert r.code == 0, r.err[-3000:]
+    assert json.loads((run_dirs(tmp_path / "logs")[0] / "metrics.json").read_text())["status"] == "completed"
+    cfg = compose(tmp_path, [f"experiment={experiment}", f"debug={debug}"])  # cpu10 has a budget, fdr is a fast_dev_run
+    skipped = f"budget_s={cfg.budget_s} is not used: trainer.fast_dev_run=true runs 1 batch of each split and stops"
+    assert (skipped in r.out + r.err) == (cfg.budget_s is not None and cfg.trainer.get("fast_dev_run") is True)

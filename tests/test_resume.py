@@ -3,26 +3,37 @@ after a full disk, into the same run directory, with the metrics of a run never 
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, ROOT, add_callback, compose, error_line, folder_overrides, last_line, run_dirs
+from conftest import (
+    FAST,
+    RESUME_KEYS,
+    SignalAt,
+    add_callback,
+    compose,
+    error_line,
+    folder_overrides,
+    last_line,
+    run_dirs,
+    start_train,
+    wait_for,
+)
 from omegaconf import OmegaConf
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.files import DiskFull, atomic_write, write_metrics
-from cifarkit.resume import find_unfinished, is_running
-
-RESUME_KEYS = ["val/acc_best", "test/acc", "test/loss", "val/loss", "train/loss", "train/acc", "epochs", "steps"]
+from cifarkit.rundir import find_unfinished, is_running, resolve_auto, runs_dir
 
 
 def args(image_folder: Path, tmp_path: Path, logs: str, *extra: str) -> list[str]:
@@ -33,18 +44,6 @@ def args(image_folder: Path, tmp_path: Path, logs: str, *extra: str) -> list[str
 def finished(tmp_path: Path, logs: str) -> dict:
     (run,) = run_dirs(tmp_path / logs)
     return json.loads((run / "metrics.json").read_text())
-
-
-class SignalAt(L.Callback):
-    """Sends ``sig`` to this process as training step ``step`` starts (once): a real signal, mid-epoch."""
-
-    def __init__(self, step: int, sig: int = signal.SIGTERM) -> None:
-        self.step, self.sig, self.sent = step, sig, False
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if trainer.global_step == self.step and not self.sent:
-            self.sent = True
-            os.kill(os.getpid(), self.sig)
 
 
 def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder: Path, tmp_path: Path, main, monkeypatch, recwarn) -> None:
@@ -88,9 +87,23 @@ def test_auto_looks_for_the_same_configuration_only(tmp_path: Path) -> None:
     assert find_unfinished(tmp_path / "runs", cfg) == (None, [])  # finished
 
 
+def test_auto_reports_a_run_whose_checkpoints_cannot_be_read(tmp_path: Path) -> None:
+    """A run whose only checkpoint is cut short is named in one line, not silently skipped; beside
+    a good checkpoint of an earlier step, the good one is continued from, whatever its name."""
+    cfg = compose(tmp_path, ["trainer=cpu"])
+    run = unfinished_run(runs_dir(cfg) / "earlier", cfg)
+    unreadable = (f"ckpt_path=auto: {run} did not finish, but none of its checkpoints can be read (last.ckpt); "
+                  "starting a new one")
+    assert resolve_auto(cfg, None) == (None, unreadable)
+    torch.save({"state_dict": {}, "global_step": 4}, run / "checkpoints" / "epoch_000.ckpt")
+    point, line = resolve_auto(cfg, None)
+    assert point.ckpt == run / "checkpoints" / "epoch_000.ckpt"
+    assert line == f"ckpt_path=auto: continuing {run} from epoch_000.ckpt (step 4)"
+
+
 def hold_in_another_process(run: Path) -> subprocess.Popen:
     """A process that holds ``run``'s lock as a training run's rank 0 does, until it is killed."""
-    code = "import sys, time; from cifarkit.resume import hold_run; f = hold_run(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+    code = "import sys, time; from cifarkit.rundir import hold_run; f = hold_run(sys.argv[1]); print('held', flush=True); time.sleep(600)"
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     return holder
@@ -161,13 +174,8 @@ def test_slurm_requeue_signal_saves_requeues_and_the_job_continues(image_folder:
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL.format(log=calls))
     (bin_dir / "scontrol").chmod(0o755)
     command = args(image_folder, tmp_path, "logs", "ckpt_path=auto", "trainer.max_epochs=8", "data.batch_size=4")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *command], cwd=tmp_path, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    end = time.monotonic() + 120
-    while not list((tmp_path / "logs").glob("train/runs/*/checkpoints/last.ckpt")):
-        assert p.poll() is None and time.monotonic() < end, p.communicate()[1][-3000:]
-        time.sleep(0.1)
+    p = start_train(command, tmp_path, env={"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    wait_for(p, tmp_path / "logs", "train/runs/*/checkpoints/last.ckpt")
     p.send_signal(signal.SIGUSR1)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGUSR1, err[-3000:]
@@ -239,10 +247,10 @@ def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(image_folder:
 
 def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(image_folder: Path, tmp_path: Path, small_disk: Path) -> None:
     """metrics.json, a checkpoint, a picture, the dataset cache and an export: one line each, old file intact."""
-    from cifarkit.export import export_model
-    from cifarkit.safety import AtomicCheckpointIO
     from conftest import craft_checkpoint, datamodule
 
+    from cifarkit.checkpoint_io import AtomicCheckpointIO
+    from cifarkit.export import export_model
     from cifarkit.model import BasicCNN
 
     write_metrics(small_disk, {"status": "completed", "test/acc": 0.5})
@@ -263,3 +271,53 @@ def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(image_folder: P
         assert "\n" not in str(e.value) and isinstance(e.value.__cause__, (OSError, RuntimeError)), name
     assert {p.name: p.read_bytes() for p in small_disk.iterdir() if p.name in before} == before  # intact
     assert sorted(p.name for p in small_disk.iterdir() if p.name.startswith(".")) == []  # no partial files
+
+
+def disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Writing checkpoint ``name`` fails as on a full disk: part of it reaches the file, then ENOSPC."""
+    from cifarkit.checkpoint_io import AtomicCheckpointIO
+
+    real_io_save, real_save, writing = AtomicCheckpointIO.save_checkpoint, torch.save, [""]
+
+    def io_save(self, checkpoint, path, *args, **kwargs):
+        writing[0] = Path(path).name
+        return real_io_save(self, checkpoint, path, *args, **kwargs)
+
+    def save(obj, f, *args, **kwargs):
+        if writing[0] != name:
+            return real_save(obj, f, *args, **kwargs)
+        whole = io.BytesIO()
+        real_save(obj, whole, *args, **kwargs)
+        f.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(AtomicCheckpointIO, "save_checkpoint", io_save)
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_auto_continues_a_run_that_failed_on_a_full_disk_from_its_newest_good_checkpoint(
+    image_folder: Path, tmp_path: Path, main, monkeypatch
+) -> None:
+    """The disk fills as last.ckpt is first written, just after epoch 0's best checkpoint: the error line
+    says what ckpt_path=auto will do, and the same command with it does that: the same run directory,
+    from epoch_000.ckpt's step, and the metrics of a run never stopped."""
+    assert main("train.py", args(image_folder, tmp_path, "whole")).code == 0
+    disk_full_at(monkeypatch, "last.ckpt")
+    full = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
+    monkeypatch.undo()
+    (run,) = run_dirs(tmp_path / "logs")
+    ckpts = run / "checkpoints"
+    assert full.code == 1 and sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt"]  # no partial file either
+    step = read_checkpoint(ckpts / "epoch_000.ckpt")["global_step"]
+    assert step == 4  # 4 steps an epoch
+    assert error_line(full.err).endswith(
+        f"the files already written are intact: free space there and run the same command with ckpt_path=auto: "
+        f"it continues {run} from epoch_000.ckpt (step {step})")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
+    resumed = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
+    assert resumed.code == 0, resumed.err[-3000:]
+    assert f"ckpt_path=auto: continuing {run} from epoch_000.ckpt (step {step})" in resumed.err
+    assert run_dirs(tmp_path / "logs") == [run]
+    metrics, whole = finished(tmp_path, "logs"), finished(tmp_path, "whole")
+    assert metrics["status"] == "completed"
+    assert {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, compose, folder_overrides
+from conftest import FAST, ROOT, compose, folder_overrides, free_port
 from PIL import Image
 from test_data import bomb_png
 
@@ -88,12 +88,6 @@ def form(*files: tuple[str, bytes]) -> tuple[bytes, str]:
               % (name.encode(), content) for name, content in files]
     body = b"".join(b"--%s\r\n%s\r\n" % (boundary, part) for part in parts) + b"--%s--\r\n" % boundary
     return body, f"multipart/form-data; boundary={boundary.decode()}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(model: Path, tmp: Path, *overrides: str) -> Server:

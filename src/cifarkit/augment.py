@@ -35,6 +35,11 @@ EXAMPLES = {"crop": "{padding: 4, mode: zeros}", "flip": "{p: 0.5}", "alternatin
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect"}  # ours -> torchvision's padding_mode
 
 
+def mixed_seed(seed: int, n: int) -> int:
+    """The generator seed of draw ``n`` (an epoch, a stream) of a run seeded ``seed``: each pair its own."""
+    return seed * 100_003 + n
+
+
 @dataclass(frozen=True)
 class Augment:
     """The training augmentation of one run, built from ``data.augment`` by ``from_steps``."""
@@ -89,7 +94,7 @@ class Augment:
             "flip": torch.rand(m, generator=g) < self.flip_p,
         }
         if self.alternating_flip:
-            first = torch.Generator().manual_seed(seed * 100_003 + 99_991)
+            first = torch.Generator().manual_seed(mixed_seed(seed, 99_991))
             d["flip"] = (torch.rand(n_images, generator=first) < 0.5)[idx] ^ bool(epoch % 2)
         if self.cutout:
             d["cy"] = torch.randint(0, size[0], (m,), generator=g)
@@ -156,6 +161,13 @@ def crop_flip(
 
 
 TTA = ("none", "flip", "flip_translate")
+
+
+def check_tta(tta: str, key: str) -> str:
+    """``tta`` if it is one of ``TTA``, else the one line that says so (``key``: the option that set it)."""
+    if tta not in TTA:
+        raise UserError(f"{key}={tta!r} is not known; use one of {', '.join(TTA)}")
+    return tta
 
 
 def tta_logits(forward: Any, x: torch.Tensor, tta: str) -> torch.Tensor:

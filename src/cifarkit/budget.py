@@ -1,7 +1,8 @@
 """A time budget instead of a step count: ``budget_s=600`` trains for the steps this machine does in
 about 600 seconds.
 
-``size_to_budget`` runs a short probe before the run: the same data, model, trainer and the
+``size_to_budget`` runs a short probe before the run and returns the step count it decides, which
+train.py sets as ``trainer.max_steps``: the same data, model, trainer and the
 callbacks that act on training steps, for a few warm-up steps (the first one compiles with
 ``model.compile=true``) and then timed ones, in the run's own strategy (under DDP every rank
 takes part, so the probe pays the same all-reduce). From the steady time per step and the
@@ -11,7 +12,9 @@ then an ordinary run with ``trainer.max_steps`` set: the schedule, lookahead's r
 freeze point are sized from it as from any step count, and ``trainer.max_steps=<count>
 trainer.max_epochs=-1`` reproduces it exactly on any machine. The probe's steps train a copy of
 the model that is thrown away; the run starts from the seed like any other. The decision is kept
-in the run directory (``budget.json``), so a resumed run continues with the same count.
+in the run directory (``budget.json``), so a resumed run continues with the same count. A run
+that Lightning cuts short by design (``trainer.fast_dev_run``) has nothing to size: ``skipped``
+says so in one line and the budget steps aside.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -29,18 +31,22 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, open_dict
 
+from cifarkit import rundir
 from cifarkit.errors import UserError
 from cifarkit.files import write_json
-from cifarkit.pictures import RunPictures
-from cifarkit.safety import CarryCheckpoints, GracefulStop
 
 log = logging.getLogger(__name__)
-BUDGET_FILE = "budget.json"  # the decision, in the run directory: a resume continues with the same count
 TARGET = 0.95  # of the budget: what the probe cannot see (logging, the progress bar, load) gets the rest
 WARMUP_STEPS = 3  # untimed: memory allocation, kernel selection, compilation
 MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 10, 2.0, 100
-# Callbacks that write the run's files or watch it rather than train it: left out of the probe.
-NOT_PROBED = (ModelCheckpoint, RunPictures, GracefulStop, CarryCheckpoints, LearningRateMonitor, ProgressBar)
+# Lightning's callbacks that write the run's files, need a logger or draw the progress: left out of the
+# probe. The project's own callbacks say so themselves (``in_budget_probe = False``).
+LIGHTNING_NOT_PROBED = (ModelCheckpoint, LearningRateMonitor, ProgressBar)
+
+
+def probed(callback: L.Callback) -> bool:
+    """Whether the probe keeps ``callback``: those that act on training steps, not those that watch the run."""
+    return getattr(callback, "in_budget_probe", not isinstance(callback, LIGHTNING_NOT_PROBED))
 
 
 class StepClock(L.Callback):
@@ -82,9 +88,20 @@ def steps_for(budget_s: float, seconds_per_step: float, warmup_extra_s: float) -
     return max(1, math.floor((TARGET * budget_s - warmup_extra_s) / seconds_per_step))
 
 
+def skipped(cfg: DictConfig) -> str | None:
+    """Why this run has no steps to size, in one line; None when a budget applies. Lightning cuts a
+    ``fast_dev_run`` short by design (N batches of each split, whatever the step count says)."""
+    fast = cfg.trainer.get("fast_dev_run")
+    if not fast:
+        return None
+    n = 1 if fast is True else int(fast)
+    return (f"budget_s={cfg.budget_s} is not used: trainer.fast_dev_run={str(fast).lower()} runs {n} "
+            f"batch{'es' if n > 1 else ''} of each split and stops")
+
+
 def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
-    """Probe this machine's rate and set ``cfg.trainer.max_steps`` (and ``max_epochs=-1``) to fit
-    ``cfg.budget_s``; return what was decided, for metrics.json. ``build`` is train.py's."""
+    """Probe this machine's rate and decide the step count that fits ``cfg.budget_s`` (``"steps"``);
+    return the decision, which metrics.json records. ``build`` is train.py's; ``cfg`` is not changed."""
     budget = float(cfg.budget_s)
     if budget <= 0:
         raise UserError(f"budget_s={cfg.budget_s} must be a number of seconds above 0, or null")
@@ -96,35 +113,28 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
                                  num_sanity_val_steps=0, enable_model_summary=False)
     datamodule, trainer = build(probe_cfg, with_loggers=False)
     clock = StepClock()
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, NOT_PROBED)] + [clock]
+    trainer.callbacks = [c for c in trainer.callbacks if probed(c)] + [clock]
     trainer.fit(instantiate(cfg.model, classes=datamodule.classes), datamodule=datamodule)
     if clock.timed == 0:
         raise UserError("the budget probe could not time a step (fewer training batches than its warm-up); set trainer.max_steps instead")
     decided = trainer.strategy.broadcast((clock.seconds_per_step, clock.warmup_extra_s), src=0)  # rank 0's, on every rank
     steps = steps_for(budget, *decided)
     decision = {"seconds": budget, "steps": steps, "seconds_per_step": decided[0], "warmup_extra_s": decided[1]}
-    _use(cfg, decision)
     if trainer.is_global_zero:
-        write_json(Path(cfg.paths.output_dir) / BUDGET_FILE, decision)
+        write_json(rundir.budget_file(cfg.paths.output_dir), decision)
     log.info("budget %g s: %d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
              "trainer.max_steps=%d trainer.max_epochs=-1 reproduces this run", budget, steps, decided[0], WARMUP_STEPS,
              decided[1], steps * decided[0] + decided[1], steps)
     return decision
 
 
-def _use(cfg: DictConfig, decision: dict[str, Any]) -> None:
-    with open_dict(cfg):
-        cfg.trainer.max_steps, cfg.trainer.max_epochs = decision["steps"], -1
-
-
 def _resumed(cfg: DictConfig) -> dict[str, Any]:
     """The decision the checkpoint's run recorded beside its checkpoints (``budget.json``)."""
-    recorded = Path(cfg.ckpt_path).resolve().parent.parent / BUDGET_FILE
+    recorded = rundir.budget_file(rundir.of_checkpoint(cfg.ckpt_path))
     try:
         decision = json.loads(recorded.read_text())
     except (OSError, ValueError):
         raise UserError(f"budget_s is set but {recorded} does not say the step count the run was sized to; "
                         "add trainer.max_steps=<its steps, from its log> to resume it") from None
-    _use(cfg, decision)
     log.info("budget %g s: resuming the run sized to %d steps (%s)", decision["seconds"], decision["steps"], recorded)
     return decision

@@ -10,7 +10,7 @@ A checkpoint is read once per entry point, always here:
   string's prefix), nested configs included; no other Hydra key, no interpolation. The whole
   config is judged before any class is called.
 
-Writing them (atomically, with their ``data_info``) is cifarkit/safety.py's ``AtomicCheckpointIO``
+Writing them (atomically, with their ``data_info``) is cifarkit/checkpoint_io.py's ``AtomicCheckpointIO``
 and ``ImageClassifier.on_save_checkpoint``. Lightning-free.
 """
 
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cifarkit import rundir
 from cifarkit.augment import TTA
 from cifarkit.errors import UserError
 from cifarkit.images import DataInfo
@@ -36,7 +37,8 @@ def checkpoint_file(path: str | Path) -> Path:
     """``path`` if it is a file, else the one line that says so (before any work starts)."""
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. <run>/checkpoints/last.ckpt)")
+        example = f"<run>/{rundir.CHECKPOINTS}/{rundir.LAST}"
+        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. {example})")
     return p
 
 

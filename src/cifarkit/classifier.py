@@ -22,7 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from cifarkit import optim
-from cifarkit.augment import TTA, tta_logits
+from cifarkit.augment import check_tta, tta_logits
 from cifarkit.errors import UserError
 
 
@@ -56,8 +56,7 @@ class ImageClassifier(L.LightningModule):
         the memory format of the net and its inputs; ``compile``: ``torch.compile`` the net
         (true: inductor's default mode; or a mode's name, e.g. ``reduce-overhead``)."""
         super().__init__()
-        if tta not in TTA:
-            raise UserError(f"model.tta={tta!r} is not known; use one of {', '.join(TTA)}")
+        check_tta(tta, "model.tta")
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
         param_groups = _plain(param_groups)
         built = isinstance(net, nn.Module)

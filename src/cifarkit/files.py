@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from cifarkit import rundir
 from cifarkit.errors import UserError
 
 _UMASK = os.umask(0o022)  # reading the umask means setting it: put it straight back
@@ -79,10 +80,9 @@ class DiskFull(UserError):
         like = [path, *path.parent.glob(f"*{path.suffix}")] if path.suffix else [path]
         sizes = [p.stat().st_size for p in like if p.is_file()]
         need = f"about {_size(max(sizes))}" if sizes else f"more than {_size(written)}"
-        super().__init__(
-            f"the disk is full: could not write {path} ({mount} has {_size(shutil.disk_usage(mount).free)} free; the file needs {need}); "
-            "the files already written are intact: free space there and run again (training continues with ckpt_path=auto)"
-        )
+        free = _size(shutil.disk_usage(mount).free)
+        super().__init__(f"the disk is full: could not write {path} ({mount} has {free} free; the file needs {need}); "
+                         f"the files already written are intact: {rundir.after_full_disk(path)}")
 
 
 def _size(n: int) -> str:
@@ -95,4 +95,4 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
 
 
 def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
-    return write_json(Path(output_dir) / "metrics.json", metrics)
+    return write_json(rundir.metrics_file(output_dir), metrics)

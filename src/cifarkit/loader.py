@@ -17,7 +17,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 
-from cifarkit.augment import Augment
+from cifarkit.augment import Augment, mixed_seed
 from cifarkit.images import normalize
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -85,7 +85,7 @@ class DeviceLoader:
         n = len(self.labels)
         if not self.train:  # every sample once over all ranks: synced metrics equal one process's
             return torch.arange(self.rank, n, self.world_size)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        g = torch.Generator().manual_seed(mixed_seed(self.seed, epoch))
         perm = torch.randperm(n, generator=g)
         usable = (n // self.world_size) * self.world_size  # equal shares; the remainder rotates
         return perm[self.rank : usable : self.world_size]
@@ -95,7 +95,7 @@ class DeviceLoader:
         draw = 0 if self.fixed_order else epoch
         idx = self.epoch_indices(draw)
         if self.train:
-            g = torch.Generator().manual_seed((self.seed * 100_003 + draw) * 1_009 + self.rank + 1)
+            g = torch.Generator().manual_seed(mixed_seed(self.seed, draw) * 1_009 + self.rank + 1)
             draws = self.augment.draw(idx, len(self.labels), tuple(self.images.shape[-2:]), draw, self.seed, g)
             if self.resume_at[0] == epoch:  # the same draws, minus the batches trained before the stop
                 skip = self.resume_at[1] * self.batch_size

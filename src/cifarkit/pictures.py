@@ -93,6 +93,8 @@ def confusion_figure(counts: torch.Tensor, classes: list[str]) -> Figure:
 class RunPictures(L.Callback):
     """Writes ``samples.png`` at the start of training and ``confusion_matrix.png`` after testing."""
 
+    in_budget_probe = False  # it writes the run's files rather than train: cifarkit/budget.py's probe leaves it out
+
     def __init__(self, output_dir: str, num_samples: int) -> None:
         self.output_dir = Path(output_dir)
         self.num_samples = num_samples

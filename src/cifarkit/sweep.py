@@ -25,6 +25,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cifarkit import rundir
+
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
 
@@ -48,7 +50,7 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
         job_dir = ov_file.parent.parent
         overrides = [str(o) for o in OmegaConf.load(ov_file)]
         given = dict(o.partition("=")[::2] for o in overrides)
-        metrics_file = job_dir / "metrics.json"
+        metrics_file = rundir.metrics_file(job_dir)
         result = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"status": "failed"}
         x = given.get(x_key)
         if x is None:  # not overridden: the job's own config says

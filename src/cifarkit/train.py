@@ -12,24 +12,27 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from cifarkit.augment import TTA
-from cifarkit.budget import size_to_budget
+from cifarkit import rundir
+from cifarkit.augment import check_tta
+from cifarkit.budget import size_to_budget, skipped
+from cifarkit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.checkpoints import SavedNet, checkpoint_file
 from cifarkit.classifier import ImageClassifier, check_same_classes
+from cifarkit.console import quiet_lightning
 from cifarkit.datamodule import ImageDataModule
 from cifarkit.devices import resolve_accelerator, resolve_precision
 from cifarkit.errors import UserError
 from cifarkit.files import write_metrics
-from cifarkit.resume import AUTO, own_run
 from cifarkit.metrics import SUMMARY, final_metrics, log_hyperparams, tested_metrics, throughput
-from cifarkit.safety import AtomicCheckpointIO
 
 log = logging.getLogger(__name__)
 
 
 def build(cfg: DictConfig, with_loggers: bool = True, **data_overrides: Any) -> tuple[ImageDataModule, L.Trainer]:
     """Instantiate the data and the trainer from the config: every callback comes from
-    ``cfg.callbacks`` (configs/callbacks/), every logger from ``cfg.logger``."""
+    ``cfg.callbacks`` (configs/callbacks/), every logger from ``cfg.logger``; Lightning's first screen is
+    quieted as cifarkit/console.py says."""
+    quiet_lightning()
     device = resolve_accelerator(cfg.trainer.accelerator)
     if cfg.trainer.get("sync_batchnorm") and device not in ("cuda", "xpu", "hpu"):
         raise UserError(f"trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm does not run on {device}); set trainer.sync_batchnorm=false")
@@ -74,7 +77,7 @@ def expected_warnings(cfg: DictConfig) -> list[str]:
     if cfg.data.get("val_size") == 0:
         patterns += ["Total length of `DeviceLoader` across ranks is zero", r"`ModelCheckpoint\(monitor='val/"]
     ckpt = cfg.get("ckpt_path")
-    if ckpt == AUTO or (ckpt and Path(ckpt).parent.resolve() == (Path(cfg.paths.output_dir) / "checkpoints").resolve()):
+    if ckpt and Path(ckpt).parent.resolve() == rundir.checkpoint_dir(cfg.paths.output_dir).resolve():
         patterns.append("Checkpoint directory .* exists and is not empty")
     return patterns
 
@@ -93,17 +96,17 @@ def train(cfg: DictConfig) -> float:
 
 def _train(cfg: DictConfig) -> float:
     seed = L.seed_everything(cfg.seed, workers=True)
-    if cfg.ckpt_path == AUTO:  # a sweep's job, or a run in a fixed directory: continue what is there
-        ckpt = own_run(cfg.paths.output_dir)
-        log.info("ckpt_path=auto: %s", f"continuing from {ckpt}" if ckpt else f"nothing unfinished in {cfg.paths.output_dir}; starting a new run")
-        with open_dict(cfg):
-            cfg.ckpt_path = str(ckpt) if ckpt else None
     if cfg.ckpt_path:
         checkpoint_file(cfg.ckpt_path)  # a missing file stops before the data is decoded
     budget = {}
     if cfg.get("budget_s") is not None and cfg.trainer.max_steps in (None, -1):  # a given step count wins
-        budget = size_to_budget(cfg, build)
-        L.seed_everything(cfg.seed, workers=True)  # the run starts as one with trainer.max_steps set would
+        if why := skipped(cfg):
+            log.info(why)
+        else:
+            budget = size_to_budget(cfg, build)
+            with open_dict(cfg):  # from here the run is one with this step count, as the log line says
+                cfg.trainer.max_steps, cfg.trainer.max_epochs = budget["steps"], -1
+            L.seed_everything(cfg.seed, workers=True)  # the run starts as one with trainer.max_steps set would
     datamodule, trainer = build(cfg)
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
     metrics: dict[str, Any] = {}
@@ -158,8 +161,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint and write ``metrics.json``. The test images are prepared as the
     checkpoint's ``data_info`` says (image size, mean/std), whatever the data options say."""
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.tta is not None and cfg.tta not in TTA:
-        raise UserError(f"tta={cfg.tta!r} is not known; use one of {', '.join(TTA)}")
+    if cfg.tta is not None:
+        check_tta(cfg.tta, "tta")
     saved = SavedNet.read(cfg.ckpt_path)
     net = saved.rebuild(list(cfg.trusted_targets))  # the whole net config is judged before anything is built
     model = ImageClassifier(net, saved.data.classes, optimizer=None, scheduler=None, param_groups=None,

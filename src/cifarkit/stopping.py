@@ -1,9 +1,8 @@
-"""Run safety: a run stops cleanly, never saves diverged weights, and never leaves a half-written checkpoint.
+"""Stopping a run: a run stops cleanly on a signal and never saves diverged weights.
 
-* ``GracefulStop``: SIGTERM / Ctrl-C save ``checkpoints/interrupted.ckpt`` and end the run within a step, on every rank.
+* ``GracefulStop``: SIGTERM / Ctrl-C save ``checkpoints/interrupted.ckpt`` and end the run within a step, on every rank;
+  SLURM's warning signal does the same and requeues the job.
 * ``NonFiniteGuard``: a NaN/inf loss stops training before a bad checkpoint is written.
-* ``AtomicCheckpointIO``: every checkpoint is written atomically and read back safely (Lightning's plugin).
-* ``CarryCheckpoints``: a run resumed into a new folder keeps the old run's best checkpoint.
 
 Under DDP every rank runs the same hooks, but the progress bar runs on rank 0 only, and at the
 end of a training epoch it computes (and so syncs across ranks) the epoch's metrics. A
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,12 +24,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.trainer.states import TrainerFn
 
-from cifarkit.checkpoints import read_checkpoint
+from cifarkit import rundir
 from cifarkit.errors import TrainingStopped
-from cifarkit.files import atomic_write
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REQUEUE_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)  # SLURM's warnings before a pre-emption or the time limit
@@ -56,6 +52,8 @@ class GracefulStop(L.Callback):
     inside the signal handler, mid-step; this waits for the step's end, so the continued run
     equals one that was never stopped.
     """
+
+    in_budget_probe = False  # it watches the run rather than train: cifarkit/budget.py's probe leaves it out
 
     def __init__(self, dirpath: str, every_n_steps: int, grace_s: float) -> None:
         self.dirpath = Path(dirpath)
@@ -106,7 +104,7 @@ class GracefulStop(L.Callback):
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
             raise TrainingStopped(f"stopped by {name} at {where}; the weights are NaN/inf, so no checkpoint was saved", 1)
-        path = self.dirpath / "interrupted.ckpt"
+        path = self.dirpath / rundir.INTERRUPTED
         trainer.save_checkpoint(path, weights_only=False)
         self._restore()
         then = f"continue with ckpt_path={path}"
@@ -200,75 +198,10 @@ class NonFiniteGuard(L.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.first_bad >= 0, all=False):
             return
         step = self.first_bad if self.first_bad >= 0 else trainer.global_step
-        ckpt = Path(trainer.checkpoint_callback.dirpath) / "last.ckpt" if trainer.checkpoint_callback else None
+        ckpt = Path(trainer.checkpoint_callback.dirpath) / rundir.LAST if trainer.checkpoint_callback else None
         keep = f"last good checkpoint: {ckpt}" if ckpt and ckpt.exists() else "no checkpoint had been saved yet"
         raise TrainingStopped(
             f"training loss became NaN/inf at step {step} (epoch {trainer.current_epoch}); "
             f"{keep}; lower model.optimizer.lr or check the data",
             exit_code=1,
         )
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint plugin, writing through ``atomic_write`` and reading through
-    ``read_checkpoint``.
-
-    Lightning's own ``TorchCheckpointIO`` also writes through a temporary file (fsspec's
-    transaction), but that file sits in the system's temp folder, so the final move is a copy,
-    not an atomic rename, when the run directory is on another disk; nothing is fsynced; and it
-    loads with ``torch.load`` as the caller asks. Here the temporary file sits beside the
-    checkpoint and is fsynced before the rename: a run killed mid-save keeps the previous
-    ``last.ckpt`` intact (at worst a hidden ``.last.ckpt.*.tmp`` after a SIGKILL); and a resumed
-    or tested checkpoint is loaded with ``weights_only`` (no pickled code runs), a bad file
-    ending the run in one line.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
-
-    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        return read_checkpoint(path)
-
-
-class CarryCheckpoints(L.Callback):
-    """Resuming into a new run folder keeps ``ModelCheckpoint``'s best and top-k.
-
-    ``ckpt_path=<old run>/checkpoints/last.ckpt`` starts a new run folder, and Lightning's
-    ``ModelCheckpoint`` forgets its scores when its folder changes: the resumed run would
-    then pick its best among the new epochs only and test other weights than a run that was
-    never stopped. The kept checkpoints are linked (or copied) into the new folder and the
-    saved state is pointed at them before ``ModelCheckpoint`` loads it.
-    """
-
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        states = checkpoint.get("callbacks", {})
-        for cb in trainer.checkpoint_callbacks:
-            state = states.get(cb.state_key)
-            if not state or not cb.dirpath or state.get("dirpath") in (None, cb.dirpath):
-                continue
-            new = Path(cb.dirpath)
-            if trainer.is_global_zero:
-                new.mkdir(parents=True, exist_ok=True)
-                for old in state.get("best_k_models", {}):
-                    _link_or_copy(Path(old), new / Path(old).name)
-            trainer.strategy.barrier("CarryCheckpoints")
-
-            def moved(p: str) -> str:
-                return str(new / Path(p).name) if p else p
-
-            kept = {moved(p): v for p, v in state.get("best_k_models", {}).items()}
-            state["best_k_models"] = {p: v for p, v in kept.items() if Path(p).is_file()}
-            for key in ("best_model_path", "kth_best_model_path"):  # empty where the old file is gone
-                path = moved(state.get(key, ""))
-                state[key] = path if path in state["best_k_models"] else ""
-            state["last_model_path"] = moved(state.get("last_model_path", ""))
-            state["dirpath"] = cb.dirpath
-
-
-def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists() or not src.is_file():
-        return
-    try:
-        os.link(src, dst)  # no extra disk; ModelCheckpoint deleting it later leaves the old run's file
-    except OSError:
-        shutil.copy2(src, dst)
