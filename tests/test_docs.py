@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cifarkit.cli import check_command_line, register_resolvers
+from cifarkit.cli import check_command_line
+from cifarkit.resolvers import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -37,7 +38,7 @@ def entry_point(command: str) -> tuple[str, list[str]]:
     """The script a command runs and its arguments, placeholders filled with a dummy value."""
     words = shlex.split(PLACEHOLDER.sub("x", command))
     i = next(i for i, w in enumerate(words) if Path(w).name in SCRIPTS)
-    return Path(words[i]).stem, words[i + 1:]
+    return Path(words[i]).stem, [w for w in words[i + 1 :] if w != "..."]  # "...": any further options
 
 
 def all_commands() -> list[tuple[str, str]]:
