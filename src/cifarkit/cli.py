@@ -31,6 +31,7 @@ from cifarkit.errors import RunInUse, TrainingStopped, UserError
 from cifarkit.files import DiskFull, disk_full, write_metrics
 from cifarkit.resume import AUTO, completed, find_unfinished, hold_run, in_use, is_running
 from cifarkit.sweep import study_seed
+from cifarkit.untrusted import shown
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)  # and Lightning's, see _misconfiguration
@@ -80,7 +81,7 @@ def one_line(e: BaseException) -> str:
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {shown(message)}", file=sys.stderr)  # a name from a stranger's file cannot steer the terminal
     raise SystemExit(1)
 
 
