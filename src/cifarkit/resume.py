@@ -20,7 +20,6 @@ Lightning-free.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -28,6 +27,7 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from cifarkit.errors import RunInUse
+from cifarkit.untrusted import read_json_object
 
 try:
     import fcntl
@@ -79,10 +79,8 @@ def in_use(run_dir: str | Path) -> RunInUse:
 def completed(run_dir: Path) -> bool:
     """Whether the run's ``metrics.json`` says it completed (no file, or a half-written one from a
     killed run: it did not)."""
-    try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+    metrics = read_json_object(run_dir / "metrics.json")  # a run folder is read as untrusted too
+    return metrics is not None and metrics.get("status") == "completed"
 
 
 def resumable_checkpoint(run_dir: Path) -> Path | None:
@@ -100,6 +98,15 @@ def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's composed config, or None when its config.yaml is cut short or not a mapping."""
+    try:
+        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    except Exception:  # noqa: BLE001  YAML's and OmegaConf's errors on a file cut short or edited by hand
+        return None
+    return _comparable(saved) if isinstance(saved, DictConfig) else None
+
+
 def find_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[tuple[Path, Path] | None, list[Path]]:
     """The unfinished run under ``runs_dir`` composed from the same configuration as ``cfg`` whose
     checkpoint is the newest, with that checkpoint (or None); and the runs of that configuration
@@ -108,7 +115,7 @@ def find_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[tuple[Path, Path] 
     found, running = [], []
     for run_dir in runs_dir.glob("*"):
         ckpt = resumable_checkpoint(run_dir) if (run_dir / ".hydra" / "config.yaml").is_file() else None
-        if ckpt is not None and _comparable(OmegaConf.load(run_dir / ".hydra" / "config.yaml")) == wanted:
+        if ckpt is not None and _saved_config(run_dir) == wanted:
             (running if is_running(run_dir) else found).append((run_dir, ckpt))
     newest = max(found, key=lambda found: found[1].stat().st_mtime_ns, default=None)
     return newest, sorted(run_dir for run_dir, _ in running)

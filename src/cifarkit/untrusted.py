@@ -67,7 +67,7 @@ def decode_image(source: Path | bytes, size: int, name: str, fix: str,
     except Image.DecompressionBombError as e:  # Pillow's own limit, met while reading the header
         raise ImageTooLarge(f"cannot read {name}: too large to decode safely ({e}); {fix}") from e
     except Exception as e:  # noqa: BLE001  any decoder's failure on any bytes is the file's fault
-        why = "not a PNG or JPEG file" if e.__class__.__name__ == "UnidentifiedImageError" else _why(e)
+        why = "not an image file of a format read here: PNG or JPEG" if e.__class__.__name__ == "UnidentifiedImageError" else _why(e)
         raise UserError(f"cannot read {name} ({why}); {fix}") from e
 
 
@@ -139,6 +139,15 @@ def invalid(e: ValidationError) -> str:
     where = ".".join(str(part) for part in first["loc"]) or "the value"
     more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
     return shown(f"{where}: {first['msg']}{more}")[:300]
+
+
+def inside(path: Any, folder: Path) -> bool:
+    """Whether ``path`` (a string from a file) names a ``.ckpt`` file inside ``folder`` once every
+    link and ``..`` is resolved."""
+    if not isinstance(path, str) or not path.endswith(".ckpt"):
+        return False
+    resolved = Path(path).resolve()
+    return resolved.parent == folder.resolve() and resolved.is_file()
 
 
 def read_json_object(path: Path) -> dict[str, Any] | None:
