@@ -16,6 +16,7 @@ import io
 import json
 import math
 import os
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,14 +24,33 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, compose, error_line, folder_overrides
+from conftest import (
+    DATA_INFO3,
+    ROOT,
+    compose,
+    craft_checkpoint,
+    datamodule,
+    error_line,
+    folder_overrides,
+)
 from PIL import Image
 from tiny_files import write_image_folder
 from untrusted_files import EPS, fake_gs, mutants, seeds
 
 from cifarkit.errors import UserError
 from cifarkit.images import load_image
-from cifarkit.untrusted import BACKGROUND, ImageTooLarge, check_tree, decode_image, read_json_object, shown, to_json
+from cifarkit.model import BasicCNN
+from cifarkit.resume import completed, find_unfinished
+from cifarkit.safety import CarryCheckpoints
+from cifarkit.untrusted import (
+    BACKGROUND,
+    ImageTooLarge,
+    check_tree,
+    decode_image,
+    read_json_object,
+    shown,
+    to_json,
+)
 
 FIX = "send a PNG or JPEG file"
 
@@ -74,9 +94,7 @@ def test_ghostscript_is_never_run(tmp_path: Path) -> None:
             "    try: decode_image(open(f, 'rb').read(), 32, f, 'x')\n"
             "    except Exception as e: print(type(e).__name__, e)\n")
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    import subprocess
-
-    r = subprocess.run([sys.executable, "-c", code, *map(str, sorted(images.iterdir()))], env=env, capture_output=True,
+    r = subprocess.run([sys.executable, "-c", code, *map(str, sorted(images.iterdir()))], check=False, env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.count("UserError cannot read") == 2 and "not an image file of a format read here" in r.stdout, r.stdout
@@ -87,7 +105,7 @@ def test_pixel_limit_is_applied_before_decoding() -> None:
     """A PNG that declares more pixels than the limit is refused from its header (ImageTooLarge,
     serve.py's 413); a large JPEG is decoded at reduced scale, so a 50-megapixel photo passes."""
     big = png(Image.new("L", (5000, 4000)))  # 20 MP, a few kB
-    with pytest.raises(ImageTooLarge, match=r"5000x4000 pixels is over max_megapixels=16"):
+    with pytest.raises(ImageTooLarge, match=r"too large to decode safely \(5000x4000 pixels is over max_megapixels=16\)"):
         decode(big)
     assert decode(big, max_megapixels=25).shape == (32, 32, 3)  # configurable
     photo = io.BytesIO()
@@ -157,10 +175,6 @@ def test_names_are_escaped_for_a_terminal() -> None:
 def test_predict_output_cannot_be_steered(tmp_path: Path, main) -> None:
     """File names holding escape sequences, a newline and a tab, or bytes that are not UTF-8: one
     line per image, the right number of columns, no control character on stdout or stderr."""
-    from conftest import DATA_INFO3, craft_checkpoint
-
-    from cifarkit.model import BasicCNN
-
     torch.manual_seed(0)
     ckpt = craft_checkpoint(tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"}, BasicCNN(num_classes=3).state_dict())
     images = tmp_path / "images"
@@ -196,7 +210,7 @@ def test_nan_is_never_written_as_json(tmp_path: Path, main, monkeypatch: pytest.
     """A net that overflows on one image: predict.py skips it in one line, serve.py answers a JSON
     error; ``to_json`` refuses NaN rather than write it."""
     import cifarkit.predict as cp
-    from cifarkit.serve import Answer, Classifier
+    from cifarkit.serve import Answer, Classifier  # the serve extra's LitServe
 
     with pytest.raises(ValueError):
         to_json({"p": math.nan})
@@ -237,8 +251,6 @@ def test_nested_data_is_bounded_without_recursion() -> None:
 
 def test_a_symlink_loop_counts_each_image_once(tmp_path: Path) -> None:
     """``train/cat/again -> .`` made every image count 41 times (torchvision follows links)."""
-    from conftest import datamodule
-
     root = write_image_folder(tmp_path / "folder", n_train=6, n_test=3)
     (root / "train" / "cat" / "again").symlink_to(".")
     (root / "test" / "dog" / "up").symlink_to("..")
@@ -251,20 +263,16 @@ def test_a_symlink_loop_counts_each_image_once(tmp_path: Path) -> None:
 
 
 def test_class_folders_a_checkpoint_could_not_hold_are_refused(tmp_path: Path) -> None:
-    from conftest import datamodule
-
     root = write_image_folder(tmp_path / "folder", n_train=3, n_test=3)
     for split in ("train", "test"):
         (root / split / "dog").rename(root / split / "do\x1b[2Jg")
     with pytest.raises(UserError, match=r"class folder .*do\\x1b\[2Jg has a character"):
-        datamodule(tmp_path, folder_overrides(root, tmp_path)).classes  # noqa: B018
+        _ = datamodule(tmp_path, folder_overrides(root, tmp_path)).classes
 
 
 def test_a_resume_carries_only_its_own_run_files(tmp_path: Path) -> None:
     """A crafted checkpoint's ``best_k_models`` lists a file outside the run it comes from (a
     secret, /etc/passwd): nothing is linked or copied into the new run's checkpoints folder."""
-    from cifarkit.safety import CarryCheckpoints
-
     old = tmp_path / "old" / "checkpoints"
     old.mkdir(parents=True)
     (old / "epoch=1.ckpt").write_bytes(b"kept")
@@ -286,8 +294,6 @@ def test_a_resume_carries_only_its_own_run_files(tmp_path: Path) -> None:
 def test_broken_run_folders_are_read_not_crashed_on(tmp_path: Path) -> None:
     """metrics.json that is not an object or not JSON, a config.yaml cut short: ckpt_path=auto
     passes such a run over instead of ending in a traceback."""
-    from cifarkit.resume import completed, find_unfinished
-
     runs = tmp_path / "logs" / "train" / "runs"
     cfg = compose(tmp_path, ["trainer=cpu"])
     for name, metrics, config in (("list", "[1, 2]", None), ("text", "not json", None), ("cut", None, "data:\n  root: [unclosed")):

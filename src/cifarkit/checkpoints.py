@@ -168,7 +168,7 @@ def ready(net: nn.Module, image_size: int, num_classes: int, where: str) -> nn.M
     class: a net that cannot take its recorded size is refused now, not on every request."""
     try:
         out = net(torch.zeros(1, 3, image_size, image_size))
-    except Exception as e:  # noqa: BLE001  any failure of a trusted class on its own input
+    except Exception as e:
         raise UserError(f"{where}: its net cannot classify a {image_size}x{image_size} image, its recorded size "
                         f"({shown(' '.join(str(e).split()))[:200]}); {FROM_TRAIN}") from e
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes) or not bool(torch.isfinite(out).all()):
@@ -273,7 +273,7 @@ def build_net(net_config: dict[str, Any], num_classes: int, trusted: Sequence[st
             return build({**net_config, "num_classes": num_classes})
     except UserError:
         raise
-    except Exception as e:  # noqa: BLE001  a trusted class given arguments it does not take (a negative width...)
+    except Exception as e:
         why = shown(" ".join(str(e).split()))[:200]
         raise UserError(f"the checkpoint's net config does not fit {net_config['_target_']} ({e.__class__.__name__}: {why}); "
                         f"{FROM_TRAIN}") from e

@@ -29,7 +29,14 @@ from omegaconf.errors import OmegaConfBaseException
 
 from cifarkit.errors import RunInUse, TrainingStopped, UserError
 from cifarkit.files import DiskFull, disk_full, write_metrics
-from cifarkit.resume import AUTO, completed, find_unfinished, hold_run, in_use, is_running
+from cifarkit.resume import (
+    AUTO,
+    completed,
+    find_unfinished,
+    hold_run,
+    in_use,
+    is_running,
+)
 from cifarkit.sweep import study_seed
 from cifarkit.untrusted import shown
 

@@ -88,7 +88,7 @@ def onnx_scorer(path: str, threads: int | None) -> tuple[Scorer, list[str], int]
 
     try:  # one blank batch at its own size before any door says it is ready
         probs = score(np.zeros((2, size, size, 3), np.uint8))
-    except Exception as e:  # noqa: BLE001  ONNX Runtime's errors on a crafted graph
+    except Exception as e:
         raise UserError(f"ckpt_path={path} cannot classify a {size}x{size} image ({_first_line(e)}); export it again with export.py") from e
     if tuple(probs.shape) != (2, len(info.classes)) or not bool(torch.isfinite(probs).all()):
         raise UserError(f"ckpt_path={path} gives {tuple(probs.shape)} outputs, or not finite ones, for 2 blank images of its "

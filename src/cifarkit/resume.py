@@ -102,7 +102,7 @@ def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     """The run's composed config, or None when its config.yaml is cut short or not a mapping."""
     try:
         saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
-    except Exception:  # noqa: BLE001  YAML's and OmegaConf's errors on a file cut short or edited by hand
+    except Exception:
         return None
     return _comparable(saved) if isinstance(saved, DictConfig) else None
 

@@ -43,7 +43,13 @@ import torch
 from fastapi import Depends, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
 from omegaconf import DictConfig, OmegaConf
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser

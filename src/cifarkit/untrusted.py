@@ -56,8 +56,8 @@ def decode_image(source: Path | bytes, size: int, name: str, fix: str,
             im.draft("RGB", (size, size))  # a JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers size
             width, height = im.size
             if width * height > max_megapixels * 1e6:
-                raise ImageTooLarge(f"cannot read {name}: {width}x{height} pixels is over max_megapixels={max_megapixels:g} "
-                                    f"(too large to decode safely); {fix}")
+                raise ImageTooLarge(f"cannot read {name}: too large to decode safely ({width}x{height} pixels is over "
+                                    f"max_megapixels={max_megapixels:g}); {fix}")
             rgb = _as_rgb(ImageOps.exif_transpose(im))
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.BILINEAR)
@@ -66,7 +66,7 @@ def decode_image(source: Path | bytes, size: int, name: str, fix: str,
         raise
     except Image.DecompressionBombError as e:  # Pillow's own limit, met while reading the header
         raise ImageTooLarge(f"cannot read {name}: too large to decode safely ({e}); {fix}") from e
-    except Exception as e:  # noqa: BLE001  any decoder's failure on any bytes is the file's fault
+    except Exception as e:
         why = "not an image file of a format read here: PNG or JPEG" if e.__class__.__name__ == "UnidentifiedImageError" else _why(e)
         raise UserError(f"cannot read {name} ({why}); {fix}") from e
 
