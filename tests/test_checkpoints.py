@@ -29,8 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import os
 import socket
+import subprocess
 import sys
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +42,14 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FAST, Payload, craft_checkpoint, error_line, folder_overrides
+from conftest import (
+    DATA_INFO3,
+    FAST,
+    Payload,
+    craft_checkpoint,
+    error_line,
+    folder_overrides,
+)
 from PIL import Image
 
 from cifarkit.checkpoints import check_net_config, read_checkpoint
@@ -307,3 +318,133 @@ def test_bad_ckpt_path_on_the_command_line(script: str, kind: str, main, image_f
     assert (previous / "checkpoints" / "last.ckpt").read_bytes() == b"good"
     assert sorted(p.name for p in previous.iterdir()) == ["checkpoints"]
     assert not (tmp_path / "pwned").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The checkpoint's plain data: every field a stranger can set, held to the schema's bounds.
+
+
+def shared_lists(levels: int, fanout: int) -> list:
+    """A few kB pickled, ``fanout ** levels`` values when walked (one list referenced over and over)."""
+    node: list = [0] * fanout
+    for _ in range(levels):
+        node = [node] * fanout
+    return node
+
+
+def nested(depth: int) -> list:
+    node: list = []
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+def info(**changes: Any) -> dict:
+    return {**DATA_INFO3, **changes}
+
+
+BASIC = {"_target_": "cifarkit.model.BasicCNN"}
+# (id, net config, top-level entries to set, weights changed by, a phrase of the refusal)
+CRAFTED = [
+    ("mean_nan", BASIC, {"data_info": info(mean=[math.nan, 0.5, 0.5])}, None, "mean.0: Input should be a finite number"),
+    ("std_inf", BASIC, {"data_info": info(std=[math.inf, 0.2, 0.2])}, None, "std.0: Input should be a finite number"),
+    ("std_zero", BASIC, {"data_info": info(std=[0.0, 0.2, 0.2])}, None, "std.0: Input should be greater than or equal to 0.001"),
+    ("mean_huge", BASIC, {"data_info": info(mean=[1e9, 0.5, 0.5])}, None, "mean.0: Input should be less than or equal to 10"),
+    ("image_size_20000", BASIC, {"data_info": info(image_size=20_000)}, None, "image_size: Input should be less than or equal to 1024"),
+    ("image_size_bool", BASIC, {"data_info": info(image_size=True)}, None, "image_size: Input should be a valid integer"),
+    ("class_escape", BASIC, {"data_info": info(classes=["cat", "\x1b]0;pwned\x07dog", "frog"])}, None, "class 1 holds a character"),
+    ("class_newline", BASIC, {"data_info": info(classes=["cat", "dog\ncat 0.99", "frog"])}, None, "class 1 holds a character"),
+    ("class_nul", BASIC, {"data_info": info(classes=["cat", "dog\x00", "frog"])}, None, "class 1 holds a character"),
+    ("class_duplicate", BASIC, {"data_info": info(classes=["cat", "cat", "frog"])}, None, "a class name repeats (cat)"),
+    ("class_10mb", BASIC, {"data_info": info(classes=["c" * 10_000_000, "dog", "frog"])}, None, "classes.0: String should have at most 200"),
+    ("classes_20k", BASIC, {"data_info": info(classes=[f"c{i}" for i in range(20_000)])}, None, "List should have at most 10000"),
+    ("classes_string", BASIC, {"data_info": info(classes="catdogfrog")}, None, "classes: Input should be a valid list"),
+    ("hparams_list", BASIC, {"hyper_parameters": [1, 2]}, None, "has a hyper_parameters that is a list, not a mapping"),
+    ("label_smoothing_nan", BASIC, {"hyper_parameters": {"net": BASIC, "label_smoothing": math.nan}}, None, "label_smoothing"),
+    ("tta_unknown", BASIC, {"hyper_parameters": {"net": BASIC, "tta": "rot90"}}, None, "tta: Input should be"),
+    ("width_negative", {"_target_": "cifarkit.model.AirbenchNet", "widths": [-1]}, {}, None,
+     "net config does not fit cifarkit.model.AirbenchNet (RuntimeError"),
+    ("width_million", {"_target_": "cifarkit.model.AirbenchNet", "widths": [1_000_000]}, {}, None, "net.widths[0] is 1000000"),
+    ("nested_1200", {**BASIC, "image_size": nested(1200)}, {}, None, "crafted.ckpt is nested over 12 levels deep"),
+    ("nested_8", {**BASIC, "image_size": nested(8)}, {}, None, "net config is nested over 6 levels deep"),
+    ("shared_references", {**BASIC, "image_size": shared_lists(1, 100)}, {}, None, "net config holds over 500 values"),
+    ("shared_references_elsewhere", BASIC, {"loops": shared_lists(5, 1000)}, None, "holds over 100000 values"),
+    ("long_string", {**BASIC, "image_size": "x" * 1000}, {}, None, "net.image_size is a string of 1000 characters"),
+    ("wrong_image_size", BASIC, {"data_info": info(image_size=16)}, None, "its net cannot classify a 16x16 image"),
+    ("weights_nan", BASIC, {}, lambda w: w["fc3.bias"].fill_(math.nan), "NaN or infinite values in net.fc3.bias"),
+    ("weights_broadcast", BASIC, {}, lambda w: w.update({"fc3.weight": torch.zeros(1, 1).expand(3, 256)}),
+     "weight net.fc3.weight that is not a plain stored tensor"),
+    ("weights_missing", BASIC, {}, lambda w: w.pop("fc1.weight"), "its weights do not fit its net config"),
+]
+
+
+def crafted(tmp_path: Path, net: Any, extra: dict, change: Any) -> Path:
+    weights = {k: v.clone() for k, v in basic_cnn_weights().items()}
+    if change is not None:
+        change(weights)
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(10_000)  # pickling the 1,200-deep config recurses
+    try:
+        return craft_checkpoint(tmp_path / "crafted.ckpt", net, weights, **extra)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize("case", CRAFTED, ids=[c[0] for c in CRAFTED])
+def test_crafted_metadata_is_refused_in_one_line(case: tuple, main, tmp_path: Path) -> None:
+    """Through predict.py's command line: one ``error:`` line naming the field, nothing printed."""
+    _, net, extra, change, phrase = case
+    ckpt = crafted(tmp_path, net, extra, change)
+    img = tmp_path / "img.png"
+    Image.new("RGB", (32, 32), (120, 80, 40)).save(img)
+    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={img}", f"paths.log_dir={tmp_path / 'logs'}"])
+    line = error_line(r.err)
+    assert r.code == 1 and phrase in line and r.out == "", line
+    assert line.isprintable() and len(line) < 1000, line[:300]
+
+
+@pytest.mark.parametrize("script", ["eval.py", "export.py", "serve.py"])
+@pytest.mark.parametrize("case", [c for c in CRAFTED if c[0] in ("image_size_20000", "class_escape", "wrong_image_size")],
+                         ids=lambda c: c[0])
+def test_every_door_refuses_crafted_metadata(case: tuple, script: str, main, image_folder: Path, tmp_path: Path) -> None:
+    """The same refusal at eval.py, export.py and serve.py (serve.py before any port is bound)."""
+    _, net, extra, change, phrase = case
+    ckpt = crafted(tmp_path, net, extra, change)
+    r = main(script, entry_args(script, ckpt, tmp_path, image_folder))
+    assert r.code == 1 and phrase in error_line(r.err) and r.out.strip() == ""
+    assert not (tmp_path / "model.onnx").exists()
+
+
+INFLATER = """
+import resource, sys
+from cifarkit.checkpoints import read_checkpoint
+from cifarkit.errors import UserError
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+try:
+    read_checkpoint(sys.argv[1])
+    print("read")
+except UserError as e:
+    print(e)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, "MB")
+"""
+
+
+def test_a_record_that_inflates_1000x_is_refused_without_the_memory(tmp_path: Path) -> None:
+    """A 0.3 MB checkpoint whose one record inflates to 300 MB (a deflated zip entry of zeros;
+    torch's reader inflates it): refused from the archive's directory, the process's peak memory
+    grows by far less than the record."""
+    size = 300_000_000
+    plain, crafted_file = tmp_path / "plain.ckpt", tmp_path / "inflates.ckpt"
+    torch.save({"state_dict": {"net.x": torch.empty(size, dtype=torch.uint8)}}, plain)  # untouched pages: no memory
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(crafted_file, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for record in src.infolist():
+            with src.open(record) as r, dst.open(record.filename, "w", force_zip64=True) as w:
+                while chunk := r.read(2**24):
+                    w.write(b"\0" * len(chunk))
+    plain.unlink()
+    assert crafted_file.stat().st_size * 1000 < size
+    r = subprocess.run([sys.executable, "-c", INFLATER, str(crafted_file)], check=False, capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    message, grown = r.stdout.strip().splitlines()
+    assert "holds compressed records (300.0 MB from a 0.3 MB file)" in message and "nothing was inflated" in message, r.stderr
+    assert int(grown.split()[0]) < 100, grown

@@ -14,6 +14,7 @@ so every test that talks to them shares this module's one setup.
 from __future__ import annotations
 
 import http.client
+import io
 import json
 import os
 import signal
@@ -33,6 +34,7 @@ import pytest
 from conftest import FAST, ROOT, compose, folder_overrides, free_port
 from PIL import Image
 from test_data import bomb_png
+from untrusted_files import EPS, fake_gs, mutants, seeds
 
 from cifarkit.errors import UserError
 from cifarkit.export import export_model
@@ -71,12 +73,12 @@ class Server:
         return r.body["top"]
 
 
-def call(request: urllib.request.Request) -> Reply:
+def call(request: urllib.request.Request, timeout: float = 60) -> Reply:
     try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return Reply(r.status, json.loads(r.read()), {k.lower(): v for k, v in r.headers.items()})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return Reply(r.status, strict(r.read()), {k.lower(): v for k, v in r.headers.items()})
     except urllib.error.HTTPError as e:
-        return Reply(e.code, json.loads(e.read()), {k.lower(): v for k, v in e.headers.items()})
+        return Reply(e.code, strict(e.read()), {k.lower(): v for k, v in e.headers.items()})
 
 
 def form(*files: tuple[str, bytes]) -> tuple[bytes, str]:
@@ -91,11 +93,18 @@ def form(*files: tuple[str, bytes]) -> tuple[bytes, str]:
 
 
 def start(model: Path, tmp: Path, *overrides: str) -> Server:
+    """A server in a subprocess, with a fake ``gs`` first on its PATH (``gs_calls``: what it was called with)."""
     port, log = free_port(), tmp / f"serve-{model.suffix[1:]}.log"
+    fake_gs(tmp / "bin", gs_calls(tmp))
     args = [sys.executable, str(ROOT / "serve.py"), f"ckpt_path={model}", f"port={port}", f"paths.log_dir={tmp / 'logs'}", *overrides]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     with log.open("w") as out:
-        proc = subprocess.Popen(args, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(args, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env)
     return Server(proc, port, log)
+
+
+def gs_calls(tmp: Path) -> Path:
+    return tmp / "gs-calls"
 
 
 def wait_ready(server: Server, timeout: float = 240) -> None:
@@ -149,7 +158,8 @@ def setup(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve")
     train(compose(root, FAST + folder_overrides(image_folder, root) + ["test=false"], "train"))
     ckpt = root / "out" / "checkpoints" / "last.ckpt"
-    servers = [start(ckpt, root, "max_batch_size=8", "batch_timeout=0.05", f"max_body_mb={MAX_BODY_MB}")]  # starts meanwhile
+    # read_timeout=5 (not 10): the slow-client test waits to see its connections closed
+    servers = [start(ckpt, root, "max_batch_size=8", "batch_timeout=0.05", f"max_body_mb={MAX_BODY_MB}", "read_timeout=5")]
     try:
         onnx, _ = export_model(str(ckpt), "onnx", None, ["cifarkit."])
         servers.append(start(onnx, root, "max_batch_size=1"))
@@ -347,6 +357,143 @@ def test_without_the_serve_extra(tmp_path: Path) -> None:
     code = f"import runpy, sys; sys.modules['litserve'] = None; sys.argv = ['serve.py', 'ckpt_path=x']; runpy.run_path({str(ROOT / 'serve.py')!r}, run_name='__main__')"
     r = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr == 'error: serve.py needs the serve extra: pip install -e ".[serve]"\n' and r.stdout == ""
+
+
+def answered_json(reply: Reply) -> None:
+    """A 200 with classes, or a 4xx with one error line: strict JSON either way (``call`` parsed it)."""
+    assert reply.status == 200 or (400 <= reply.status < 500 and list(reply.body) == ["error"]), reply
+    assert reply.headers["content-type"] == "application/json", reply
+
+
+def strict(body: bytes) -> dict:
+    return json.loads(body, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+
+def test_ghostscript_never_runs_on_an_upload(setup: Setup) -> None:
+    """%!PS bytes, raw or as a form upload, to both servers: 400 in one line, and the fake ``gs``
+    first on the servers' PATH records no call (Pillow's EPS plugin would have run it)."""
+    for server in (setup.batched, setup.single):
+        for reply in (server.post(EPS, "application/postscript"), server.post(EPS), server.post(*form(("a.eps", EPS)))):
+            assert reply.status in (400, 415) and list(reply.body) == ["error"], reply
+    assert not gs_calls(setup.ckpt.parents[2]).exists(), gs_calls(setup.ckpt.parents[2]).read_text()
+
+
+def test_fuzzed_uploads_get_an_answer_or_a_4xx(setup: Setup) -> None:
+    """150 seeded mutations of files in every format Pillow writes, posted raw: each gets 200 or a
+    JSON 4xx, none a 500; the server answers a good request the same afterwards."""
+    image = setup.images[0]
+    expected = setup.batched.top(image)
+    files = seeds()
+    bodies = [m for fmt in ("PNG", "JPEG") for m in mutants(files[fmt], 40, seed=len(fmt))]
+    bodies += [m for i, fmt in enumerate(sorted(files)) for m in mutants(files[fmt], 3, seed=100 + i)]
+    assert len(bodies) >= 150
+    statuses = set()
+    for body in bodies:
+        reply = setup.batched.post(body, "application/octet-stream")
+        answered_json(reply)
+        statuses.add(reply.status)
+    assert 200 in statuses and 400 in statuses, statuses
+    assert setup.batched.top(image) == expected
+    log = setup.batched.log.read_text()
+    assert "Traceback" not in log and "Internal server error" not in log, log[-3000:]
+
+
+def empty_parts(size: int) -> tuple[bytes, str]:
+    """A multipart body of ``size`` bytes made of parts that hold nothing (the first one named)."""
+    first = b'--B\r\nContent-Disposition: form-data; name="a"\r\n\r\n\r\n'
+    return first + b"--B\r\n\r\n\r\n" * ((size - len(first)) // 9), "multipart/form-data; boundary=B"
+
+
+def test_a_good_request_is_answered_while_costly_ones_are_in_flight(setup: Setup, tmp_path: Path) -> None:
+    """A 10 MB body of empty multipart parts and three PNGs just under max_megapixels (16: 4000x3990,
+    a few kB each) sent together: a good request sent meanwhile is still answered, within a
+    generous 10 s (one decoding thread held all of them before: 13.7 s for the empty parts alone)."""
+    server = setup.single  # the default max_body_mb (10) and max_megapixels (16)
+    near_limit = io.BytesIO()
+    Image.new("L", (4000, 3990), 90).save(near_limit, "PNG")
+    body, content_type = empty_parts(10_000_000)
+    image = setup.images[0]
+    expected = server.top(image)
+    go = threading.Barrier(5)  # the four costly requests and the good one
+
+    def costly(data: bytes, kind: str) -> Reply | None:
+        go.wait()
+        try:
+            return server.post(data, kind)
+        except urllib.error.URLError:  # answered and closed while the rest of the body was still on its way
+            return None
+
+    refused = metrics(server).get('cifarkit_requests_total{path="/predict",status="400"}', 0)
+    with ThreadPoolExecutor(4) as pool:
+        heavy = [pool.submit(costly, near_limit.getvalue(), "image/png") for _ in range(3)]
+        parts = pool.submit(costly, body, content_type)
+        go.wait()
+        good = call(urllib.request.Request(server.url + "/predict", data=image.read_bytes(),
+                                           headers={"Content-Type": "image/png"}, method="POST"), timeout=10)
+        assert good.status == 200 and good.body["top"] == expected
+        for reply in heavy:
+            assert reply.result() is not None and reply.result().status == 200, reply.result()
+        assert parts.result() is None or (parts.result().status == 400 and "multipart" in parts.result().body["error"])
+    assert metrics(server)['cifarkit_requests_total{path="/predict",status="400"}'] == refused + 1  # the empty parts
+
+
+def test_slow_clients_are_cut_off_and_do_not_stall_others(setup: Setup) -> None:
+    """8 clients on 127.0.0.1 that send their headers (4) or their body (4) one byte at a time:
+    good requests are answered meanwhile, and each slow connection is closed by the server after
+    read_timeout (5 s here), long before its bounded drip would end."""
+    server, image = setup.batched, setup.images[0]
+    expected = server.top(image)
+    heads = [b"POST /predict HTTP/1.1\r\nHost: x\r\n"] * 4
+    heads += [b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"] * 4
+    sockets = [socket.create_connection(("127.0.0.1", server.port), timeout=60) for _ in heads]
+    try:
+        for s, head in zip(sockets, heads):
+            s.sendall(head)
+            s.settimeout(0.05)
+        open_ = set(range(len(sockets)))
+        deadline = time.monotonic() + 60  # the drip's bound: 12x the read timeout
+        answered = 0
+        while open_ and time.monotonic() < deadline:
+            for i in list(open_):
+                try:
+                    sockets[i].sendall(b"a")
+                    if sockets[i].recv(4096) == b"":
+                        open_.discard(i)
+                except TimeoutError:
+                    pass
+                except OSError:  # reset or broken pipe: closed by the server
+                    open_.discard(i)
+            assert server.top(image) == expected
+            answered += 1
+        assert not open_, f"{len(open_)} slow connections still open after 60 s"
+        assert answered >= 2
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def metrics(server: Server) -> dict[str, float]:
+    """GET /metrics, read as Prometheus's text format: each sample's name and labels, and its value."""
+    with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_metrics_and_routes(setup: Setup) -> None:
+    """GET /metrics in Prometheus's text format: requests by status, latency, batch sizes. LitServe's
+    and FastAPI's other pages (/info, /docs, /redoc, /openapi.json) are not served."""
+    server, image = setup.batched, setup.images[0]
+    server.top(image)
+    assert server.post(b"not an image").status == 400
+    counts = metrics(server)
+    assert counts['cifarkit_requests_total{path="/predict",status="200"}'] >= 1
+    assert counts['cifarkit_requests_total{path="/predict",status="400"}'] >= 1
+    assert counts['cifarkit_request_seconds_count{path="/predict"}'] >= 2
+    assert counts['cifarkit_batch_size_bucket{le="8.0"}'] == counts["cifarkit_batch_size_count"] >= 1
+    for path in ("/info", "/docs", "/redoc", "/openapi.json"):
+        reply = call(urllib.request.Request(server.url + path))
+        assert reply.status == 404 and list(reply.body) == ["error"], (path, reply)
 
 
 def assert_all_gone(children: set[int]) -> None:

@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.files import atomic_write
+from cifarkit.untrusted import inside
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,9 +60,12 @@ class CarryCheckpoints(L.Callback):
             if not state or not cb.dirpath or state.get("dirpath") in (None, cb.dirpath):
                 continue
             new = Path(cb.dirpath)
+            # Only checkpoints beside the one resumed from are carried: the paths are the file's word.
+            home = Path(trainer.ckpt_path).resolve().parent if trainer.ckpt_path else None
+            state["best_k_models"] = {p: v for p, v in state.get("best_k_models", {}).items() if home and inside(p, home)}
             if trainer.is_global_zero:
                 new.mkdir(parents=True, exist_ok=True)
-                for old in state.get("best_k_models", {}):
+                for old in state["best_k_models"]:
                     _link_or_copy(Path(old), new / Path(old).name)
             trainer.strategy.barrier("CarryCheckpoints")
 

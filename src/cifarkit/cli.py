@@ -31,6 +31,7 @@ from cifarkit.errors import USER_ERRORS, RunInUse, TrainingStopped, UserError, l
 from cifarkit.files import DiskFull, disk_full, write_metrics
 from cifarkit.ranks import from_lightning, global_zero
 from cifarkit.resolvers import register_resolvers
+from cifarkit.untrusted import shown
 
 log = logging.getLogger(__name__)
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
@@ -39,7 +40,7 @@ FAILED_JOB = None
 
 
 def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {shown(message)}", file=sys.stderr)  # a name from a stranger's file cannot steer the terminal
     raise SystemExit(1)
 
 

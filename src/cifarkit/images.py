@@ -6,50 +6,66 @@ this without the training stack.
 
 from __future__ import annotations
 
-import io
 import json
-import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cifarkit.errors import UserError
+from cifarkit.untrusted import MAX_MEGAPIXELS, decode_image, invalid, shown
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
-@dataclass(frozen=True)
+MAX_CLASSES = 10_000
+MAX_CLASS_NAME = 200  # characters
+MAX_IMAGE_SIZE = 1024  # pixels a side: a net's input, (3, 1024, 1024) floats = 12 MB an image
+
+
+def _class_names(names: list[str]) -> list[str]:
+    for i, name in enumerate(names):
+        if not name.isprintable():
+            raise ValueError(f"class {i} holds a character a terminal would act on ({shown(name)[:60]})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a class name repeats ({shown(next(n for n in names if names.count(n) > 1))[:60]})")
+    return names
+
+
+ClassName = Annotated[str, Field(min_length=1, max_length=MAX_CLASS_NAME)]
+Stat = Annotated[float, Field(ge=-10, le=10)]
+
+
+@pydantic_dataclass(frozen=True, config=ConfigDict(strict=True, allow_inf_nan=False))
 class DataInfo:
     """What a trained net expects: class names in label order, the per-channel mean/std its
     inputs were normalized with, and the square image size. A checkpoint carries it as
-    ``data_info`` and an exported model as metadata, so new images are prepared without the dataset."""
+    ``data_info`` and an exported model as metadata, so new images are prepared without the dataset.
 
-    classes: list[str]
-    mean: list[float]
-    std: list[float]
-    image_size: int
+    Validated whenever one is made (pydantic): a training run whose folder names a class the
+    checkpoint could not be read back with stops at once, and a stranger's file is held to the
+    same bounds (finite statistics in a sane range, a bounded image size, printable unique names).
+    """
+
+    classes: Annotated[list[ClassName], Field(min_length=2, max_length=MAX_CLASSES), AfterValidator(_class_names)]
+    mean: Annotated[list[Stat], Field(min_length=3, max_length=3)]
+    std: Annotated[list[Annotated[float, Field(ge=1e-3, le=10)]], Field(min_length=3, max_length=3)]
+    image_size: Annotated[int, Field(ge=8, le=MAX_IMAGE_SIZE)]
 
     @classmethod
     def check(cls, raw: Any, where: str) -> DataInfo:
         """``raw`` (from a file a stranger may have made) as a ``DataInfo``, or one line naming ``where``."""
-        def number(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-        ok = (
-            isinstance(raw, dict) and {"classes", "mean", "std", "image_size"} <= raw.keys()
-            and isinstance(raw["classes"], list) and len(raw["classes"]) >= 2 and all(isinstance(c, str) for c in raw["classes"])
-            and all(isinstance(raw[k], list) and len(raw[k]) == 3 and all(map(number, raw[k])) for k in ("mean", "std"))
-            and all(v > 0 for v in raw["std"])
-            and isinstance(raw["image_size"], int) and not isinstance(raw["image_size"], bool) and raw["image_size"] > 0
-        )
-        if not ok:
-            raise UserError(f"{where} lacks a valid data_info (classes, mean/std, image size); "
-                            "pass a .ckpt written by train.py or a model written by export.py")
-        return cls(list(raw["classes"]), [float(v) for v in raw["mean"]], [float(v) for v in raw["std"]], raw["image_size"])
+        fix = "pass a .ckpt written by train.py or a model written by export.py"
+        if not isinstance(raw, dict):
+            raise UserError(f"{where} lacks a valid data_info (classes, mean/std, image size); {fix}")
+        try:
+            return cls(**{k: raw.get(k) for k in ("classes", "mean", "std", "image_size")})
+        except ValidationError as e:
+            raise UserError(f"{where} has an invalid data_info ({invalid(e)}); {fix}") from None
 
     def as_metadata(self) -> dict[str, str]:
         """Each field as a JSON string (ONNX ``metadata_props`` hold strings only)."""
@@ -62,34 +78,10 @@ def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     return images.to(torch.float32, copy=True).div_(255).sub_(mean[:, None, None]).div_(std[:, None, None])
 
 
-def load_image(path: Path, size: int) -> np.ndarray:
+def load_image(path: Path, size: int, max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
     """Decode one image file to RGB uint8 (size, size, 3), upright, resized when it is another size
-    (``decode_image``'s rules), or one line that names the file."""
-    return decode_image(Path(path), size, f"image {path}", "remove or replace it")
-
-
-def decode_image(source: Path | bytes, size: int, name: str, fix: str) -> np.ndarray:
-    """A file or the bytes of one (an upload) as RGB uint8 (size, size, 3), upright, resized when
-    it is another size; otherwise a ``UserError`` "cannot read <name> (why); <fix>".
-
-    A camera's EXIF orientation tag is applied, so a phone photo is not learned sideways. An
-    image over PIL's decompression-bomb limit (warning level included: ~90 megapixels) is
-    refused before decoding, as one bad file must not take gigabytes of memory.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
-                im = ImageOps.exif_transpose(im).convert("RGB")
-                if im.size != (size, size):
-                    im = im.resize((size, size), Image.BILINEAR)
-                return np.asarray(im)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise UserError(f"cannot read {name}: too large to decode safely ({e}); {fix}") from e
-    except (OSError, SyntaxError, ValueError) as e:
-        # PIL names a nameless buffer by its repr (an address): say what it means instead
-        why = "not an image file" if isinstance(e, UnidentifiedImageError) and not isinstance(source, Path) else e
-        raise UserError(f"cannot read {name} ({why}); {fix}") from e
+    (``cifarkit.untrusted.decode_image``'s rules), or one line that names the file."""
+    return decode_image(Path(path), size, f"image {shown(path)}", "remove or replace it", max_megapixels)
 
 
 def is_hidden(path: Path, under: Path) -> bool:

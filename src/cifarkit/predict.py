@@ -25,21 +25,22 @@ from cifarkit.checkpoints import SavedNet
 from cifarkit.devices import resolve_accelerator
 from cifarkit.errors import UserError
 from cifarkit.images import DataInfo, image_files, load_image, normalize
+from cifarkit.untrusted import shown, to_json
 
 BATCH = 256
 # uint8 images (B, size, size, 3) -> class probabilities (B, C)
 Scorer = Callable[[np.ndarray], torch.Tensor]
 
 
-def decoded(files: list[Path], size: int) -> Iterator[tuple[list[Path], np.ndarray]]:
+def decoded(files: list[Path], size: int, max_megapixels: float) -> Iterator[tuple[list[Path], np.ndarray]]:
     """Batches of (paths, uint8 images (B, size, size, 3)); unreadable files are reported and skipped."""
     paths, images = [], []
     for f in files:
         try:
-            images.append(load_image(f, size))
+            images.append(load_image(f, size, max_megapixels))
             paths.append(f)
         except UserError as e:
-            print(f"skipped: {e}", file=sys.stderr)
+            print(f"skipped: {shown(e)}", file=sys.stderr)
         if len(paths) == BATCH:
             yield paths, np.stack(images)
             paths, images = [], []
@@ -85,7 +86,18 @@ def onnx_scorer(path: str, threads: int | None) -> tuple[Scorer, list[str], int]
     def score(images: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(images.transpose(0, 3, 1, 2))})[0])
 
+    try:  # one blank batch at its own size before any door says it is ready
+        probs = score(np.zeros((2, size, size, 3), np.uint8))
+    except Exception as e:
+        raise UserError(f"ckpt_path={path} cannot classify a {size}x{size} image ({_first_line(e)}); export it again with export.py") from e
+    if tuple(probs.shape) != (2, len(info.classes)) or not bool(torch.isfinite(probs).all()):
+        raise UserError(f"ckpt_path={path} gives {tuple(probs.shape)} outputs, or not finite ones, for 2 blank images of its "
+                        f"{len(info.classes)} classes; export it again with export.py")
     return score, info.classes, size
+
+
+def _first_line(e: Exception) -> str:
+    return shown(" ".join(str(e).split())[:200]) or e.__class__.__name__
 
 
 def model_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
@@ -97,10 +109,13 @@ def model_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
     return checkpoint_scorer(cfg)
 
 
-def top_classes(probs: torch.Tensor, classes: list[str], k: int) -> list[list[list]]:
-    """Each row's ``k`` most likely ``[class, probability]``, the probability rounded to 6 places."""
+def top_classes(probs: torch.Tensor, classes: list[str], k: int) -> list[list[list] | None]:
+    """Each row's ``k`` most likely ``[class, probability]``, the probability rounded to 6 places;
+    None for a row that is not all finite (a net can overflow on one image): no NaN is ever reported."""
     p, idx = probs.topk(min(k, len(classes)), dim=1)
-    return [[[classes[i], round(v, 6)] for v, i in zip(p_row, i_row)] for p_row, i_row in zip(p.tolist(), idx.tolist())]
+    ok = torch.isfinite(probs).all(dim=1).tolist()
+    return [[[classes[i], round(v, 6)] for v, i in zip(p_row, i_row)] if good else None
+            for p_row, i_row, good in zip(p.tolist(), idx.tolist(), ok)]
 
 
 @torch.inference_mode()
@@ -110,16 +125,21 @@ def predict(cfg: DictConfig) -> int:
         raise UserError(f"format={cfg.format} is not known; use format=text or format=json")
     if int(cfg.top_k) < 1:
         raise UserError(f"top_k={cfg.top_k} must be at least 1")
+    if not float(cfg.max_megapixels) > 0:
+        raise UserError(f"max_megapixels={cfg.max_megapixels} must be over 0")
     files = image_files(str(cfg.inputs))
     score, classes, size = model_scorer(cfg)
     done = 0
-    for paths, images in decoded(files, size):
+    for paths, images in decoded(files, size, float(cfg.max_megapixels)):
         for path, top in zip(paths, top_classes(score(images), classes, int(cfg.top_k))):
-            if cfg.format == "json":
-                print(json.dumps({"path": str(path), "top": top}))
-            else:
-                print(f"{path}\t" + "\t".join(f"{c} {p:.4f}" for c, p in top))
-        done += len(paths)
+            if top is None:
+                print(f"skipped: the model's output for {shown(path)} is not a number (NaN/inf)", file=sys.stderr)
+                continue
+            if cfg.format == "json":  # ASCII JSON: a name's control characters are escaped, NaN cannot occur
+                print(to_json({"path": str(path), "top": top}))
+            else:  # a name from a file never moves the cursor or forges a column or a line
+                print(f"{shown(path)}\t" + "\t".join(f"{shown(c)} {p:.4f}" for c, p in top))
+            done += 1
     if not done:
         raise UserError(f"no PNG or JPEG image could be read under inputs={cfg.inputs}; pass image files")
     return done

@@ -31,7 +31,6 @@ directory. Where the OS has no ``fcntl`` (Windows) there is no lock. Lightning-f
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from typing import IO, Any
 from omegaconf import DictConfig, OmegaConf
 
 from cifarkit.errors import RunInUse
+from cifarkit.untrusted import read_json_object
 
 try:
     import fcntl
@@ -120,11 +120,10 @@ def in_use(run_dir: str | Path) -> RunInUse:
 
 
 def status(run_dir: Path) -> str | None:
-    """What the run's ``metrics.json`` says of its end; None without one (or a half-written one from a killed run)."""
-    try:
-        return json.loads(metrics_file(run_dir).read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
+    """What the run's ``metrics.json`` says of its end; None without one (or a half-written one from a killed run,
+    or one edited into something else: a run folder is read as untrusted)."""
+    metrics = read_json_object(metrics_file(run_dir))
+    return metrics.get("status") if metrics is not None else None
 
 
 def completed(run_dir: Path) -> bool:
@@ -183,6 +182,15 @@ def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
     return plain
 
 
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's composed config, or None when it has none, or one cut short or not a mapping."""
+    try:
+        saved = OmegaConf.load(run_dir / CONFIG)
+    except Exception:  # noqa: BLE001  a missing file, or YAML's and OmegaConf's errors on one edited by hand
+        return None
+    return _comparable(saved) if isinstance(saved, DictConfig) else None
+
+
 def find_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[tuple[Path, Path] | None, list[Path]]:
     """The unfinished run under ``runs_dir`` composed from the same configuration as ``cfg`` whose
     checkpoint is the newest, with that checkpoint (or None); and the runs of that configuration
@@ -195,7 +203,7 @@ def _newest_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[ResumePoint | N
     wanted = _comparable(cfg)
     found, running = [], []
     for run_dir in runs_dir.glob("*"):
-        if not (run_dir / CONFIG).is_file() or _comparable(OmegaConf.load(run_dir / CONFIG)) != wanted:
+        if _saved_config(run_dir) != wanted:
             continue
         point = resume_point(run_dir)
         if point is not None:

@@ -12,6 +12,7 @@ identifies its files (the cache key) and how to decode them; everything after de
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from torchvision.datasets.folder import find_classes, make_dataset
 from cifarkit.datamodule import ImageDataModule
 from cifarkit.errors import UserError
 from cifarkit.images import IMAGE_SUFFIXES, is_hidden, load_image
+from cifarkit.untrusted import DECODER, shown
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # CIFAR-100's names as its meta file lists them (checked against it when decoding). They are
@@ -194,6 +196,18 @@ class SVHNDataModule(DownloadedDataModule):
         }
 
 
+def once_each(found: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Each file once, at the first path that reaches it: torchvision walks the folder following
+    symbolic links, so a link loop (``cat/again -> .``) would list every image in it 40 times over."""
+    seen, kept = set(), []
+    for path, label in found:
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            kept.append((path, label))
+    return kept
+
+
 class ImageFolderDataModule(ImageDataModule):
     """Your own images: ``root/train/<class>/*`` and ``root/test/<class>/*`` (PNG or JPEG, any
     size: resized to ``image_size``), found with torchvision's ``find_classes`` and
@@ -219,6 +233,10 @@ class ImageFolderDataModule(ImageDataModule):
         train, test = self._class_dirs("train"), self._class_dirs("test")
         if len(train) < 2:
             raise UserError(f"{self.root / 'train'} has {len(train)} class folder(s); a classifier needs at least 2 (train/<class>/<image>)")
+        odd = next((name for name in train if not name.isprintable()), None)
+        if odd is not None:
+            raise UserError(f"class folder {shown(self.root / 'train' / odd)} has a character in its name that a terminal "
+                            "would act on (a control character, a newline, a tab); rename it")
         if train != test:
             diff = sorted(set(train) ^ set(test))
             raise UserError(f"train and test classes differ in {self.root} (only in one: {', '.join(diff)}); make them match")
@@ -235,13 +253,14 @@ class ImageFolderDataModule(ImageDataModule):
                 p = Path(path)
                 return p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, d)
 
-            files[split] = [(Path(p), label) for p, label in make_dataset(str(d), classes, is_valid_file=is_image, allow_empty=True)]
+            found = make_dataset(str(d), classes, is_valid_file=is_image, allow_empty=True)
+            files[split] = [(Path(p), label) for p, label in once_each(found)]
             if not files[split]:
                 raise UserError(f"no PNG or JPEG images under {d}; add images to its class folders")
         return files
 
     def _source_key(self) -> str:
-        h = hashlib.sha1()
+        h = hashlib.sha1(DECODER.encode())
         for split, items in self._files().items():
             for p, label in items:
                 st = p.stat()
