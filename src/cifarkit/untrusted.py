@@ -11,7 +11,10 @@ train.py, export.py) goes through these functions, so a new door cannot forget a
 * ``to_json``: strict JSON; a NaN or infinity is an error, never ``NaN`` in the output.
 * ``check_tree``: plain data (nested dicts/lists) within a depth and size limit, judged without
   recursion, before anything else walks it.
-* ``read_json_object``: a run folder's own JSON file (metrics.json) as a dict, or None.
+* ``read_json_object``: a run folder's own JSON file (metrics.json) as a dict, or None;
+  ``inside``: whether a path a file names is a checkpoint in a given folder (a resume's carried files).
+* ``invalid``: a pydantic ``ValidationError`` (the schemas of cifarkit/images.py and
+  cifarkit/checkpoints.py) as one short phrase.
 
 Lightning-free and torch-free.
 """
@@ -20,9 +23,7 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import warnings
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -104,10 +105,6 @@ def shown(text: Any) -> str:
 def to_json(data: Any) -> str:
     """JSON that every parser reads: NaN or infinity raise ``ValueError`` rather than be written."""
     return json.dumps(data, allow_nan=False)
-
-
-def finite(values: Iterable[float]) -> bool:
-    return all(math.isfinite(v) for v in values)
 
 
 # ---------------------------------------------------------------------------------------------
