@@ -40,8 +40,8 @@ from untrusted_files import EPS, fake_gs, mutants, seeds
 from cifarkit.errors import UserError
 from cifarkit.images import load_image
 from cifarkit.model import BasicCNN
-from cifarkit.resume import completed, find_unfinished
-from cifarkit.safety import CarryCheckpoints
+from cifarkit.rundir import completed, find_unfinished
+from cifarkit.checkpoint_io import CarryCheckpoints
 from cifarkit.untrusted import (
     BACKGROUND,
     ImageTooLarge,
