@@ -236,7 +236,10 @@ def test_finetune_trains_the_head_alone_first_then_the_body_slower(image_folder:
     add_callback(monkeypatch, Watch())
     train(compose_cfg([*FAST, *folder_overrides(image_folder, tmp_path), "experiment=finetune", "model=airbench",
                        "model.net.widths=[8,16,16]", f"model.init_from={ckpt}", "trainer.max_steps=10", "trainer.max_epochs=-1"]))
-    moved = lambda a, b, head: [k for k in seen[a] if (k == "head.weight") == head and not torch.equal(seen[a][k], seen[b][k])]  # noqa: E731
+
+    def moved(a: int, b: int, head: bool) -> list[str]:
+        return [k for k in seen[a] if (k == "head.weight") == head and not torch.equal(seen[a][k], seen[b][k])]
+
     assert moved(0, 2, head=True) and not moved(0, 2, head=False)  # steps 0 and 1: the head alone
     assert moved(2, 9, head=False)  # from step 2 (20% of 10) the body too
     assert seen["lrs"]["weights"] == pytest.approx(10 * seen["lrs"]["weights/body"])

@@ -28,7 +28,6 @@ from cifarkit import optim, start
 from cifarkit.augment import TTA, tta_logits
 from cifarkit.errors import UserError
 
-
 log = logging.getLogger(__name__)
 WHITENING_IMAGES = 5000  # training images a data-initialised net (AirbenchNet) learns its first layer from
 

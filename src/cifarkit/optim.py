@@ -63,12 +63,12 @@ def param_groups(
         "norm_bias": {"weight_decay": other_decay / norm_bias_lr_scale, "lr": lr * norm_bias_lr_scale},
     }
     out = []
-    for kind in settings:
+    for kind, setting in settings.items():
         for part in ("", "body"):
             if (kind, part) in groups:
                 scale = body_lr_scale if part else 1.0
                 name = f"{kind}/{part}" if part else kind
-                out.append({"params": groups[kind, part], "name": name, **settings[kind], "lr": settings[kind]["lr"] * scale})
+                out.append({"params": groups[kind, part], "name": name, **setting, "lr": setting["lr"] * scale})
     return out
 
 
