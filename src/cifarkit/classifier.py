@@ -9,7 +9,10 @@ configs/model/ (``common/classifier.yaml`` holds their defaults).
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import asdict
+from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -21,11 +24,11 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from cifarkit import optim
+from cifarkit import optim, start
 from cifarkit.augment import check_tta, tta_logits
 from cifarkit.errors import UserError
 
-
+log = logging.getLogger(__name__)
 WHITENING_IMAGES = 5000  # training images a data-initialised net (AirbenchNet) learns its first layer from
 
 
@@ -46,6 +49,7 @@ class ImageClassifier(L.LightningModule):
         tta: str,
         channels_last: bool,
         compile: bool | str,
+        init_from: str | None = None,
     ) -> None:
         """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
         rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
@@ -54,12 +58,23 @@ class ImageClassifier(L.LightningModule):
         ``param_groups``: options of ``cifarkit.optim.param_groups`` (none: one group);
         ``tta``: test-time augmentation of the test step, one of ``TTA``; ``channels_last``:
         the memory format of the net and its inputs; ``compile``: ``torch.compile`` the net
-        (true: inductor's default mode; or a mode's name, e.g. ``reduce-overhead``)."""
+        (true: inductor's default mode; or a mode's name, e.g. ``reduce-overhead``); ``init_from``:
+        a checkpoint whose weights the net starts from (cifarkit/start.py; none for a net rebuilt
+        from its own checkpoint). A timm net's ``pretrained``/``weights`` are taken out of its
+        config here: they say where its first weights come from, which ``setup`` loads."""
         super().__init__()
         check_tta(tta, "model.tta")
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
         param_groups = _plain(param_groups)
         built = isinstance(net, nn.Module)
+        self.timm_weights = None
+        if not built:
+            net, self.timm_weights = start.split_timm_start(net)
+        if init_from is not None:
+            if self.timm_weights is not None:
+                raise UserError("model.init_from and model.net.pretrained/weights both give the first weights; keep one")
+            if not Path(init_from).is_file():
+                raise UserError(f"model.init_from={init_from} does not exist; pass a .ckpt written by train.py")
         self.save_hyperparameters(ignore=["net"] if built else None)
         self.net: nn.Module = net if built else instantiate(net, num_classes=len(classes))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -82,11 +97,34 @@ class ImageClassifier(L.LightningModule):
         self.val_acc_best.persistent(True)  # survives a resume from checkpoint
 
     def setup(self, stage: str) -> None:
-        # A net that starts from statistics of the training images (airbench's whitening layer)
-        # gets them here, before a resumed run's weights are loaded over them.
+        # When a fit begins: the data is normalized as the start's net was fed (unless data.mean/std
+        # are given); a net that starts from statistics of the training images (airbench's
+        # whitening) gets them; then the start's weights, and a resumed run's are loaded over all.
+        if stage != "fit":
+            return
         dm = self.trainer.datamodule if self._trainer else None
-        if stage == "fit" and hasattr(self.net, "init_from_images") and dm is not None:
+        first = self._start()
+        if first is not None and first.mean is not None and dm is not None and dm.normalize_as(first.mean, first.std):
+            log.info("normalizing as %s was trained: mean %s, std %s", first.source, first.mean, first.std)
+        if hasattr(self.net, "init_from_images") and dm is not None:
             self.net.init_from_images(dm.sample_train_images(WHITENING_IMAGES))
+        if first is not None:
+            start.load_start(self.net, first, self.head_names)
+
+    def _start(self) -> start.Start | None:
+        if self.timm_weights is not None:
+            return start.timm_start(self.timm_weights, self.net, len(self.hparams.classes))
+        if self.hparams.get("init_from"):
+            return start.checkpoint_start(self.hparams.init_from, self.hparams.net, self.hparams.classes)
+        return None
+
+    @cached_property
+    def head_names(self) -> set[str]:
+        """The net's tensors (state dict keys) sized by the class count: its head."""
+        net_config = self.hparams.get("net")
+        if net_config is None:  # a net rebuilt from a checkpoint: no config to build another from
+            raise UserError("the head of a net given as a module is not known; build the classifier from a net config")
+        return start.head_names(lambda n: instantiate(net_config, num_classes=n), len(self.hparams.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x.contiguous(memory_format=self.memory_format))
@@ -149,7 +187,9 @@ class ImageClassifier(L.LightningModule):
         params: Any = self.parameters()
         if self.hparams.param_groups:
             settings = make_optimizer.keywords
-            params = optim.param_groups(self.net, settings["lr"], settings.get("weight_decay", 0.0), **self.hparams.param_groups)
+            groups = self.hparams.param_groups
+            head = self.head_names if groups.get("body_lr_scale", 1.0) != 1.0 else ()
+            params = optim.param_groups(self.net, settings["lr"], settings.get("weight_decay", 0.0), head=head, **groups)
         optimizer = make_optimizer(params=params)
         if not self.hparams.scheduler:
             return optimizer

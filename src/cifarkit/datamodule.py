@@ -3,8 +3,10 @@
 A batch's path: a source (cifarkit/sources.py) decodes its files once into uint8 tensors
 (N, 3, H, W), cached on disk (``prepare_data``); ``setup`` holds out the validation split
 with a fixed seed and computes the per-channel mean/std of the training split; the loaders
-(cifarkit/loader.py) then augment and normalize batches of it. Every option comes from
-configs/data/ (``common/pipeline.yaml`` holds their defaults and says what each does).
+(cifarkit/loader.py) then augment and normalize batches of it. ``classes`` keeps some of the
+source's classes (labels renumbered in that order) and ``train_per_class`` a seeded, stratified
+number of training images per class: transfer to little data, taken from the same cache. Every
+option comes from configs/data/ (``common/pipeline.yaml`` holds their defaults and says what each does).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class ImageDataModule(L.LightningDataModule):
         self,
         *,
         cache_dir: str,
+        classes: Sequence[str] | None,
+        train_per_class: int | None,
         image_size: int,
         val_size: int | float,
         split_seed: int,
@@ -65,14 +69,22 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         if pipeline not in PIPELINES:
             raise UserError(f"unknown data.pipeline={pipeline!r}; use data.pipeline=device or data.pipeline=torchvision")
+        if train_per_class is not None and train_per_class < 1:
+            raise UserError(f"data.train_per_class={train_per_class} must be at least 1 (null keeps every training image)")
+        if classes is not None and (len(classes) < 2 or len(set(classes)) < len(classes)):
+            raise UserError(f"data.classes={list(classes)} must name at least 2 different classes (null keeps them all)")
         if (mean is None) != (std is None):
             raise UserError("set both data.mean and data.std, or neither (then they are computed)")
         self.augment = Augment.from_steps(augment)
         if self.augment.padding_mode == "reflect" and self.augment.padding >= image_size:
             raise UserError(f"data.augment.crop.padding={self.augment.padding} must be below the image size ({image_size}) to reflect")
         mean, std = (list(mean), list(std)) if mean is not None else (None, None)
-        self.save_hyperparameters()  # plain values: TensorBoard's HPARAMS tab and the checkpoint show them
+        # Plain values: TensorBoard's HPARAMS tab and the checkpoint show them. Not ``classes``: the
+        # classifier's hparams hold the classes learnt, and Lightning refuses one key with two values.
+        self.save_hyperparameters(ignore=["classes"])
         self.cache_dir = Path(cache_dir)
+        self.class_subset = list(classes) if classes is not None else None
+        self.train_per_class = train_per_class
         self.image_size, self.val_size, self.split_seed = image_size, val_size, split_seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pipeline, self.num_workers, self.pin_memory = pipeline, num_workers, pin_memory
@@ -86,7 +98,8 @@ class ImageDataModule(L.LightningDataModule):
     # -- what a source provides --------------------------------------------------------------
 
     @property
-    def classes(self) -> list[str]:
+    def source_classes(self) -> list[str]:
+        """Every class of the source, in its label order."""
         raise NotImplementedError
 
     def _source_key(self) -> str:
@@ -96,6 +109,17 @@ class ImageDataModule(L.LightningDataModule):
     def _decode(self) -> dict[str, torch.Tensor]:
         """Read the source into {'train_x', 'train_y', 'test_x', 'test_y'} (uint8 NCHW, int64)."""
         raise NotImplementedError
+
+    @property
+    def classes(self) -> list[str]:
+        """The classes this run learns, in label order: the source's, or ``data.classes`` of them."""
+        if self.class_subset is None:
+            return self.source_classes
+        unknown = [c for c in self.class_subset if c not in self.source_classes]
+        if unknown:
+            raise UserError(f"data.classes names {', '.join(map(repr, unknown))}, not a class of this data; "
+                            f"pick from {', '.join(self.source_classes)}")
+        return self.class_subset
 
     # -- caching -----------------------------------------------------------------------------
 
@@ -123,29 +147,65 @@ class ImageDataModule(L.LightningDataModule):
             return
         self.prepare_data()  # no-op when cached; covers direct use outside a Trainer
         data = self._load_cache()
-        x, y = data["train_x"], data["train_y"]
+        x, y = self._keep_classes(data["train_x"], data["train_y"])
         n_val = int(round(self.val_size * len(y))) if isinstance(self.val_size, float) else int(self.val_size)
         if not 0 <= n_val < len(y):
             raise UserError(f"data.val_size={self.val_size} leaves no training images out of {len(y)}; lower it")
         perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
         tr, va = perm[n_val:], perm[:n_val]
-        self.splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": (data["test_x"], data["test_y"])}
+        if self.train_per_class is not None:
+            tr = self._per_class(tr, y)
+        self.splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": self._keep_classes(data["test_x"], data["test_y"])}
         self.mean, self.std = self._stats(self.splits["train"][0])
         # Every rank seeds the same way (Lightning's seed_everything), so they share one permutation.
         self.seed = torch.initial_seed() % (2**31)
+
+    def _keep_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images of ``data.classes`` only, their labels renumbered in its order (all when null)."""
+        if self.class_subset is None:
+            return x, y
+        source = self.source_classes
+        new_label = torch.full((len(source),), -1, dtype=torch.int64)
+        new_label[[source.index(c) for c in self.classes]] = torch.arange(len(self.classes))
+        keep = new_label[y] >= 0
+        return x[keep], new_label[y[keep]]
+
+    def _per_class(self, train: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``train_per_class`` of the training indices ``train`` per class, drawn with the split's seed."""
+        n = self.train_per_class
+        drawn = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(self.split_seed + 1))]
+        kept = []
+        for label, name in enumerate(self.classes):
+            of_class = drawn[y[drawn] == label]
+            if len(of_class) < n:
+                raise UserError(f"data.train_per_class={n}, but class {name!r} has {len(of_class)} training images "
+                                "after the validation split; lower it (or data.val_size)")
+            kept.append(of_class[:n])
+        return torch.cat(kept).sort().values
 
     def _stats(self, train_x: torch.Tensor) -> tuple[list[float], list[float]]:
         if not self.do_normalize:
             return [0.0, 0.0, 0.0], [1.0, 1.0, 1.0]
         if self._fixed_stats:
             return self._fixed_stats
-        stats_file = self.cache_file.with_suffix(f".stats-{self.split_seed}-{self.val_size}.json")
+        subset = ""  # another training split: its own statistics
+        if self.class_subset is not None or self.train_per_class is not None:
+            subset = "-" + hashlib.sha1(json.dumps([self.class_subset, self.train_per_class]).encode()).hexdigest()[:8]
+        stats_file = self.cache_file.with_suffix(f".stats-{self.split_seed}-{self.val_size}{subset}.json")
         if stats_file.exists():
             stats = json.loads(stats_file.read_text())
             return stats["mean"], stats["std"]
         mean, std = channel_stats(train_x)
         atomic_write(stats_file, lambda f: f.write(json.dumps({"mean": mean, "std": std}).encode()))
         return mean, std
+
+    def normalize_as(self, mean: list[float], std: list[float]) -> bool:
+        """Normalize with a start's ``mean``/``std`` (a pretrained net's, another run's) instead of
+        the training split's own; not when data.mean/std are given or data.normalize is false."""
+        if self._fixed_stats or not self.do_normalize:
+            return False
+        self.mean, self.std = list(mean), list(std)
+        return True
 
     def data_info(self) -> DataInfo:
         """How this data's images are prepared: what a checkpoint needs to classify new images."""

@@ -1,6 +1,7 @@
 """Networks. ``BasicCNN`` is the tutorial's BasicBlock CNN, layer for layer; ``AirbenchNet``
 is airbench94's net; ``ResNet18`` is ResNet-18 with a stem for 32x32 images; ``TimmNet`` is
-any timm net, untrained, behind a wrapper defined here so the checkpoint trust rules judge it."""
+any timm net behind a wrapper defined here so the checkpoint trust rules judge it (its
+pretrained weights are a start: cifarkit/start.py)."""
 
 from __future__ import annotations
 
@@ -257,7 +258,9 @@ def _timm() -> Any:
 
 class TimmNet(nn.Module):
     """A timm net built with ``num_classes`` outputs and never with pretrained weights, so
-    nothing is downloaded and a checkpoint rebuilds it from its own weights.
+    nothing is downloaded and a checkpoint rebuilds it from its own weights. Pretrained weights
+    (``model.net.pretrained``, ``model.net.weights``) are loaded into it when a fit starts, by
+    cifarkit/start.py through timm's own loading path.
 
     ``name`` must be one of ``timm.list_models()`` as listed: no pretrained tag, no ``hf-hub:``
     or ``local-dir:`` source (which read a config from elsewhere). ``kwargs`` go to the net's
@@ -270,9 +273,16 @@ class TimmNet(nn.Module):
     ``ResNet18`` above; for ViTs (timm's vision_transformer and deit modules) patches of 4
     pixels at ``image_size``. Other families have none here: use ``cifar_stem=false`` (and pass
     ``img_size`` to nets that fix their input size when built).
+
+    ``input_size``: the side the net is fed at (a pretrained net's own, e.g. 224). Each batch of
+    ``image_size`` images is resized to it inside ``forward``, on the device (bilinear, as PIL
+    resizes a file), so neither the cache nor memory holds a large copy of the data, and a
+    checkpoint's net resizes the same way in eval, predict, serve and export.
     """
 
-    def __init__(self, name: str, num_classes: int, image_size: int, cifar_stem: bool, **kwargs: Any) -> None:
+    def __init__(
+        self, name: str, num_classes: int, image_size: int, cifar_stem: bool, input_size: int | None = None, **kwargs: Any
+    ) -> None:
         super().__init__()
         timm = _timm()
         if not isinstance(name, str) or name not in timm.list_models():
@@ -284,6 +294,8 @@ class TimmNet(nn.Module):
         vit = timm.models.is_model_in_modules(name, VIT_MODULES)
         if cifar_stem and vit:
             kwargs = {"img_size": image_size, "patch_size": 4, **kwargs}
+        self.input_size = input_size
+        self.timm_kwargs = kwargs  # what timm's factory built it with: a pretrained copy is built the same way
         self.model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
         if cifar_stem and not vit:
             if not isinstance(self.model, timm.models.resnet.ResNet):
@@ -293,13 +305,22 @@ class TimmNet(nn.Module):
             self.model.conv1 = nn.Conv2d(3, width, kernel_size=3, padding=1, bias=False)
             nn.init.kaiming_normal_(self.model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm starts its convs
             self.model.maxpool = nn.Identity()
+        size = input_size or image_size
         try:  # one image through, so a net that cannot take the data's images says so now, in one line
             with torch.no_grad():
-                self.model.eval()(torch.zeros(1, 3, image_size, image_size))
+                self.model.eval()(torch.zeros(1, 3, size, size))
         except Exception as e:
-            raise UserError(f"timm's {name} does not take {image_size}x{image_size} images ({str(e).splitlines()[0]}); "
+            raise UserError(f"timm's {name} does not take {size}x{size} images ({str(e).splitlines()[0]}); "
                             "set model.net.cifar_stem=true for a ViT, or pass the size it needs, e.g. +model.net.img_size=...") from e
         self.model.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self.model(resize_batch(x, self.input_size))
+
+
+def resize_batch(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A batch (B, C, H, W) resized to ``size`` x ``size`` (as it is when None or already that
+    size): bilinear with half-pixel centres, as PIL resizes, antialiased when shrinking."""
+    if size is None or tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < max(x.shape[-2:]))

@@ -1,7 +1,8 @@
 """What the recipes beyond the tutorial's constant-lr Adam do to the weights besides the loss.
 
-* ``param_groups``: no weight decay on norm layers and biases, and a learning-rate multiplier
-  for norm biases (airbench trains its BatchNorm biases faster than its weights).
+* ``param_groups``: no weight decay on norm layers and biases, a learning-rate multiplier
+  for norm biases (airbench trains its BatchNorm biases faster than its weights), and one for
+  everything but the head (fine-tuning moves a pretrained body less than its new head).
 * ``warmup_then_decay``: a step-wise schedule, linear warmup then linear or cosine decay, sized
   from the run's own number of optimizer steps (``ImageClassifier`` passes ``total_steps`` to
   any scheduler that takes it, ``torch.optim.lr_scheduler.OneCycleLR`` included).
@@ -9,11 +10,13 @@
   to the average), a callback.
 * ``FreezeParameters``: stop training named parameters after some epochs (airbench's
   whitening bias), a callback.
+* ``HeadFirst``: train only the head for the first part of the run (fine-tuning), a callback.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from typing import Any
 
 import lightning as L
@@ -29,31 +32,44 @@ NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
 
 def param_groups(
-    net: nn.Module, lr: float, weight_decay: float = 0.0, decay_norm_and_bias: bool = True, norm_bias_lr_scale: float = 1.0
+    net: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    decay_norm_and_bias: bool = True,
+    norm_bias_lr_scale: float = 1.0,
+    body_lr_scale: float = 1.0,
+    head: Collection[str] = (),
 ) -> list[dict[str, Any]]:
     """The trainable parameters of ``net`` in up to three groups: weights (decayed), other norm
     parameters and biases (decayed only if ``decay_norm_and_bias``), norm biases (the same, at
     ``lr * norm_bias_lr_scale``). As in airbench the multiplier speeds up the gradient steps
-    only: the norm biases' weight decay is divided by it, so each step decays them as before."""
+    only: the norm biases' weight decay is divided by it, so each step decays them as before.
+    With ``body_lr_scale`` other than 1, each group is split in two: the ``head`` (parameter
+    names) at those rates, the rest of the net (its body) at ``body_lr_scale`` times them."""
     norm_params = {id(p) for m in net.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
-    groups: dict[str, list[nn.Parameter]] = {"weights": [], "norm_and_bias": [], "norm_bias": []}
+    split = body_lr_scale != 1.0
+    groups: dict[tuple[str, str], list[nn.Parameter]] = {}
     for name, p in net.named_parameters():
         if not p.requires_grad:
             continue
         is_bias = name.rpartition(".")[2] == "bias"
-        if id(p) in norm_params and is_bias:
-            groups["norm_bias"].append(p)
-        elif id(p) in norm_params or is_bias:
-            groups["norm_and_bias"].append(p)
-        else:
-            groups["weights"].append(p)
+        kind = "norm_bias" if id(p) in norm_params and is_bias else "norm_and_bias" if id(p) in norm_params or is_bias else "weights"
+        part = "body" if split and name not in head else ""
+        groups.setdefault((kind, part), []).append(p)
     other_decay = weight_decay if decay_norm_and_bias else 0.0
     settings = {
         "weights": {"weight_decay": weight_decay, "lr": lr},
         "norm_and_bias": {"weight_decay": other_decay, "lr": lr},
         "norm_bias": {"weight_decay": other_decay / norm_bias_lr_scale, "lr": lr * norm_bias_lr_scale},
     }
-    return [{"params": ps, "name": name, **settings[name]} for name, ps in groups.items() if ps]
+    out = []
+    for kind, setting in settings.items():
+        for part in ("", "body"):
+            if (kind, part) in groups:
+                scale = body_lr_scale if part else 1.0
+                name = f"{kind}/{part}" if part else kind
+                out.append({"params": groups[kind, part], "name": name, **setting, "lr": setting["lr"] * scale})
+    return out
 
 
 def run_steps(trainer: Any, sized: str) -> int:
@@ -164,4 +180,30 @@ class FreezeParameters(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
         if trainer.global_step >= self.from_step:
             for p in self.params:
+                p.grad = None
+
+
+class HeadFirst(L.Callback):
+    """Train only the net's head (``pl_module.head_names``: the tensors sized by the class count)
+    for the first fraction ``until`` of the run's optimizer steps, the body frozen, then
+    everything: a new head learns from the pretrained features before its first, random
+    gradients reach them. As in ``FreezeParameters`` the body's gradients are dropped before
+    each optimizer step, so neither the step, its momentum nor weight decay moves it; its
+    BatchNorm statistics still follow the new data."""
+
+    def __init__(self, until: float) -> None:
+        if not 0 <= until <= 1:
+            raise UserError(f"HeadFirst needs 0 <= until <= 1 (a fraction of the run's steps), got {until}")
+        self.until = until
+        self.body: list[torch.nn.Parameter] = []
+        self.to_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.to_step = round(self.until * run_steps(trainer, "callbacks.head_first"))
+        head = pl_module.head_names
+        self.body = [p for name, p in pl_module.net.named_parameters() if name not in head]
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+        if trainer.global_step < self.to_step:
+            for p in self.body:
                 p.grad = None

@@ -1,6 +1,6 @@
 """Data sources: where the images come from and how their files decode into uint8 tensors.
 
-Each is an ``ImageDataModule`` (cifarkit/datamodule.py) that says what its classes are, what
+Each is an ``ImageDataModule`` (cifarkit/datamodule.py) that says what its classes are (``source_classes``), what
 identifies its files (the cache key) and how to decode them; everything after decoding is shared.
 
 * ``CIFAR10DataModule``, ``CIFAR100DataModule``, ``SVHNDataModule``: the official 32x32 files,
@@ -95,7 +95,7 @@ class CIFAR10DataModule(DownloadedDataModule):
     title, key, files = "CIFAR-10", "cifar10", "the extracted 'cifar-10-batches-py' folder"
 
     @property
-    def classes(self) -> list[str]:
+    def source_classes(self) -> list[str]:
         return CIFAR10_CLASSES
 
     def _open(self, split: str) -> Any:
@@ -132,7 +132,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         self.labels = labels
 
     @property
-    def classes(self) -> list[str]:
+    def source_classes(self) -> list[str]:
         return CIFAR100_FINE if self.labels == "fine" else CIFAR100_COARSE
 
     def _open(self, split: str) -> Any:
@@ -149,7 +149,7 @@ class CIFAR100DataModule(CIFAR10DataModule):
         out = super()._decode()  # every file verified, the fine labels read
         folder = self.data_dir / CIFAR100.base_folder
         names = _unpickle(folder / CIFAR100.meta["filename"])[f"{self.labels}_label_names"]
-        if names != self.classes:
+        if names != self.source_classes:
             raise UserError(f"{folder} lists other {self.labels} class names than CIFAR-100's; delete it to download it again")
         if self.labels == "coarse":
             for split, files in (("train", CIFAR100.train_list), ("test", CIFAR100.test_list)):
@@ -171,7 +171,7 @@ class SVHNDataModule(DownloadedDataModule):
         self.files = "train_32x32.mat, test_32x32.mat and extra_32x32.mat" if extra else "train_32x32.mat and test_32x32.mat"
 
     @property
-    def classes(self) -> list[str]:
+    def source_classes(self) -> list[str]:
         return SVHN_CLASSES
 
     def _splits(self) -> tuple[str, ...]:
@@ -229,7 +229,7 @@ class ImageFolderDataModule(ImageDataModule):
         return [name for name in found if not name.startswith(".")]
 
     @property
-    def classes(self) -> list[str]:
+    def source_classes(self) -> list[str]:
         train, test = self._class_dirs("train"), self._class_dirs("test")
         if len(train) < 2:
             raise UserError(f"{self.root / 'train'} has {len(train)} class folder(s); a classifier needs at least 2 (train/<class>/<image>)")
@@ -244,7 +244,7 @@ class ImageFolderDataModule(ImageDataModule):
 
     def _files(self) -> dict[str, list[tuple[Path, int]]]:
         """Each split's (image, label) pairs, class by class, in torchvision's walking order."""
-        classes = {name: i for i, name in enumerate(self.classes)}
+        classes = {name: i for i, name in enumerate(self.source_classes)}
         files: dict[str, list[tuple[Path, int]]] = {}
         for split in ("train", "test"):
             d = self.root / split
