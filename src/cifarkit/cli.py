@@ -30,7 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 from cifarkit.errors import RunInUse, TrainingStopped, UserError
 from cifarkit.files import DiskFull, disk_full, write_metrics
 from cifarkit.resume import AUTO, completed, find_unfinished, hold_run, in_use, is_running
-from cifarkit.sweep import study_seed
+from cifarkit.sweep import check_sweeper, study_seed
 
 log = logging.getLogger(__name__)
 USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)  # and Lightning's, see _misconfiguration
@@ -230,6 +230,11 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
         sys.argv = [*sys.argv, *auto_resume(cfg)]  # the last override of a key wins
     if fixed_dir is not None and not multirun and _global_zero() and is_running(fixed_dir):  # before Hydra writes there
         fail(str(in_use(fixed_dir)))
+    if cfg is not None and multirun:
+        try:
+            check_sweeper(cfg)  # the Optuna sweeper's study opens, before any job starts
+        except UserError as e:
+            fail(str(e))
     if not _global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
         sys.argv = [*sys.argv, "hydra.output_subdir=null"]
     hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

@@ -77,10 +77,10 @@ def in_use(run_dir: str | Path) -> RunInUse:
 
 
 def completed(run_dir: Path) -> bool:
-    """Whether the run's ``metrics.json`` says it completed (no file, or a half-written one from a
-    killed run: it did not)."""
+    """Whether the run's ``metrics.json`` says it completed, or that an Optuna pruner ended it
+    (finished too: nothing to continue); no file, or a half-written one from a killed run: it did not."""
     try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("status") == "completed"
+        return json.loads((run_dir / "metrics.json").read_text()).get("status") in ("completed", "pruned")
     except (OSError, ValueError):
         return False
 
