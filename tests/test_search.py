@@ -75,6 +75,16 @@ def test_a_pruned_trial_ends_cleanly_and_the_search_goes_on(image_folder: Path, 
     assert "2/3 completed, 1 pruned" in r.out
 
 
+def test_a_study_in_memory_prunes_too(image_folder: Path, tmp_path: Path, main) -> None:
+    """storage: null (the study lives in the sweep's process): the in-process jobs reach it."""
+    r = main("train.py", search(image_folder, tmp_path, "hydra.sweeper.n_trials=2", "trainer.max_epochs=2", "hydra.sweeper.storage=null",
+                                "hydra.sweeper.pruner._target_=test_search.PruneTrialOne"))
+    assert r.code == 0, r.err[-3000:]
+    (sweep,) = sweep_dirs(tmp_path / "logs")
+    assert [(r["status"], r["epochs"]) for r in read_jobs(sweep)] == [("completed", "2"), ("pruned", "1")]
+    assert not (tmp_path / "logs" / "optuna").exists()
+
+
 def job_trials(log_dir: Path) -> dict[Path, int]:
     """Every job directory of every sweep under ``log_dir``, with the trial number it was given."""
     found = {}
@@ -113,7 +123,8 @@ def test_two_sweep_processes_share_one_study(kind: str, image_folder: Path, tmp_
 
 
 def test_an_interrupted_search_is_finished_by_running_it_again(image_folder: Path, tmp_path: Path, main) -> None:
-    args = search(image_folder, tmp_path, "hydra.sweeper.n_trials=3", "trainer.max_epochs=10", "callbacks.progress_bar=null")
+    args = search(image_folder, tmp_path, "hydra.sweeper.n_trials=3", "trainer.max_epochs=10", "callbacks.progress_bar=null",
+                  "hydra/sweeper/pruner=none")  # trial 1 trains on until the signal
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, stdout=out, stderr=out,

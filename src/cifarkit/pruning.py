@@ -3,7 +3,7 @@ monitored metric to its Optuna trial after every validation, and stops when the 
 prunes it there.
 
 The step reported is the number of epochs trained, so trials compare at the same epoch whatever
-their batch size. Under DDP only global rank 0 talks to the study; its verdict is broadcast, so
+their batch size. The last validation of a run is reported but never pruned: the trial is complete. Under DDP only global rank 0 talks to the study; its verdict is broadcast, so
 every rank stops after the same validation. Lightning then ends ``fit`` as after early stopping:
 the checkpoints of that validation are written as usual, and train.py records the run as
 ``status: pruned`` and returns ``cifarkit.study.Pruned``, which the sweeper tells the study.
@@ -32,15 +32,21 @@ class OptunaPruning(Callback):
         self.pruned = False  # set on every rank when the pruner stopped the run
         self._trial: Any = None
         self._reported: set[int] = set()
+        self._unreachable = False  # the study could not be opened: the run goes on unpruned
 
     def __getstate__(self) -> dict[str, Any]:  # DDP's spawn start method pickles callbacks: not the study's connection
         return self.__dict__ | {"_trial": None}
 
     def _get_trial(self) -> Any:
-        if self._trial is None:
+        if self._trial is None and not self._unreachable:
+            from cifarkit.errors import UserError
             from cifarkit.study import load_trial
 
-            self._trial = load_trial(self.storage, self.study_name, self.number, self.pruner)
+            try:
+                self._trial = load_trial(self.storage, self.study_name, self.number, self.pruner)
+            except UserError as e:  # an in-memory study in another process: train on, unpruned
+                log.warning("optuna_pruning: %s; this trial is not pruned", e)
+                self._unreachable = True
         return self._trial
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -52,17 +58,23 @@ class OptunaPruning(Callback):
             value = trainer.callback_metrics.get(self.monitor)
             if value is None:
                 log.warning("optuna_pruning: %s was not logged; nothing reported to trial %s", self.monitor, self.number)
-            elif math.isfinite(value := float(value)):
-                trial = self._get_trial()
+            elif math.isfinite(value := float(value)) and (trial := self._get_trial()) is not None:
                 trial.report(value, step)
                 self._reported.add(step)
-                prune = trial.should_prune()
+                prune = not last_validation(trainer, step) and trial.should_prune()
         prune = trainer.strategy.broadcast(prune, src=0)
         if prune:
             self.pruned = True
             trainer.should_stop = True
             if trainer.is_global_zero:
                 log.info("trial %s pruned after epoch %d (%s = %.4f)", self.number, step, self.monitor, float(trainer.callback_metrics[self.monitor]))
+
+
+def last_validation(trainer: L.Trainer, epochs: int) -> bool:
+    """Whether training ends after this validation anyway: stopping there would save nothing, and
+    the trial is complete, whatever the pruner would say."""
+    return (trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs) or (
+        trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
 
 
 def was_pruned(trainer: L.Trainer) -> bool:

@@ -207,14 +207,14 @@ class Search:
             n_trials = min(n_trials, math.prod(len(v) for v in values.values()))
         pruner = self.s.pruner if len(self.directions) == 1 else None
         storage = open_storage(self.s.storage)
-        if storage is None and self.s.study_name in _IN_MEMORY:
-            study = _IN_MEMORY[self.s.study_name]
+        if storage is None and (self.s.study_name or "") in _IN_MEMORY:
+            study = _IN_MEMORY[self.s.study_name or ""]
             study.sampler, study.pruner = sampler or study.sampler, pruner or study.pruner
         else:
             study = optuna.create_study(study_name=self.s.study_name, storage=storage, sampler=sampler, pruner=pruner,
                                         directions=self.directions, load_if_exists=True)
         if storage is None:
-            _IN_MEMORY[study.study_name] = study
+            _IN_MEMORY[self.s.study_name or ""] = study
         self.n_trials = n_trials
         return study
 
