@@ -5,10 +5,14 @@ missing extra costs."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -110,6 +114,59 @@ def test_mlflow_artifacts_are_the_pictures_and_the_best_checkpoint(mlflow_run, t
     assert torch.load(uploaded, weights_only=True)["state_dict"]  # plain tensors: loads without pickled code
     meta = yaml.safe_load(fetch(f"{best.stem}/metadata.yaml").read_text())
     assert meta["original_filename"] == best.name and meta["score"] == pytest.approx(metrics["val/acc_best"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_ui_serves_the_runs_of_the_projects_store(mlflow_run) -> None:
+    """`mlflow ui` as the README starts it, on the run's SQLite store (127.0.0.1, a free port): its
+    page, and the runs search its experiment page makes, name the run; then it is stopped, every
+    process it started with it."""
+    client, run, _, _ = mlflow_run
+    store, port = client._tracking_client.tracking_uri, free_port()
+    assert store.startswith("sqlite:///")
+    mlflow = Path(sys.executable).parent / "mlflow"
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    ui = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port),
+                           "--workers", "1"],  # its default, 4, takes minutes to start on a loaded 2-core machine
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/", timeout=5) as page:
+                    html = page.read().decode()
+                break
+            except OSError:
+                assert ui.poll() is None, ui.stderr.read()[-3000:]
+                assert time.monotonic() < deadline, "mlflow ui did not answer within 300 s"
+                time.sleep(0.5)
+        assert page.status == 200 and "<title>MLflow" in html
+        body = json.dumps({"experiment_ids": [run.info.experiment_id]}).encode()
+        search = urllib.request.Request(f"{base}/ajax-api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(search, timeout=30) as answer:
+            runs = json.loads(answer.read())["runs"]
+        assert [(r["info"]["run_id"], r["info"]["run_name"]) for r in runs] == [(run.info.run_id, "out")]
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        try:
+            ui.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(ui.pid, signal.SIGKILL)
+            ui.wait(timeout=30)
+    for _ in range(100):  # its workers too: nothing is left in its process group
+        try:
+            os.killpg(ui.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("mlflow ui left processes behind")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from cifarkit.files import DiskFull, disk_full, write_metrics
 from cifarkit.ranks import from_lightning, global_zero
 from cifarkit.resolvers import register_resolvers
 from cifarkit.untrusted import shown
+from cifarkit.sweep import check_sweeper
 
 log = logging.getLogger(__name__)
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
@@ -169,6 +170,11 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
             print(line, file=sys.stderr)
         found = [f"ckpt_path={point.ckpt}", f"hydra.run.dir={point.run_dir}"] if point else ["ckpt_path=null"]
         sys.argv = [*sys.argv, *found]  # the last override of a key wins
+    if cfg is not None and multirun:
+        try:
+            check_sweeper(cfg)  # the Optuna sweeper's study opens, before any job starts
+        except UserError as e:
+            fail(str(e))
     if not global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
         sys.argv = [*sys.argv, "hydra.output_subdir=null"]
     hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

@@ -127,8 +127,9 @@ def status(run_dir: Path) -> str | None:
 
 
 def completed(run_dir: Path) -> bool:
-    """Whether the run's ``metrics.json`` says it completed."""
-    return status(run_dir) == "completed"
+    """Whether the run's ``metrics.json`` says it finished: completed, or ended by an Optuna pruner
+    (nothing to continue either way)."""
+    return status(run_dir) in ("completed", "pruned")
 
 
 def checkpoint_step(path: Path) -> int | None:

@@ -26,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cifarkit import rundir
+from cifarkit.errors import UserError
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -75,16 +76,22 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
 
 def by_config(rows: list[Row], varying: list[str], metrics: list[str], x_key: str) -> list[Row]:
     """One row per configuration (the varying overrides but ``seed``, and ``x_key``): how many
-    jobs completed (n), failed, and each metric's mean and sample standard deviation over them."""
+    jobs completed (n), failed, were pruned (a column only when some were), and each metric's
+    mean and sample standard deviation over the completed ones."""
     keys = list(dict.fromkeys([*(k for k in varying if k != "seed"), x_key]))
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault(tuple(str(row.get(k, "")) for k in keys), []).append(row)
     out = []
+    any_pruned = any(r["status"] == "pruned" for r in rows)  # an Optuna search with a pruner: counted apart
     for key, members in groups.items():
         done = [r for r in members if r["status"] == "completed"]
-        status = "completed" if len(done) == len(members) else "partly failed" if done else "failed"
-        row: Row = dict(zip(keys, key)) | {"status": status, "n": len(done), "failed": len(members) - len(done)}
+        pruned = sum(r["status"] == "pruned" for r in members)
+        rest = "pruned" if pruned == len(members) - len(done) and pruned else "failed"
+        status = "completed" if len(done) == len(members) else f"partly {rest}" if done else rest
+        row: Row = dict(zip(keys, key)) | {"status": status, "n": len(done), "failed": len(members) - len(done) - pruned}
+        if any_pruned:
+            row["pruned"] = pruned
         for m in metrics:
             values = [v for v in (_number(r[m]) for r in done) if v is not None]
             row[m] = statistics.fmean(values) if values else ""
@@ -120,12 +127,13 @@ def plot(configs: list[Row], metrics: list[str], x_key: str, path: Path) -> None
     if along_x:
         done = sorted((c for c in done if _positive(c[x_key])), key=lambda c: _positive(c[x_key]))
         where = [_positive(c[x_key]) for c in done]
-        failed = [_positive(c[x_key]) for c in configs if not c["n"] and _positive(c[x_key])]
+        failed = [_positive(c[x_key]) for c in configs if not c["n"] and not c.get("pruned") and _positive(c[x_key])]
+        pruned = [_positive(c[x_key]) for c in configs if not c["n"] and c.get("pruned") and _positive(c[x_key])]
         ax.set_xscale("log")
         ax.set_xlabel(x_key)
     else:
         where = list(range(len(done)))
-        failed = []
+        failed, pruned = [], []
         ax.set_xticks(where, [_config_label(c, x_key) for c in done], rotation=20, ha="right", fontsize=7)
     for i, m in enumerate(metrics):
         pts = [(x, _number(c[m]), _number(c[f"{m}_std"]) or 0.0) for x, c in zip(where, done) if _number(c[m]) is not None]
@@ -137,6 +145,8 @@ def plot(configs: list[Row], metrics: list[str], x_key: str, path: Path) -> None
         ax.errorbar(xs, ys, yerr=errs, fmt="o-" if along_x else "o", capsize=3, label=m)
     if failed:
         ax.plot(failed, [0.0] * len(failed), "rx", markersize=9, label="failed")
+    if pruned:
+        ax.plot(pruned, [0.0] * len(pruned), "x", color="grey", markersize=9, label="pruned")
     n = sorted({c["n"] for c in done})
     ax.set(ylabel="metric (mean, bars: std)", title=f"sweep {path.parent.name} (n = {'/'.join(map(str, n)) or 0} per point)")
     ax.grid(True, which="both", alpha=0.3)
@@ -147,7 +157,7 @@ def plot(configs: list[Row], metrics: list[str], x_key: str, path: Path) -> None
 
 
 def _config_label(config: Row, x_key: str) -> str:
-    keys = [k for k in config if k not in ("status", "n", "failed", "jobs") and not k.endswith("_std") and "/" not in k]
+    keys = [k for k in config if k not in ("status", "n", "failed", "pruned", "jobs") and not k.endswith("_std") and "/" not in k]
     return " ".join(f"{k}={config[k]}" for k in keys if config[k] != "") or "all jobs"
 
 
@@ -167,7 +177,7 @@ def print_table(rows: list[Row], columns: list[str], title: str) -> None:
         table.add_column(c, overflow="fold")
     for r in rows:
         cells = [f"{_number(r[c]):.4g}" if _number(r[c]) is not None and c != "job" else str(r[c]) for c in columns]
-        table.add_row(*cells, style="red" if r["status"] != "completed" else None)
+        table.add_row(*cells, style=None if r["status"] == "completed" else "dim" if r["status"] == "pruned" else "red")
     Console().print(table)
 
 
@@ -198,7 +208,8 @@ class SweepSummary(Callback):
         plot(configs, self.metrics, self.x, sweep_dir / "summary.png")
         columns = ["job", "status", *dict.fromkeys([*varying, self.x]), *self.metrics, "epochs"]
         completed = sum(r["status"] == "completed" for r in rows)
-        print_table(rows, columns, f"sweep {sweep_dir.name}: {completed}/{len(rows)} completed")
+        pruned = sum(r["status"] == "pruned" for r in rows)
+        print_table(rows, columns, f"sweep {sweep_dir.name}: {completed}/{len(rows)} completed" + (f", {pruned} pruned" if pruned else ""))
         if len(configs) < len(rows):  # seeds grouped: the statistics per configuration too
             stats = [c | {m: _mean_std(c, m) for m in self.metrics} for c in configs]
             columns = [k for k in configs[0] if k not in self.metrics and not k.endswith("_std") and k != "jobs"]
@@ -208,11 +219,20 @@ class SweepSummary(Callback):
 
 def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
     """``seed`` plus the number of trials the stored study already has (0 for a new study)."""
-    if not storage or not study_name:
-        return int(seed)
-    import optuna
+    from cifarkit.study import study_trial_count
 
-    try:
-        return int(seed) + len(optuna.load_study(study_name=study_name, storage=storage).trials)
-    except KeyError:  # no such study yet: this run creates it
-        return int(seed)
+    return int(seed) + study_trial_count(storage, study_name)
+
+
+def check_sweeper(cfg: DictConfig) -> None:
+    """Before a multirun starts: the Optuna sweeper is this project's, and its study's storage opens
+    (a database written by Optuna 2 says how to upgrade it); a ``UserError`` otherwise."""
+    target = OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or ""
+    if target.startswith("hydra_plugins.hydra_optuna_sweeper"):
+        raise UserError("hydra-optuna-sweeper (Optuna 2 only) is still installed and shadows cifarkit's Optuna sweeper: "
+                        "pip uninstall hydra-optuna-sweeper")
+    storage = OmegaConf.select(cfg, "hydra.sweeper.storage", default=None)
+    if target.startswith("hydra_plugins.cifarkit_optuna_sweeper") and isinstance(storage, str):
+        from cifarkit.study import open_storage
+
+        open_storage(storage)

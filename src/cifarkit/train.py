@@ -24,6 +24,8 @@ from cifarkit.devices import resolve_accelerator, resolve_precision
 from cifarkit.errors import UserError
 from cifarkit.files import write_metrics
 from cifarkit.metrics import SUMMARY, final_metrics, log_hyperparams, tested_metrics, throughput
+from cifarkit.pruning import was_pruned
+from cifarkit.study import Pruned
 
 log = logging.getLogger(__name__)
 
@@ -110,14 +112,16 @@ def _train(cfg: DictConfig) -> float:
     datamodule, trainer = build(cfg)
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
     metrics: dict[str, Any] = {}
+    pruned = False
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        pruned = was_pruned(trainer)  # an Optuna trial its study's pruner stopped: not tested
         metrics = final_metrics(trainer)
         best_val = float(model.val_acc_best.max_value)  # persistent: known even when a resume had no epoch left
         if "val/acc_best" not in metrics and math.isfinite(best_val):
             metrics["val/acc_best"] = best_val
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if cfg.test:
+        if cfg.test and not pruned:
             if not best:
                 log.info("no best checkpoint was kept (no validation split, or no checkpoint callback); testing the final weights")
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
@@ -127,7 +131,7 @@ def _train(cfg: DictConfig) -> float:
         log_hyperparams(trainer, model, datamodule, metrics, cfg.get("budget_s"))
     metrics.update(
         **({"budget": budget} if budget else {}),
-        status="completed",
+        status="pruned" if pruned else "completed",
         epochs=trainer.current_epoch,
         steps=trainer.global_step,
         seed=seed,
@@ -137,7 +141,8 @@ def _train(cfg: DictConfig) -> float:
     if trainer.is_global_zero:
         write_metrics(cfg.paths.output_dir, metrics)
         log.info("metrics: %s", {k: metrics[k] for k in SUMMARY if k in metrics})
-    return optimized_value(cfg.optimized_metric, metrics, has_validation=bool(len(datamodule.splits["val"][1])))
+    value = optimized_value(cfg.optimized_metric, metrics, has_validation=bool(len(datamodule.splits["val"][1])))
+    return Pruned(value) if pruned else value
 
 
 def optimized_value(name: str, metrics: dict[str, Any], has_validation: bool) -> float:
