@@ -55,22 +55,31 @@ import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
-from loops import (
-    COMPUTE_DTYPE, epoch_images_per_s, forever, host_overhead, lightning_window, raw_loop, sync, timed, train_loader, tutorial_loop,
-)
 from omegaconf import DictConfig, open_dict
-from results import add_argument, machine, save
 from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarkit.resolvers import register_resolvers
 from cifarkit.datamodule import ImageDataModule
 from cifarkit.devices import resolve_accelerator
 from cifarkit.errors import UserError
 from cifarkit.loader import PILDataset, pil_transform
 from cifarkit.model import BasicCNN
+from cifarkit.resolvers import register_resolvers
 from cifarkit.train import build
+from loops import (
+    COMPUTE_DTYPE,
+    epoch_images_per_s,
+    forever,
+    host_overhead,
+    lightning_window,
+    raw_loop,
+    sync,
+    timed,
+    train_loader,
+    tutorial_loop,
+)
+from results import add_argument, machine, save
 
 ROOT = Path(__file__).resolve().parents[1]
 # rounds; timed steps per contender and round; torchvision pipeline batches; timed steps at the
@@ -90,14 +99,26 @@ ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--root", default=os.environ.get("CIFARKIT_DATA_ROOT"), help="image-folder tree (default: $CIFARKIT_DATA_ROOT)")
-    src.add_argument("--synthetic", action="store_true", help="random full-size images in memory, whatever data is there")
+    src.add_argument(
+        "--root", default=os.environ.get("CIFARKIT_DATA_ROOT"), help="image-folder tree (default: $CIFARKIT_DATA_ROOT)"
+    )
+    src.add_argument(
+        "--synthetic", action="store_true", help="random full-size images in memory, whatever data is there"
+    )
     p.add_argument("--data-dir", default="/tmp/cifarkit-bench", help="paths.data_dir: where the uint8 cache is kept")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="fewer rounds and steps")
-    size.add_argument("--tiny", action="store_true", help="for tests: one round of one step each, no train.py run, 1,024 synthetic images")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the config's trainer.accelerator")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice); also for the train.py run")
+    size.add_argument(
+        "--tiny",
+        action="store_true",
+        help="for tests: one round of one step each, no train.py run, 1,024 synthetic images",
+    )
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: the config's trainer.accelerator"
+    )
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch threads (default: torch's choice); also for the train.py run"
+    )
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides of train.yaml for the default path")
     add_argument(p)
     return p.parse_args()
@@ -114,13 +135,22 @@ def data_source(args: argparse.Namespace) -> tuple[list[str], str]:
         return synthetic
     if args.root:
         if not (Path(args.root) / "train").is_dir():
-            sys.exit(f"bench: no image folder at {args.root} (expected train/<class>/ and test/<class>/); "
-                     "pass --root DIR, or leave it out (and CIFARKIT_DATA_ROOT unset) for synthetic images")
+            sys.exit(
+                f"bench: no image folder at {args.root} (expected train/<class>/ and test/<class>/); "
+                "pass --root DIR, or leave it out (and CIFARKIT_DATA_ROOT unset) for synthetic images"
+            )
         return ["data=image_folder", f"data.root={Path(args.root).resolve()}"], str(Path(args.root).resolve())
     downloaded = Path("data").resolve()  # paths.data_dir of a train.py run from this directory
     if (downloaded / "cifar-10-batches-py").is_dir():
-        return (["data=cifar10", f"data.data_dir={downloaded}", "data.download=false", f"data.cache_dir={args.data_dir}/cache"],
-                f"cifar10:{downloaded}")
+        return (
+            [
+                "data=cifar10",
+                f"data.data_dir={downloaded}",
+                "data.download=false",
+                f"data.cache_dir={args.data_dir}/cache",
+            ],
+            f"cifar10:{downloaded}",
+        )
     return synthetic
 
 
@@ -132,7 +162,11 @@ def native(device: torch.device, dtype: torch.dtype) -> bool:
         return dtype != torch.bfloat16 or torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return torch.ops.mkldnn._is_mkldnn_bf16_supported() if dtype == torch.bfloat16 else torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return (
+        torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        if dtype == torch.bfloat16
+        else torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    )
 
 
 def compose_cfg(overrides: list[str], out: Path) -> DictConfig:
@@ -180,14 +214,27 @@ def train_flops_per_image(net: nn.Module, image_size: int, num_classes: int) -> 
 
 def peak_rss_mb(args: argparse.Namespace, data: list[str], steps: int, out: Path) -> float:
     """Peak resident memory of a real CPU ``train.py`` run on the same data (a child process)."""
-    cmd = [sys.executable, str(ROOT / "train.py"), *data, f"paths.data_dir={args.data_dir}", f"paths.log_dir={out / 'rss-logs'}",
-           "trainer=cpu", "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=2",
-           "+trainer.limit_test_batches=2", "callbacks.progress_bar=null"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *data,
+        f"paths.data_dir={args.data_dir}",
+        f"paths.log_dir={out / 'rss-logs'}",
+        "trainer=cpu",
+        "trainer.max_epochs=1",
+        f"+trainer.limit_train_batches={steps}",
+        "+trainer.limit_val_batches=2",
+        "+trainer.limit_test_batches=2",
+        "callbacks.progress_bar=null",
+    ]
     path = os.pathsep.join(filter(None, [str(ROOT / "benchmarks"), os.environ.get("PYTHONPATH")]))  # synthetic_data
     env = {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     done = subprocess.run(cmd, cwd=out, capture_output=True, text=True, env=env)
     if done.returncode:
-        sys.exit(f"bench: the train.py memory run failed ({done.stderr.strip().splitlines()[-1:]}); run it by hand: {' '.join(cmd)}")
+        sys.exit(
+            f"bench: the train.py memory run failed ({done.stderr.strip().splitlines()[-1:]}); run it by hand: "
+            f"{' '.join(cmd)}"
+        )
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 
 
@@ -216,27 +263,47 @@ def main() -> None:
 def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str, Any], out: Path) -> dict[str, Any]:
     """Every measurement; the report as a dict."""
     accelerator = [f"trainer.accelerator={ACCELERATOR[args.device]}"] if args.device != "auto" else []
-    overrides = [*data, f"paths.data_dir={args.data_dir}", "trainer.max_epochs=1", "+trainer.limit_val_batches=0",
-                 "+trainer.num_sanity_val_steps=0", "+trainer.enable_model_summary=false", "+trainer.enable_checkpointing=false",
-                 "callbacks.model_checkpoint=null", "callbacks.last_checkpoint=null", *accelerator, *args.override]
+    overrides = [
+        *data,
+        f"paths.data_dir={args.data_dir}",
+        "trainer.max_epochs=1",
+        "+trainer.limit_val_batches=0",
+        "+trainer.num_sanity_val_steps=0",
+        "+trainer.enable_model_summary=false",
+        "+trainer.enable_checkpointing=false",
+        "callbacks.model_checkpoint=null",
+        "callbacks.last_checkpoint=null",
+        *accelerator,
+        *args.override,
+    ]
     cfg = compose_cfg(overrides, out)
     device = torch.device(resolve_accelerator(cfg.trainer.accelerator))
     scale = GPU_STEPS if device.type == "cuda" else 1
     p = {**preset, "steps": preset["steps"] * scale, "big": {b: n * scale for b, n in preset["big"].items()}}
-    rss = peak_rss_mb(args, data, p["rss_steps"], out) if p["rss_steps"] else None  # the first child: RUSAGE_CHILDREN is its alone
+    rss = (
+        peak_rss_mb(args, data, p["rss_steps"], out) if p["rss_steps"] else None
+    )  # the first child: RUSAGE_CHILDREN is its alone
     dm: ImageDataModule = instantiate(cfg.data)
     dm.prepare_data()  # decodes once into the cache; everything below reads uint8 tensors
     dm.setup()
     model = instantiate(cfg.model, classes=dm.classes)
     precision = str(build(cfg, with_loggers=False)[1].precision)
     n_cls = len(dm.classes)
-    flops = {"tutorial": train_flops_per_image(BasicCNN(n_cls), dm.image_size, n_cls),
-             "default_path": train_flops_per_image(instantiate(cfg.model.net, num_classes=n_cls), dm.image_size, n_cls)}
+    flops = {
+        "tutorial": train_flops_per_image(BasicCNN(n_cls), dm.image_size, n_cls),
+        "default_path": train_flops_per_image(instantiate(cfg.model.net, num_classes=n_cls), dm.image_size, n_cls),
+    }
     dtypes = {"tutorial": torch.float32, "default_path": COMPUTE_DTYPE.get(precision, torch.float32)}
-    peak_dtypes = [dt for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtypes["default_path"]]) if native(device, dt)]
+    peak_dtypes = [
+        dt for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtypes["default_path"]]) if native(device, dt)
+    ]
 
     x, y = dm.splits["train"]
-    tv = DataLoader(PILDataset(x, y, pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)), batch_size=32, shuffle=True)
+    tv = DataLoader(
+        PILDataset(x, y, pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)),
+        batch_size=32,
+        shuffle=True,
+    )
     pipe_tv = (xb.to(device) for xb, _ in forever(lambda: tv))
     tut, raw = tutorial_loop(dm, device), raw_loop(cfg, dm, device, precision)
     r: dict[str, list[float]] = {k: [] for k in ("pipe_dev", "pipe_dev512", "pipe_tv", "tutorial", "raw", "lightning")}
@@ -271,26 +338,38 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         computes in (None where the hardware only emulates that dtype)."""
         gflops = flops[net] * images_per_s / 1e9
         dt = dtypes[net]
-        return {"images_per_s": round(images_per_s, 1), "dtype": DTYPE_NAME[dt], "gflops": round(gflops, 1),
-                "peak_fraction": round(gflops / peak[dt], 3) if dt in peak else None}
+        return {
+            "images_per_s": round(images_per_s, 1),
+            "dtype": DTYPE_NAME[dt],
+            "gflops": round(gflops, 1),
+            "peak_fraction": round(gflops / peak[dt], 3) if dt in peak else None,
+        }
 
-    training = {"tutorial_b32": figure(32 / med["tutorial"], "tutorial"), "raw_loop_b32": figure(32 / med["raw"], "default_path"),
-                "default_b32": figure(32 / med["lightning"], "default_path")}
+    training = {
+        "tutorial_b32": figure(32 / med["tutorial"], "tutorial"),
+        "raw_loop_b32": figure(32 / med["raw"], "default_path"),
+        "default_b32": figure(32 / med["lightning"], "default_path"),
+    }
     for bs in big:
         training[f"tutorial_b{bs}"] = figure(tut_big[bs], "tutorial")
         training[f"default_b{bs}"] = figure(big[bs], "default_path")
     return {
         "pipeline_speedup": round(ratio("pipe_dev", "pipe_tv"), 2),
         "train_speedup": round(ratio("tutorial", "lightning"), 3),
-        "train_speedup_by_batch": {"32": round(ratio("tutorial", "lightning"), 3),
-                                   **{str(b): round(big[b] / tut_big[b], 3) for b in big}},
+        "train_speedup_by_batch": {
+            "32": round(ratio("tutorial", "lightning"), 3),
+            **{str(b): round(big[b] / tut_big[b], 3) for b in big},
+        },
         "lightning_overhead": round(ratio("lightning", "raw") - 1, 4),
         "host_us_per_step": host,
         "images_per_s": {"32": round(32 / med["lightning"], 1), **{str(b): round(v, 1) for b, v in big.items()}},
         "tutorial_images_per_s": round(32 / med["tutorial"], 1),
         "raw_loop_images_per_s": round(32 / med["raw"], 1),
-        "pipeline_images_per_s": {"device_b32": round(med["pipe_dev"]), "device_b512": round(med["pipe_dev512"]),
-                                  "torchvision_b32": round(med["pipe_tv"])},
+        "pipeline_images_per_s": {
+            "device_b32": round(med["pipe_dev"]),
+            "device_b512": round(med["pipe_dev512"]),
+            "torchvision_b32": round(med["pipe_tv"]),
+        },
         "flops_per_image": {k: round(v) for k, v in flops.items()},
         "matmul_peak_gflops": {DTYPE_NAME[dt]: round(v, 1) for dt, v in peak.items()},
         "training": training,
@@ -313,22 +392,35 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
 
 def print_table(res: dict[str, Any]) -> None:
     m, ips, pipe, tr = res["machine"], res["images_per_s"], res["pipeline_images_per_s"], res["training"]
-    setup = f"{res['precision']}, channels_last={res['channels_last']}, fused Adam={res['fused_adam']}, compile={res['compile']}"
+    setup = (
+        f"{res['precision']}, channels_last={res['channels_last']}, fused Adam={res['fused_adam']}, "
+        f"compile={res['compile']}"
+    )
     peaks = ", ".join(f"{k} {v:,.1f}" for k, v in res["matmul_peak_gflops"].items())
     flops = res["flops_per_image"]
 
     def train_row(name: str) -> str:
         f = tr[name]
-        share = f"{f['peak_fraction']:.2f} of {f['dtype']} peak" if f["peak_fraction"] is not None else f"{f['dtype']} emulated: no peak"
+        share = (
+            f"{f['peak_fraction']:.2f} of {f['dtype']} peak"
+            if f["peak_fraction"] is not None
+            else f"{f['dtype']} emulated: no peak"
+        )
         return f"{f['images_per_s']:>10,.1f} img/s  {f['gflops']:>8,.1f} GFLOP/s = {share}"
 
     rows = [
-        ("machine", f"{m['cpu']} ({m['cpu_capability']}), {m['cores']} cores ({m['threads']} torch threads), {m['device']}, "
-                    f"bf16 native={m['bf16_native']}, torch {m['torch']}, load {m['load_avg_1m']}"),
+        (
+            "machine",
+            f"{m['cpu']} ({m['cpu_capability']}), {m['cores']} cores ({m['threads']} torch threads), {m['device']}, "
+            f"bf16 native={m['bf16_native']}, torch {m['torch']}, load {m['load_avg_1m']}",
+        ),
         ("data", f"{res['data']}, {res['train_images']:,} training images"),
         ("default path", setup + (f"; overrides {' '.join(res['overrides'])}" if res["overrides"] else "")),
         ("matmul peak", f"{peaks} GFLOP/s"),
-        ("training FLOPs per image", f"tutorial {flops['tutorial'] / 1e6:,.1f} M, default path {flops['default_path'] / 1e6:,.1f} M"),
+        (
+            "training FLOPs per image",
+            f"tutorial {flops['tutorial'] / 1e6:,.1f} M, default path {flops['default_path'] / 1e6:,.1f} M",
+        ),
         ("pipeline, torchvision per-sample (b32)", f"{pipe['torchvision_b32']:>10,} img/s"),
         ("pipeline, device (b32)", f"{pipe['device_b32']:>10,} img/s"),
         ("pipeline, device (b512)", f"{pipe['device_b512']:>10,} img/s"),
@@ -337,13 +429,19 @@ def print_table(res: dict[str, Any]) -> None:
         *((f"train, default path train.py (b{b})", train_row(f"default_b{b}")) for b in ips),
         *((f"train, tutorial loop fp32 (b{b})", train_row(f"tutorial_b{b}")) for b in ips if b != "32"),
         ("pipeline_speedup", f"{res['pipeline_speedup']:>10.2f} x   (target >= 10)"),
-        *((f"train_speedup (b{b})", f"{v:>10.2f} x" + ("   (target >= 2)" if b == "32" else ""))
-          for b, v in res["train_speedup_by_batch"].items()),
+        *(
+            (f"train_speedup (b{b})", f"{v:>10.2f} x" + ("   (target >= 2)" if b == "32" else ""))
+            for b, v in res["train_speedup_by_batch"].items()
+        ),
         ("lightning_overhead (b32)", f"{res['lightning_overhead']:>+10.3f}     (target <= 0.05)"),
         ("host us/step, near-zero net: raw loop", f"{res['host_us_per_step']['raw_loop']:>10,.0f} us"),
         ("host us/step, near-zero net: default path", f"{res['host_us_per_step']['default_path']:>10,.0f} us"),
         *((f"  of which {part}", f"{us:>10,.0f} us") for part, us in res["host_us_per_step"]["breakdown"].items()),
-        *([("peak RSS, train.py on the same data", f"{res['peak_rss_mb']:>10,} MB  (limit 3000)")] if res["peak_rss_mb"] else []),
+        *(
+            [("peak RSS, train.py on the same data", f"{res['peak_rss_mb']:>10,} MB  (limit 3000)")]
+            if res["peak_rss_mb"]
+            else []
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     print(f"cifarkit benchmark ({res['mode']}, {res['accelerator']}, medians of {res['rounds']} rounds)")

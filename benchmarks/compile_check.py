@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from bench import SYNTHETIC, compose_cfg
 from hydra.utils import instantiate
-from loops import raw_loop, sync, timed
 from omegaconf import open_dict
-from results import add_argument, machine, save
 
+from bench import SYNTHETIC, compose_cfg
 from cifarkit.devices import resolve_accelerator, resolve_precision
+from loops import raw_loop, sync, timed
+from results import add_argument, machine, save
 
 WARM = 3  # steps timed as the first ones: compilation, allocation, kernel selection
 HEADLINE_STEPS = math.ceil(45_000 / 32) * 100
@@ -41,13 +41,24 @@ def main() -> None:
     p.add_argument("--images", type=int, default=50_000, help="synthetic training images")
     add_argument(p)
     args = p.parse_args()
-    device = torch.device(resolve_accelerator("auto" if args.device == "auto" else {"cpu": "cpu", "cuda": "gpu"}[args.device]))
+    device = torch.device(
+        resolve_accelerator("auto" if args.device == "auto" else {"cpu": "cpu", "cuda": "gpu"}[args.device])
+    )
     modes = ["eager", "default"] + (["reduce-overhead", "max-autotune"] if device.type == "cuda" else [])
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for batch in (int(b) for b in args.batches.split(",")):
-            cfg = compose_cfg([*SYNTHETIC, f"+data.train_images={args.images}", "data.val_size=0", f"model={args.model}",
-                               f"data.batch_size={batch}", f"paths.data_dir={tmp}"], Path(tmp))
+            cfg = compose_cfg(
+                [
+                    *SYNTHETIC,
+                    f"+data.train_images={args.images}",
+                    "data.val_size=0",
+                    f"model={args.model}",
+                    f"data.batch_size={batch}",
+                    f"paths.data_dir={tmp}",
+                ],
+                Path(tmp),
+            )
             dm = instantiate(cfg.data)
             dm.setup()
             precision = resolve_precision(cfg.trainer.precision, device.type)
@@ -64,7 +75,8 @@ def main() -> None:
                 first = time.perf_counter() - t0
                 steady = timed(steps, device, 0, args.steps)
                 results.setdefault(str(batch), {})[mode] = {
-                    "first_steps_s": round(first, 2), "ms_per_step": round(steady * 1e3, 3),
+                    "first_steps_s": round(first, 2),
+                    "ms_per_step": round(steady * 1e3, 3),
                     "images_per_s": round(batch / steady, 1),
                     **({"headline_100_epochs_s": round(HEADLINE_STEPS * steady, 1)} if batch == 32 else {}),
                 }
@@ -74,8 +86,17 @@ def main() -> None:
         eager = by_mode["eager"]["ms_per_step"]
         for mode, r in by_mode.items():
             r["speedup"] = round(eager / r["ms_per_step"], 3)
-            print(f"batch {batch:>4} {mode:>16}: {r['ms_per_step']:9.3f} ms/step ({r['speedup']:.2f}x eager), first {WARM} steps {r['first_steps_s']:.1f} s")
-    report = {"model": args.model, "precision": str(precision), "warm_steps": WARM, "by_batch": results, "machine": machine(device)}
+            print(
+                f"batch {batch:>4} {mode:>16}: {r['ms_per_step']:9.3f} ms/step ({r['speedup']:.2f}x eager), first "
+                f"{WARM} steps {r['first_steps_s']:.1f} s"
+            )
+    report = {
+        "model": args.model,
+        "precision": str(precision),
+        "warm_steps": WARM,
+        "by_batch": results,
+        "machine": machine(device),
+    }
     save(args.results, f"compile-{args.model}", report, device)
     print(json.dumps(report))
 

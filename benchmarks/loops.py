@@ -60,8 +60,17 @@ def forever(make: Callable[[], Any]) -> Iterator[Any]:
 def train_loader(dm: ImageDataModule, device: torch.device, batch_size: int) -> DeviceLoader:
     """The device pipeline's training batches, as the datamodule makes them for one process."""
     x, y = dm.splits["train"]
-    return DeviceLoader(x, y, torch.tensor(dm.mean), torch.tensor(dm.std), batch_size, train=True, seed=dm.seed,
-                        augment=dm.augment, device=device)
+    return DeviceLoader(
+        x,
+        y,
+        torch.tensor(dm.mean),
+        torch.tensor(dm.std),
+        batch_size,
+        train=True,
+        seed=dm.seed,
+        augment=dm.augment,
+        device=device,
+    )
 
 
 def epoch_images_per_s(loader: DeviceLoader, device: torch.device) -> float:
@@ -74,7 +83,8 @@ def epoch_images_per_s(loader: DeviceLoader, device: torch.device) -> float:
 
 
 def tutorial_loop(dm: ImageDataModule, device: torch.device, batch_size: int = 32) -> Iterator[None]:
-    """The tutorial's loop (benchmarks/tutorial.py's recipe): fp32, Adam(1e-3), per-sample PIL transforms, batch 32 unless told."""
+    """The tutorial's loop (benchmarks/tutorial.py's recipe): fp32, Adam(1e-3), per-sample PIL transforms,
+    batch 32 unless told."""
     x, y = dm.splits["train"]
     transform = pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)
     loader = DataLoader(PILDataset(x, y, transform), batch_size=batch_size, shuffle=True, num_workers=0)
@@ -91,7 +101,9 @@ def tutorial_loop(dm: ImageDataModule, device: torch.device, batch_size: int = 3
         yield
 
 
-def raw_loop(cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str, net: nn.Module | None = None) -> Iterator[None]:
+def raw_loop(
+    cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str, net: nn.Module | None = None
+) -> Iterator[None]:
     """Plain PyTorch with everything the default path uses: net (the config's unless given),
     optimizer, precision, memory format, batches."""
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
@@ -119,15 +131,22 @@ class StepTimes(L.Callback):
     def __init__(self, first: int, last: int) -> None:
         self.at: dict[int, float] = {first: 0.0, last: 0.0}
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if batch_idx in self.at:
             sync(pl_module.device)
             self.at[batch_idx] = time.perf_counter()
 
 
 def lightning_window(
-    cfg: DictConfig, dm: ImageDataModule, model: L.LightningModule, warm: int, n: int,
-    keep: Callable[[L.Callback], bool] | None = None, with_loggers: bool = True,
+    cfg: DictConfig,
+    dm: ImageDataModule,
+    model: L.LightningModule,
+    warm: int,
+    n: int,
+    keep: Callable[[L.Callback], bool] | None = None,
+    with_loggers: bool = True,
 ) -> float:
     """Seconds per step of train.py's default path (a fresh Trainer from build(), the given model
     and data); ``keep`` filters its callbacks, ``with_loggers`` keeps its logger."""
@@ -141,7 +160,10 @@ def lightning_window(
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         trainer.fit(model, datamodule=dm)
     if not all(timer.at.values()):
-        raise RuntimeError(f"the timed window (steps {warm} to {warm + n}) does not fit in an epoch of {trainer.num_training_batches} steps")
+        raise RuntimeError(
+            f"the timed window (steps {warm} to {warm + n}) does not fit in an epoch of "
+            f"{trainer.num_training_batches} steps"
+        )
     return (timer.at[warm + n - 1] - timer.at[warm - 1]) / n
 
 
@@ -173,7 +195,9 @@ def _project(callback: L.Callback) -> bool:
     return type(callback).__module__.startswith("cifarkit.")
 
 
-def host_overhead(cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str, rounds: int, chunks: int) -> dict[str, Any]:
+def host_overhead(
+    cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str, rounds: int, chunks: int
+) -> dict[str, Any]:
     """Microseconds per training step with ``NearZeroNet``: the raw loop, the default path, and
     the default path taken apart (each part the difference between two runs, medians of ``rounds``).
     Every window is ``chunks`` whole chunks of the DeviceLoader's batches, after one chunk of
@@ -195,7 +219,9 @@ def host_overhead(cfg: DictConfig, dm: ImageDataModule, device: torch.device, pr
     for _ in range(rounds):
         loader = forever(lambda: train_loader(dm, device, cfg.data.batch_size))
         runs.setdefault("loader", []).append(timed(loader, device, warm, steps))
-        runs.setdefault("raw_loop", []).append(timed(raw_loop(cfg, dm, device, precision, NearZeroNet(classes)), device, warm, steps))
+        runs.setdefault("raw_loop", []).append(
+            timed(raw_loop(cfg, dm, device, precision, NearZeroNet(classes)), device, warm, steps)
+        )
         variants = {
             "bare_loop": (model(LossOnly), lambda c: False, False),
             "training_metrics": (model(ImageClassifier), lambda c: False, False),
@@ -203,7 +229,9 @@ def host_overhead(cfg: DictConfig, dm: ImageDataModule, device: torch.device, pr
             "default_path": (model(ImageClassifier), None, True),
         }
         for name, (m, keep, with_loggers) in variants.items():
-            runs.setdefault(name, []).append(lightning_window(cfg, dm, m, warm, steps, keep=keep, with_loggers=with_loggers))
+            runs.setdefault(name, []).append(
+                lightning_window(cfg, dm, m, warm, steps, keep=keep, with_loggers=with_loggers)
+            )
     us = {k: statistics.median(v) * 1e6 for k, v in runs.items()}
     return {
         "raw_loop": round(us["raw_loop"], 1),

@@ -32,9 +32,15 @@ def machine(device: torch.device | None = None) -> dict[str, Any]:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     device = device or torch.device("cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
-            "torch": torch.__version__, "device": gpu or device.type, "threads": torch.get_num_threads(),
-            "load_avg_1m": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "device": gpu or device.type,
+        "threads": torch.get_num_threads(),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def machine_name(m: dict[str, Any]) -> str:
@@ -51,8 +57,12 @@ def machine_name(m: dict[str, Any]) -> str:
 
 
 def add_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--results", default=str(RESULTS), metavar="DIR",
-                   help="folder for <what>-<machine>.json (default: docs/results); '' writes none")
+    p.add_argument(
+        "--results",
+        default=str(RESULTS),
+        metavar="DIR",
+        help="folder for <what>-<machine>.json (default: docs/results); '' writes none",
+    )
 
 
 def save(folder: str, what: str, figures: dict[str, Any], device: torch.device | None = None) -> Path | None:

@@ -1,6 +1,7 @@
 """Load on serve.py: requests/s and latency with dynamic batching on and off, and the README's screenshot.
 
-    python benchmarks/serve_bench.py --ckpt CKPT [--clients 16] [--requests 800] [--image FILE] [--override key=value ...]
+    python benchmarks/serve_bench.py --ckpt CKPT [--clients 16] [--requests 800] [--image FILE]
+                                     [--override key=value ...]
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 [--clients 16] [--requests 800]
     python benchmarks/serve_bench.py --ckpt CKPT --screenshot docs/serve.png [--photo FILE]
 
@@ -40,13 +41,22 @@ from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
+
 from results import add_argument, machine, save
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 20
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def parse_args() -> argparse.Namespace:
@@ -57,17 +67,23 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
     p.add_argument("--requests", type=int, default=800, help="answers to wait for, per run")
     p.add_argument("--image", help="the image every request sends (default: a 640x480 JPEG made here)")
-    p.add_argument("--override", nargs="*", default=[], help="serve.py options for the batching run, e.g. max_batch_size=32")
+    p.add_argument(
+        "--override", nargs="*", default=[], help="serve.py options for the batching run, e.g. max_batch_size=32"
+    )
     p.add_argument("--screenshot", help="save the page with --photo's answer to this PNG instead of timing")
     add_argument(p)
-    p.add_argument("--photo", help="the image for --screenshot (default: scikit-image's data.chelsea(), cropped square)")
+    p.add_argument(
+        "--photo", help="the image for --screenshot (default: scikit-image's data.chelsea(), cropped square)"
+    )
     return p.parse_args()
 
 
 def jpeg_640x480() -> bytes:
     rng = np.random.default_rng(0)
     y, x = np.mgrid[0:480, 0:640]
-    pixels = np.stack([x * 255 // 639, y * 255 // 479, (x + y) * 255 // 1118], axis=-1) + rng.integers(-20, 21, (480, 640, 3))
+    pixels = np.stack([x * 255 // 639, y * 255 // 479, (x + y) * 255 // 1118], axis=-1) + rng.integers(
+        -20, 21, (480, 640, 3)
+    )
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
@@ -84,8 +100,14 @@ class Served:
 
     def __init__(self, ckpt: str, overrides: list[str], log_dir: Path) -> None:
         self.url = f"http://127.0.0.1:{free_port()}"
-        self.args = [sys.executable, str(ROOT / "serve.py"), f"ckpt_path={ckpt}", f"port={urlsplit(self.url).port}",
-                     f"paths.log_dir={log_dir}", *overrides]
+        self.args = [
+            sys.executable,
+            str(ROOT / "serve.py"),
+            f"ckpt_path={ckpt}",
+            f"port={urlsplit(self.url).port}",
+            f"paths.log_dir={log_dir}",
+            *overrides,
+        ]
         self.log = log_dir / f"serve-{len(list(log_dir.glob('serve-*.log')))}.log"
 
     def __enter__(self) -> str:
@@ -150,9 +172,16 @@ def load(url: str, body: bytes, clients: int, requests: int) -> dict[str, Any]:
         t.join()
     seconds = time.perf_counter() - t0
     cuts = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else [float("nan")] * 99
-    return {"requests": requests, "clients": clients, "seconds": round(seconds, 2), "requests_per_s": round(len(latencies) / seconds, 1),
-            "p50_ms": round(1000 * cuts[49], 1), "p99_ms": round(1000 * cuts[98], 1),
-            "mean_batch": round(statistics.fmean(batches), 2) if batches else None, "failed": failed[0]}
+    return {
+        "requests": requests,
+        "clients": clients,
+        "seconds": round(seconds, 2),
+        "requests_per_s": round(len(latencies) / seconds, 1),
+        "p50_ms": round(1000 * cuts[49], 1),
+        "p99_ms": round(1000 * cuts[98], 1),
+        "mean_batch": round(statistics.fmean(batches), 2) if batches else None,
+        "failed": failed[0],
+    }
 
 
 def measure(url: str, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
@@ -170,7 +199,7 @@ def screenshot(args: argparse.Namespace, log_dir: Path) -> None:
         cat = data.chelsea()
         side = min(cat.shape[:2])
         left = (cat.shape[1] - side) // 2
-        Image.fromarray(cat[:side, left:left + side]).save(photo)
+        Image.fromarray(cat[:side, left : left + side]).save(photo)
     with Served(args.ckpt, args.override, log_dir) as url, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 800, "height": 340})
@@ -180,7 +209,11 @@ def screenshot(args: argparse.Namespace, log_dir: Path) -> None:
         page.screenshot(path=args.screenshot)
         top = page.eval_on_selector_all(".row", "rows => rows.map(r => [r.dataset.name, Number(r.dataset.p)])")
         browser.close()
-    print(json.dumps({"screenshot": args.screenshot, "bytes": os.path.getsize(args.screenshot), "photo": photo.name, "top": top}))
+    print(
+        json.dumps(
+            {"screenshot": args.screenshot, "bytes": os.path.getsize(args.screenshot), "photo": photo.name, "top": top}
+        )
+    )
 
 
 def main() -> None:
@@ -198,7 +231,10 @@ def main() -> None:
                     runs[name] = measure(url, body, args)
     print(f"{'':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'failed':>6}")
     for name, r in runs.items():
-        print(f"{name:<12} {r['requests_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['mean_batch']!s:>6} {r['failed']:>6}")
+        print(
+            f"{name:<12} {r['requests_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['mean_batch']!s:>6} "
+            f"{r['failed']:>6}"
+        )
     report = {"image_bytes": len(body), "clients": args.clients, "runs": runs, "machine": machine()}
     if not args.url:  # a server started here, on this machine
         save(args.results, "serve", report)

@@ -21,8 +21,9 @@ from cifarkit.sources import CIFAR10_CLASSES, CIFAR10DataModule
 class SyntheticCIFAR10(CIFAR10DataModule):
     """CIFAR-10's shape, split sizes and classes; random uint8 pixels and labels from a fixed seed."""
 
-    def __init__(self, data_dir: str, train_images: int = 50_000, test_images: int = 10_000, pixel_seed: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, data_dir: str, train_images: int = 50_000, test_images: int = 10_000, pixel_seed: int = 0, **kwargs: Any
+    ) -> None:
         super().__init__(data_dir=data_dir, **kwargs)
         self.train_images, self.test_images, self.pixel_seed = train_images, test_images, pixel_seed
 

@@ -19,18 +19,20 @@ import time
 from typing import Any
 
 import torch
-from results import add_argument, save
 from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
 from cifarkit.model import BasicCNN
+from results import add_argument, save
 
 
 def mean_std(root: str) -> tuple[list[float], list[float]]:
     """Per-channel mean and std over every training pixel, as the tutorial computes them."""
-    images = ImageFolder(f"{root}/train", transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)]))
+    images = ImageFolder(
+        f"{root}/train", transform=v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True)])
+    )
     x = torch.stack([img for img, _ in images])
     return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).tolist()
 
@@ -59,8 +61,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     mean, std = mean_std(args.root)
     to_input = [v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
-    train = ImageFolder(f"{args.root}/train", transform=v2.Compose(
-        [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_input]))
+    train = ImageFolder(
+        f"{args.root}/train", transform=v2.Compose([v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip(), *to_input])
+    )
     test = ImageFolder(f"{args.root}/test", transform=v2.Compose(to_input))
     train_loader = DataLoader(train, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
     test_loader = DataLoader(test, batch_size=256, num_workers=args.workers)
@@ -77,12 +80,26 @@ def main() -> None:
             optimizer.step()
             seen += len(y)
         seconds = time.perf_counter() - t0
-        epochs.append({"epoch": epoch + 1, "train_seconds": round(seconds, 1),
-                       "train_images_per_s": round(seen / seconds, 1), "test_acc": round(accuracy(model, test_loader), 4)})
-        print(f"epoch {epoch + 1}: test accuracy {epochs[-1]['test_acc']:.2%}, {epochs[-1]['train_images_per_s']} images/s",
-              flush=True)
-    report = {"root": args.root, "train_images": len(train), "batch_size": args.batch_size, "seed": args.seed,
-              "epochs": epochs}
+        epochs.append(
+            {
+                "epoch": epoch + 1,
+                "train_seconds": round(seconds, 1),
+                "train_images_per_s": round(seen / seconds, 1),
+                "test_acc": round(accuracy(model, test_loader), 4),
+            }
+        )
+        print(
+            f"epoch {epoch + 1}: test accuracy {epochs[-1]['test_acc']:.2%}, {epochs[-1]['train_images_per_s']} "
+            "images/s",
+            flush=True,
+        )
+    report = {
+        "root": args.root,
+        "train_images": len(train),
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "epochs": epochs,
+    }
     save(args.results, f"tutorial-{args.epochs}ep", report)
     print(json.dumps(report))
 

@@ -42,11 +42,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
-from tiny_files import CLASSES3, write_cifar10_tarball, write_cifar100_tarball, write_image_folder, write_svhn_mats
 
 from cifarkit.cli import run
 from cifarkit.loader import DeviceLoader
 from cifarkit.resolvers import register_resolvers
+from tiny_files import CLASSES3, write_cifar10_tarball, write_cifar100_tarball, write_image_folder, write_svhn_mats
 
 register_resolvers()  # the configs' ${lr_for_batch:...}, as the entry points register it
 
@@ -244,12 +244,18 @@ def main(capfd: pytest.CaptureFixture):
     return call
 
 
-def run_cli(script: str, args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    script: str, args: list[str], cwd: Path, timeout: float = 300, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run an entry point in a subprocess, as a user would; outputs go under ``cwd``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
-        cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
     )
 
 
@@ -270,8 +276,14 @@ def error_line(err: str) -> str:
 def start_train(args: list[str], cwd: Path, env: dict | None = None) -> subprocess.Popen:
     """``python train.py <args>`` in the background, as a user starts it; outputs go under ``cwd``."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=full_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for(p: subprocess.Popen, root: Path, pattern: str, timeout: float = 120) -> Path:

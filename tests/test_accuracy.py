@@ -27,10 +27,17 @@ MIN_TEST_ACC = 0.35
     reason="set CIFARKIT_MINI_ROOT to the extracted CIFAR-10 mini copy (train/ and test/ folders)",
 )
 def test_learns_real_cifar10(tmp_path: Path, compose_cfg) -> None:
-    cfg = compose_cfg([
-        "data=image_folder", f"data.root={MINI_ROOT}", f"paths.data_dir={tmp_path / 'data'}",
-        "trainer=cpu", "trainer.max_epochs=6", "callbacks.progress_bar=null", "+trainer.enable_model_summary=false",
-    ])
+    cfg = compose_cfg(
+        [
+            "data=image_folder",
+            f"data.root={MINI_ROOT}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            "trainer=cpu",
+            "trainer.max_epochs=6",
+            "callbacks.progress_bar=null",
+            "+trainer.enable_model_summary=false",
+        ]
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["test/acc"] >= MIN_TEST_ACC, metrics

@@ -22,7 +22,14 @@ def basic_cnn_train_flops(num_classes: int = 10, size: int = 32) -> int:
     """BasicCNN's training FLOPs per image by hand: multiply-adds of its convolutions (3x3, same
     padding; each block halves the size) and linear layers, x2 FLOPs per multiply-add, x3 for the
     forward, the input gradient and the weight gradient."""
-    convs = [(3, 16, size), (16, 32, size), (32, 64, size // 2), (64, 128, size // 2), (128, 128, size // 4), (128, 256, size // 4)]
+    convs = [
+        (3, 16, size),
+        (16, 32, size),
+        (32, 64, size // 2),
+        (64, 128, size // 2),
+        (128, 128, size // 4),
+        (128, 256, size // 4),
+    ]
     macs = sum(c_in * c_out * 9 * s * s for c_in, c_out, s in convs)
     macs += 256 * (size // 8) ** 2 * 2048 + 2048 * 256 + 256 * num_classes
     return 2 * 3 * macs
@@ -36,8 +43,9 @@ def no_data_env() -> dict[str, str]:
 
 
 def bench(args: list[str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=cwd, env=no_data_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, str(BENCH), *args], cwd=cwd, env=no_data_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def last_json(proc: subprocess.CompletedProcess) -> dict[str, Any]:
@@ -49,7 +57,10 @@ def check_figures(res: dict[str, Any]) -> None:
     assert res["data"] == "synthetic"
     assert res["machine"]["cpu_capability"] and res["machine"]["device"]
     assert res["pipeline_speedup"] > 0 and res["train_speedup"] > 0
-    assert all(v > 0 for v in [*res["images_per_s"].values(), *res["pipeline_images_per_s"].values(), res["tutorial_images_per_s"]])
+    assert all(
+        v > 0
+        for v in [*res["images_per_s"].values(), *res["pipeline_images_per_s"].values(), res["tutorial_images_per_s"]]
+    )
     flops = res["flops_per_image"]["tutorial"]
     assert abs(flops / basic_cnn_train_flops() - 1) < 0.1, flops
     assert res["matmul_peak_gflops"]["fp32"] > 0
@@ -58,8 +69,12 @@ def check_figures(res: dict[str, Any]) -> None:
         assert fig["images_per_s"] > 0 and fig["gflops"] > 0, name
         assert 0 < fig["peak_fraction"] < 1.5, (name, fig, res["matmul_peak_gflops"])
     host = res["host_us_per_step"]
-    assert host["raw_loop"] > 0 and host["default_path"] > 0 and set(host["breakdown"]) == {
-        "loader", "loop_and_hooks", "training_metrics", "project_callbacks", "lightning_callbacks_and_logger"}
+    assert (
+        host["raw_loop"] > 0
+        and host["default_path"] > 0
+        and set(host["breakdown"])
+        == {"loader", "loop_and_hooks", "training_metrics", "project_callbacks", "lightning_callbacks_and_logger"}
+    )
 
 
 def test_bench_without_data_uses_synthetic_images(tmp_path: Path) -> None:
@@ -91,20 +106,46 @@ def test_gpu_check_dry_run(tmp_path: Path, image_folder: Path) -> None:
     """The GPU machine's script, on the CPU: both steps run and one JSON holds their results."""
     out = tmp_path / "out"
     env = {**no_data_env(), "DRY_RUN": "1", "OUT": str(out), "PYTHON": sys.executable}
-    proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--root", str(image_folder)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=500)
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh", "--root", str(image_folder)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + (out / "train.log").read_text()[-2000:]
     res = json.loads((out / "gpu_check.json").read_text())
-    assert set(res) == {"dry_run", "gpu", "train", "bench", "bench_rc", "bench_error", "compile", "compile_rc", "compile_error",
-                        "headline_100_epochs_s", "total_wall_s"}
+    assert set(res) == {
+        "dry_run",
+        "gpu",
+        "train",
+        "bench",
+        "bench_rc",
+        "bench_error",
+        "compile",
+        "compile_rc",
+        "compile_error",
+        "headline_100_epochs_s",
+        "total_wall_s",
+    }
     assert res["dry_run"] is True and res["bench_rc"] == 0 and res["bench_error"] is None and res["compile_rc"] == 0
     modes = res["compile"]["by_batch"]["32"]
-    assert set(modes) == {"eager", "default"} and all(m["ms_per_step"] > 0 and m["first_steps_s"] > 0 for m in modes.values())
+    assert set(modes) == {"eager", "default"} and all(
+        m["ms_per_step"] > 0 and m["first_steps_s"] > 0 for m in modes.values()
+    )
     assert res["headline_100_epochs_s"] == pytest.approx(100 * 45_000 / res["bench"]["images_per_s"]["32"], rel=1e-3)
     train = res["train"]
     assert train["rc"] == 0 and train["wall_s"] > 0 and train["max_time"] == "00:00:00:20"
     assert f"data.root={image_folder}" in train["command"] and "trainer.accelerator=cpu" in train["command"]
     assert train["metrics"]["status"] == "completed" and 0 <= train["metrics"]["test/acc"] <= 1
-    assert {"pipeline_speedup", "train_speedup", "lightning_overhead", "training", "matmul_peak_gflops", "host_us_per_step"} <= set(res["bench"])
+    assert {
+        "pipeline_speedup",
+        "train_speedup",
+        "lightning_overhead",
+        "training",
+        "matmul_peak_gflops",
+        "host_us_per_step",
+    } <= set(res["bench"])
     assert res["bench"]["data"] == "synthetic"
     assert (out / "train.log").is_file() and (out / "bench.log").is_file() and (out / "compile.log").is_file()

@@ -10,19 +10,21 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, add_callback, folder_overrides
 
 from cifarkit import budget
 from cifarkit.errors import UserError
 from cifarkit.optim import FreezeParameters, Lookahead
 from cifarkit.train import train
+from conftest import FAST, add_callback, folder_overrides
 
 STEP_S = 0.25  # the fake clock's seconds per reading
 
 
 def test_steps_end_at_the_target_share_of_the_budget() -> None:
     assert budget.steps_for(600, 0.25, 0.0) == int(budget.TARGET * 600 / 0.25)
-    assert budget.steps_for(600, 0.25, 10.0) == int((budget.TARGET * 600 - 10) / 0.25)  # the warm-up's extra is paid again
+    assert budget.steps_for(600, 0.25, 10.0) == int(
+        (budget.TARGET * 600 - 10) / 0.25
+    )  # the warm-up's extra is paid again
     assert budget.steps_for(1, 10.0, 0.0) == 1  # a budget below one step still trains one
 
 
@@ -47,8 +49,9 @@ class Sized(L.Callback):
                 self.seen["freeze"] = c.from_step
 
 
-def test_a_budget_sizes_every_step_sized_piece_and_its_count_reproduces_the_run(image_folder: Path, tmp_path: Path, compose_cfg,
-                                                                               monkeypatch) -> None:
+def test_a_budget_sizes_every_step_sized_piece_and_its_count_reproduces_the_run(
+    image_folder: Path, tmp_path: Path, compose_cfg, monkeypatch
+) -> None:
     clock, sized = count(), Sized()
     monkeypatch.setattr(budget, "perf_counter", lambda: next(clock) * STEP_S)  # every reading a step later
     add_callback(monkeypatch, sized)
@@ -62,7 +65,9 @@ def test_a_budget_sizes_every_step_sized_piece_and_its_count_reproduces_the_run(
     assert json.loads((tmp_path / "out" / "budget.json").read_text()) == metrics["budget"]  # what a resume of it reads
 
     monkeypatch.undo()
-    again = compose_cfg(cpu10(image_folder, tmp_path, "again", "budget_s=5", f"trainer.max_steps={expected}", "trainer.max_epochs=-1"))
+    again = compose_cfg(
+        cpu10(image_folder, tmp_path, "again", "budget_s=5", f"trainer.max_steps={expected}", "trainer.max_epochs=-1")
+    )
     again.paths.output_dir = str(tmp_path / "again")
     train(again)  # a given step count: no probe, the same run
     reproduced = json.loads((tmp_path / "again" / "metrics.json").read_text())
@@ -77,5 +82,11 @@ def test_what_a_budget_cannot_do(image_folder: Path, tmp_path: Path, compose_cfg
     ckpt = tmp_path / "run" / "checkpoints" / "some.ckpt"  # of a run that recorded no decision
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"x")
-    with pytest.raises(UserError, match=r"budget_s is set but .*budget.json does not say the step count the run was sized to; add trainer.max_steps="):
+    with pytest.raises(
+        UserError,
+        match=(
+            r"budget_s is set but .*budget.json does not say the step count the run "
+            r"was sized to; add trainer.max_steps="
+        ),
+    ):
         train(compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=10", f"ckpt_path={ckpt}")))

@@ -42,6 +42,11 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
+
+from cifarkit.checkpoints import check_net_config, read_checkpoint
+from cifarkit.errors import UserError
+from cifarkit.model import BasicCNN
 from conftest import (
     DATA_INFO3,
     FAST,
@@ -50,11 +55,6 @@ from conftest import (
     error_line,
     folder_overrides,
 )
-from PIL import Image
-
-from cifarkit.checkpoints import check_net_config, read_checkpoint
-from cifarkit.errors import UserError
-from cifarkit.model import BasicCNN
 
 # serve.py is given a port that is taken: had a crafted checkpoint not been refused first, it would
 # stop there (failing the test) rather than serve.
@@ -93,36 +93,57 @@ def savetxt_args(c: Path) -> list:
 
 def oc_create(c: Path) -> str:
     """A resolver that would build numpy.savetxt only when the config is resolved."""
-    return "${oc.create:{_target_: numpy.savetxt, _args_: ['%s', [1, 2, 3]]}}" % c
+    return "${oc.create:{_target_: numpy.savetxt, _args_: ['" + str(c) + "', [1, 2, 3]]}}"
 
 
 CASES = [
     # 1. the known hole: a cifarkit.-prefixed string that reaches numpy through a module attribute
     Case(
         "nested_module_attribute",
-        lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": {"_target_": "cifarkit.sources.np.savetxt", "_args_": savetxt_args(c)}},
+        lambda c: {
+            "_target_": "cifarkit.model.BasicCNN",
+            "image_size": {"_target_": "cifarkit.sources.np.savetxt", "_args_": savetxt_args(c)},
+        },
         ("cifarkit.sources.np.savetxt", "_args_"),
-        real_weights=True, live=True,
+        real_weights=True,
+        live=True,
     ),
     # 2.
-    Case("numpy_savetxt", lambda c: {"_target_": "numpy.savetxt", "_args_": savetxt_args(c)}, ("numpy.savetxt", "_args_"), live=True),
+    Case(
+        "numpy_savetxt",
+        lambda c: {"_target_": "numpy.savetxt", "_args_": savetxt_args(c)},
+        ("numpy.savetxt", "_args_"),
+        live=True,
+    ),
     # 3.
-    Case("builtins_exec", lambda c: {"_target_": "builtins.exec", "_args_": [f"open({str(c)!r}, 'w').write('pwned')"]}, ("builtins.exec", "_args_")),
+    Case(
+        "builtins_exec",
+        lambda c: {"_target_": "builtins.exec", "_args_": [f"open({str(c)!r}, 'w').write('pwned')"]},
+        ("builtins.exec", "_args_"),
+    ),
     # 4.
     Case("os_system", lambda c: {"_target_": "os.system", "_args_": [f"touch {c}"]}, ("os.system", "_args_")),
     # 5.
-    Case("subprocess_run", lambda c: {"_target_": "subprocess.run", "_args_": [["touch", str(c)]]}, ("subprocess.run", "_args_")),
+    Case(
+        "subprocess_run",
+        lambda c: {"_target_": "subprocess.run", "_args_": [["touch", str(c)]]},
+        ("subprocess.run", "_args_"),
+    ),
     # 6. torch.load with weights_only=False of a pickle whose __reduce__ runs os.system
     Case(
         "torch_load_pickle",
         lambda c: {"_target_": "torch.load", "f": str(c.parent / "payload.pt"), "weights_only": False},
         ("torch.load",),
-        pickle_payload=True, live=True,
+        pickle_payload=True,
+        live=True,
     ),
     # 7. functools.partial whose argument is built (called) first
     Case(
         "functools_partial",
-        lambda c: {"_target_": "functools.partial", "_args_": [{"_target_": "numpy.savetxt", "_args_": savetxt_args(c)}]},
+        lambda c: {
+            "_target_": "functools.partial",
+            "_args_": [{"_target_": "numpy.savetxt", "_args_": savetxt_args(c)}],
+        },
         ("functools.partial", "numpy.savetxt", "_args_"),
         live=True,
     ),
@@ -139,7 +160,8 @@ CASES = [
         "interpolation_in_value",
         lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": oc_create(c)},
         ("${oc.create",),
-        real_weights=True, live=True,
+        real_weights=True,
+        live=True,
     ),
     Case(
         "interpolation_in_key",
@@ -149,27 +171,40 @@ CASES = [
     ),
     # 10. an nn.Module class outside the trusted modules (importable: evilmod.py is on sys.path),
     # whose import and __init__ both write a canary; and torch's class reached through cifarkit.model
-    Case("untrusted_module_class", lambda c: {"_target_": "evilmod.Evil"}, ("evilmod.Evil",), ("-imported",),
-         live=True, evil_module=True),
+    Case(
+        "untrusted_module_class",
+        lambda c: {"_target_": "evilmod.Evil"},
+        ("evilmod.Evil",),
+        ("-imported",),
+        live=True,
+        evil_module=True,
+    ),
     Case(
         "torch_class_via_trusted_module",
         lambda c: {"_target_": "cifarkit.model.torch.nn.Linear", "in_features": 3072, "out_features": 3},
         ("cifarkit.model.torch.nn.Linear",),
     ),
     # 11. trusted functions that are not nn.Module classes: at the top, and nested in a valid net
-    Case("trusted_function", lambda c: {"_target_": "cifarkit.cli.fail", "message": str(c)}, ("cifarkit.cli.fail",),
-         printed=True),
+    Case(
+        "trusted_function",
+        lambda c: {"_target_": "cifarkit.cli.fail", "message": str(c)},
+        ("cifarkit.cli.fail",),
+        printed=True,
+    ),
     Case(
         "trusted_function_nested",
-        lambda c: {"_target_": "cifarkit.model.BasicCNN",
-                   "image_size": {"_target_": "cifarkit.train.write_metrics", "output_dir": str(c), "metrics": 1}},
+        lambda c: {
+            "_target_": "cifarkit.model.BasicCNN",
+            "image_size": {"_target_": "cifarkit.train.write_metrics", "output_dir": str(c), "metrics": 1},
+        },
         ("cifarkit.train.write_metrics",),
-        real_weights=True, live=True,
+        real_weights=True,
+        live=True,
     ),
 ]
 
 
-EVIL_MODULE = '''
+EVIL_MODULE = """
 import pathlib
 import torch
 
@@ -180,7 +215,7 @@ class Evil(torch.nn.Module):
     def __init__(self, num_classes: int = 10, **kwargs):
         super().__init__()
         pathlib.Path({built!r}).write_text("built")
-'''
+"""
 
 
 @functools.cache
@@ -247,7 +282,9 @@ def test_entry_points_refuse(case: Case, script: str, main, image_folder: Path, 
     assert not (tmp_path / "model.onnx").exists()
 
 
-@pytest.mark.filterwarnings("ignore:Using '_target_. functools.partial' is deprecated")  # the crafted config's, on purpose
+@pytest.mark.filterwarnings(
+    "ignore:Using '_target_. functools.partial' is deprecated"
+)  # the crafted config's, on purpose
 @pytest.mark.parametrize("case", [c for c in CASES if c.live], ids=str)
 def test_payload_is_live(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The canary is a real witness: an unchecked rebuild (Hydra's instantiate) creates it."""
@@ -273,9 +310,13 @@ def test_crafted_valid_checkpoint_is_accepted(tmp_path: Path, main, image_folder
 def test_nested_targets_are_checked() -> None:
     check_net_config({"_target_": "cifarkit.model.BasicCNN", "image_size": 32}, ["cifarkit."])
     with pytest.raises(UserError, match=r"net.block .*subprocess.run"):
-        check_net_config({"_target_": "cifarkit.model.BasicCNN", "block": {"_target_": "subprocess.run"}}, ["cifarkit."])
+        check_net_config(
+            {"_target_": "cifarkit.model.BasicCNN", "block": {"_target_": "subprocess.run"}}, ["cifarkit."]
+        )
     with pytest.raises(UserError, match=r"net.layers\[0\] .*builtins.eval"):
-        check_net_config({"_target_": "cifarkit.model.BasicCNN", "layers": [{"_target_": "builtins.eval"}]}, ["cifarkit."])
+        check_net_config(
+            {"_target_": "cifarkit.model.BasicCNN", "layers": [{"_target_": "builtins.eval"}]}, ["cifarkit."]
+        )
     # judged on the resolved object: numpy and torch reached through a trusted module's attributes
     for target in ("cifarkit.sources.np.savetxt", "cifarkit.model.nn.Linear", "cifarkit.model.torch.nn.Linear"):
         with pytest.raises(UserError, match="only nn.Module classes defined under"):
@@ -304,15 +345,20 @@ def test_reading_a_bad_file_is_one_line_and_runs_nothing(kind: str, tmp_path: Pa
     assert not (tmp_path / "pwned").exists()
 
 
-@pytest.mark.parametrize("script,kind", [("train.py", "plain torch"), ("train.py", "missing"), ("eval.py", "text"), ("predict.py", "pickle")])
+@pytest.mark.parametrize(
+    "script,kind", [("train.py", "plain torch"), ("train.py", "missing"), ("eval.py", "text"), ("predict.py", "pickle")]
+)
 def test_bad_ckpt_path_on_the_command_line(script: str, kind: str, main, image_folder: Path, tmp_path: Path) -> None:
     """One line, and the runs already in the log directory are left as they were."""
     previous = tmp_path / "logs" / "train" / "runs" / "earlier"
     (previous / "checkpoints").mkdir(parents=True)
     (previous / "checkpoints" / "last.ckpt").write_bytes(b"good")
     path = bad_files(tmp_path)[kind]
-    args = {"train.py": FAST + folder_overrides(image_folder, tmp_path), "eval.py": ["trainer=cpu", *folder_overrides(image_folder, tmp_path)],
-            "predict.py": [f"inputs={tmp_path}"]}[script]
+    args = {
+        "train.py": FAST + folder_overrides(image_folder, tmp_path),
+        "eval.py": ["trainer=cpu", *folder_overrides(image_folder, tmp_path)],
+        "predict.py": [f"inputs={tmp_path}"],
+    }[script]
     r = main(script, args + [f"ckpt_path={path}", f"paths.log_dir={tmp_path / 'logs'}"])
     assert r.code == 1 and error_line(r.err).startswith(f"error: ckpt_path={path} ")
     assert (previous / "checkpoints" / "last.ckpt").read_bytes() == b"good"
@@ -346,25 +392,96 @@ def info(**changes: Any) -> dict:
 BASIC = {"_target_": "cifarkit.model.BasicCNN"}
 # (id, net config, top-level entries to set, weights changed by, a phrase of the refusal)
 CRAFTED = [
-    ("mean_nan", BASIC, {"data_info": info(mean=[math.nan, 0.5, 0.5])}, None, "mean.0: Input should be a finite number"),
+    (
+        "mean_nan",
+        BASIC,
+        {"data_info": info(mean=[math.nan, 0.5, 0.5])},
+        None,
+        "mean.0: Input should be a finite number",
+    ),
     ("std_inf", BASIC, {"data_info": info(std=[math.inf, 0.2, 0.2])}, None, "std.0: Input should be a finite number"),
-    ("std_zero", BASIC, {"data_info": info(std=[0.0, 0.2, 0.2])}, None, "std.0: Input should be greater than or equal to 0.001"),
-    ("mean_huge", BASIC, {"data_info": info(mean=[1e9, 0.5, 0.5])}, None, "mean.0: Input should be less than or equal to 10"),
-    ("image_size_20000", BASIC, {"data_info": info(image_size=20_000)}, None, "image_size: Input should be less than or equal to 1024"),
-    ("image_size_bool", BASIC, {"data_info": info(image_size=True)}, None, "image_size: Input should be a valid integer"),
-    ("class_escape", BASIC, {"data_info": info(classes=["cat", "\x1b]0;pwned\x07dog", "frog"])}, None, "class 1 holds a character"),
-    ("class_newline", BASIC, {"data_info": info(classes=["cat", "dog\ncat 0.99", "frog"])}, None, "class 1 holds a character"),
+    (
+        "std_zero",
+        BASIC,
+        {"data_info": info(std=[0.0, 0.2, 0.2])},
+        None,
+        "std.0: Input should be greater than or equal to 0.001",
+    ),
+    (
+        "mean_huge",
+        BASIC,
+        {"data_info": info(mean=[1e9, 0.5, 0.5])},
+        None,
+        "mean.0: Input should be less than or equal to 10",
+    ),
+    (
+        "image_size_20000",
+        BASIC,
+        {"data_info": info(image_size=20_000)},
+        None,
+        "image_size: Input should be less than or equal to 1024",
+    ),
+    (
+        "image_size_bool",
+        BASIC,
+        {"data_info": info(image_size=True)},
+        None,
+        "image_size: Input should be a valid integer",
+    ),
+    (
+        "class_escape",
+        BASIC,
+        {"data_info": info(classes=["cat", "\x1b]0;pwned\x07dog", "frog"])},
+        None,
+        "class 1 holds a character",
+    ),
+    (
+        "class_newline",
+        BASIC,
+        {"data_info": info(classes=["cat", "dog\ncat 0.99", "frog"])},
+        None,
+        "class 1 holds a character",
+    ),
     ("class_nul", BASIC, {"data_info": info(classes=["cat", "dog\x00", "frog"])}, None, "class 1 holds a character"),
     ("class_duplicate", BASIC, {"data_info": info(classes=["cat", "cat", "frog"])}, None, "a class name repeats (cat)"),
-    ("class_10mb", BASIC, {"data_info": info(classes=["c" * 10_000_000, "dog", "frog"])}, None, "classes.0: String should have at most 200"),
-    ("classes_20k", BASIC, {"data_info": info(classes=[f"c{i}" for i in range(20_000)])}, None, "List should have at most 10000"),
+    (
+        "class_10mb",
+        BASIC,
+        {"data_info": info(classes=["c" * 10_000_000, "dog", "frog"])},
+        None,
+        "classes.0: String should have at most 200",
+    ),
+    (
+        "classes_20k",
+        BASIC,
+        {"data_info": info(classes=[f"c{i}" for i in range(20_000)])},
+        None,
+        "List should have at most 10000",
+    ),
     ("classes_string", BASIC, {"data_info": info(classes="catdogfrog")}, None, "classes: Input should be a valid list"),
     ("hparams_list", BASIC, {"hyper_parameters": [1, 2]}, None, "has a hyper_parameters that is a list, not a mapping"),
-    ("label_smoothing_nan", BASIC, {"hyper_parameters": {"net": BASIC, "label_smoothing": math.nan}}, None, "label_smoothing"),
+    (
+        "label_smoothing_nan",
+        BASIC,
+        {"hyper_parameters": {"net": BASIC, "label_smoothing": math.nan}},
+        None,
+        "label_smoothing",
+    ),
     ("tta_unknown", BASIC, {"hyper_parameters": {"net": BASIC, "tta": "rot90"}}, None, "tta: Input should be"),
-    ("width_negative", {"_target_": "cifarkit.model.AirbenchNet", "widths": [-1]}, {}, None,
-     "net config does not fit cifarkit.model.AirbenchNet (RuntimeError"),
-    ("width_million", {"_target_": "cifarkit.model.AirbenchNet", "widths": [1_000_000]}, {}, None, "net.widths[0] is 1000000"),
+    (
+        "width_negative",
+        {"_target_": "cifarkit.model.AirbenchNet", "widths": [-1]},
+        {},
+        None,
+        "net config does not fit cifarkit.model.AirbenchNet (RuntimeError",
+    ),
+    (
+        "width_million",
+        {"_target_": "cifarkit.model.AirbenchNet", "widths": [1_000_000]},
+        {},
+        None,
+        "net.widths[0] is 1000000",
+    ),
     ("nested_1200", {**BASIC, "image_size": nested(1200)}, {}, None, "crafted.ckpt is nested over 12 levels deep"),
     ("nested_8", {**BASIC, "image_size": nested(8)}, {}, None, "net config is nested over 6 levels deep"),
     ("shared_references", {**BASIC, "image_size": shared_lists(1, 100)}, {}, None, "net config holds over 500 values"),
@@ -372,8 +489,13 @@ CRAFTED = [
     ("long_string", {**BASIC, "image_size": "x" * 1000}, {}, None, "net.image_size is a string of 1000 characters"),
     ("wrong_image_size", BASIC, {"data_info": info(image_size=16)}, None, "its net cannot classify a 16x16 image"),
     ("weights_nan", BASIC, {}, lambda w: w["fc3.bias"].fill_(math.nan), "NaN or infinite values in net.fc3.bias"),
-    ("weights_broadcast", BASIC, {}, lambda w: w.update({"fc3.weight": torch.zeros(1, 1).expand(3, 256)}),
-     "weight net.fc3.weight that is not a plain stored tensor"),
+    (
+        "weights_broadcast",
+        BASIC,
+        {},
+        lambda w: w.update({"fc3.weight": torch.zeros(1, 1).expand(3, 256)}),
+        "weight net.fc3.weight that is not a plain stored tensor",
+    ),
     ("weights_missing", BASIC, {}, lambda w: w.pop("fc1.weight"), "its weights do not fit its net config"),
 ]
 
@@ -404,9 +526,12 @@ def test_crafted_metadata_is_refused_in_one_line(case: tuple, main, tmp_path: Pa
 
 
 @pytest.mark.parametrize("script", ["eval.py", "export.py", "serve.py"])
-@pytest.mark.parametrize("case", [c for c in CRAFTED if c[0] in ("image_size_20000", "class_escape", "wrong_image_size")],
-                         ids=lambda c: c[0])
-def test_every_door_refuses_crafted_metadata(case: tuple, script: str, main, image_folder: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "case", [c for c in CRAFTED if c[0] in ("image_size_20000", "class_escape", "wrong_image_size")], ids=lambda c: c[0]
+)
+def test_every_door_refuses_crafted_metadata(
+    case: tuple, script: str, main, image_folder: Path, tmp_path: Path
+) -> None:
     """The same refusal at eval.py, export.py and serve.py (serve.py before any port is bound)."""
     _, net, extra, change, phrase = case
     ckpt = crafted(tmp_path, net, extra, change)
@@ -436,15 +561,27 @@ def test_a_record_that_inflates_1000x_is_refused_without_the_memory(tmp_path: Pa
     size = 300_000_000
     plain, crafted_file = tmp_path / "plain.ckpt", tmp_path / "inflates.ckpt"
     torch.save({"state_dict": {"net.x": torch.empty(size, dtype=torch.uint8)}}, plain)  # untouched pages: no memory
-    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(crafted_file, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+    with (
+        zipfile.ZipFile(plain) as src,
+        zipfile.ZipFile(crafted_file, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst,
+    ):
         for record in src.infolist():
             with src.open(record) as r, dst.open(record.filename, "w", force_zip64=True) as w:
                 while chunk := r.read(2**24):
                     w.write(b"\0" * len(chunk))
     plain.unlink()
     assert crafted_file.stat().st_size * 1000 < size
-    r = subprocess.run([sys.executable, "-c", INFLATER, str(crafted_file)], check=False, capture_output=True, text=True, timeout=300,
-                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    r = subprocess.run(
+        [sys.executable, "-c", INFLATER, str(crafted_file)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     message, grown = r.stdout.strip().splitlines()
-    assert "holds compressed records (300.0 MB from a 0.3 MB file)" in message and "nothing was inflated" in message, r.stderr
+    assert "holds compressed records (300.0 MB from a 0.3 MB file)" in message and "nothing was inflated" in message, (
+        r.stderr
+    )
     assert int(grown.split()[0]) < 100, grown

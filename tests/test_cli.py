@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, error_line, folder_overrides, run_cli, run_dirs
-from tiny_files import write_image_folder
 
 from cifarkit.checkpoints import SavedNet
+from conftest import FAST, error_line, folder_overrides, run_cli, run_dirs
+from tiny_files import write_image_folder
 
 
 def test_train_then_eval_as_a_user_runs_them(image_folder: Path, tmp_path: Path, main) -> None:
@@ -23,9 +23,20 @@ def test_train_then_eval_as_a_user_runs_them(image_folder: Path, tmp_path: Path,
     done = run_cli("train.py", args + [f"paths.log_dir={logs}", "trainer.max_epochs=2", "logger=many"], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (run,) = run_dirs(logs)
-    assert {"metrics.json", "train.log", ".hydra", "checkpoints", "tensorboard", "csv", "samples.png", "confusion_matrix.png"} <= {
-        p.name for p in run.iterdir()}
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [Path(json.loads((run / "metrics.json").read_text())["best_ckpt"]).name, "last.ckpt"]
+    assert {
+        "metrics.json",
+        "train.log",
+        ".hydra",
+        "checkpoints",
+        "tensorboard",
+        "csv",
+        "samples.png",
+        "confusion_matrix.png",
+    } <= {p.name for p in run.iterdir()}
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        Path(json.loads((run / "metrics.json").read_text())["best_ckpt"]).name,
+        "last.ckpt",
+    ]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 2 and metrics["train/images_per_s"] > 0
     assert 0 <= metrics["val/acc_best"] <= 1 and 0 <= metrics["test/acc"] <= 1 and metrics["test/loss"] > 0
@@ -33,7 +44,15 @@ def test_train_then_eval_as_a_user_runs_them(image_folder: Path, tmp_path: Path,
     saved = SavedNet.read(metrics["best_ckpt"])  # weights_only, checked: what predict/eval need is in it
     assert saved.data.classes == ["cat", "dog", "frog"] and saved.data.image_size == 32 and len(saved.data.mean) == 3
 
-    r = main("eval.py", [f"ckpt_path={metrics['best_ckpt']}", "trainer=cpu", *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}"])
+    r = main(
+        "eval.py",
+        [
+            f"ckpt_path={metrics['best_ckpt']}",
+            "trainer=cpu",
+            *folder_overrides(image_folder, tmp_path),
+            f"paths.log_dir={logs}",
+        ],
+    )
     assert r.code == 0, r.err[-3000:]
     (eval_run,) = run_dirs(logs, "eval")
     evaluated = json.loads((eval_run / "metrics.json").read_text())
@@ -50,13 +69,19 @@ def test_train_then_eval_as_a_user_runs_them(image_folder: Path, tmp_path: Path,
         (["trainer.no_such_key=1"], "Could not override 'trainer.no_such_key'"),
         (["trainer=tpu9"], "Could not find 'trainer/tpu9'"),
         (["model.optimizer.lr=0.1", "optimized_metric=val/acc_best", "+data.colour=1"], "colour"),
-        pytest.param(["trainer.accelerator=gpu"], "no CUDA GPU is available",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+        pytest.param(
+            ["trainer.accelerator=gpu"],
+            "no CUDA GPU is available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
+        ),
         (["data.download=false"], "data.download=true"),
         (["+data.augment.blur={}"], "data.augment.blur is not an augmentation step"),
         (["data.augment.crop.padding=-2"], "crop.padding and cutout.size must be >= 0"),
-        pytest.param(["model=airbench", "+trainer.sync_batchnorm=true"], "SyncBatchNorm does not run on cpu",
-                     marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")),
+        pytest.param(
+            ["model=airbench", "+trainer.sync_batchnorm=true"],
+            "SyncBatchNorm does not run on cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU"),
+        ),
     ],
 )
 def test_bad_command_lines_fail_in_one_line(tmp_path: Path, args: list[str], expected: str, main) -> None:
@@ -88,7 +113,12 @@ def test_val_size_0_trains_on_everything_tests_and_exits_0(image_folder: Path, t
     and the final weights are tested; a sweep's optimized metric falls back to test/acc. Lightning's
     warnings about the empty validation loader and the missing val/acc are not shown."""
     logs = tmp_path / "logs"
-    r = main("train.py", FAST + folder_overrides(image_folder, tmp_path) + ["data.val_size=0", "trainer.max_epochs=2", f"paths.log_dir={logs}"])
+    r = main(
+        "train.py",
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + ["data.val_size=0", "trainer.max_epochs=2", f"paths.log_dir={logs}"],
+    )
     assert r.code == 0, r.err[-3000:]
     (run,) = run_dirs(logs)
     metrics = json.loads((run / "metrics.json").read_text())
@@ -97,4 +127,6 @@ def test_val_size_0_trains_on_everything_tests_and_exits_0(image_folder: Path, t
     assert "val/acc_best" not in metrics and 0 <= metrics["test/acc"] <= 1
     assert sum(map(sum, metrics["test/confusion_matrix"])) == 36
     assert "returning test/acc instead" in r.out + r.err
-    assert not [w for w in recwarn if "DeviceLoader" in str(w.message) or "could not find the monitored key" in str(w.message)]
+    assert not [
+        w for w in recwarn if "DeviceLoader" in str(w.message) or "could not find the monitored key" in str(w.message)
+    ]

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIG_DIR, compose
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cifarkit.augment import Augment
 from cifarkit.train import build
+from conftest import CONFIG_DIR, compose
 
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"]
 CPU_BUILDS = ["trainer=cpu", "data=image_folder", "data.root=/nowhere"]  # no data is read before setup
@@ -24,9 +24,18 @@ def options(group: str) -> list[str]:
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group: str, option: str, tmp_path: Path) -> None:
-    cfg = compose(tmp_path, [f"{group}={option}", *(["data.root=/x"] if option == "image_folder" else [])], with_hydra=True)
+    cfg = compose(
+        tmp_path, [f"{group}={option}", *(["data.root=/x"] if option == "image_folder" else [])], with_hydra=True
+    )
     assert cfg.hydra.runtime.choices[group] == option
-    for key in ("data", "model", "trainer", "logger", "callbacks", "paths"):  # every interpolation outside Hydra's run-time node resolves
+    for key in (
+        "data",
+        "model",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+    ):  # every interpolation outside Hydra's run-time node resolves
         OmegaConf.to_container(cfg[key], resolve=True)
 
 
@@ -53,7 +62,12 @@ def test_defaults_build_the_tutorial(tmp_path: Path) -> None:
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 1e-3
     assert datamodule.batch_size == 32 and datamodule.augment == Augment(4, "zeros", flip_p=0.5)
     assert trainer.max_epochs == 100
-    assert {type(c).__name__ for c in trainer.callbacks} >= {"ModelCheckpoint", "ProgressBar", "GracefulStop", "NonFiniteGuard"}
+    assert {type(c).__name__ for c in trainer.callbacks} >= {
+        "ModelCheckpoint",
+        "ProgressBar",
+        "GracefulStop",
+        "NonFiniteGuard",
+    }
 
 
 def test_a_batch_scaled_lr_follows_the_batch_size(tmp_path: Path) -> None:

@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, datamodule, error_line, folder_overrides
 from hydra.errors import InstantiationException
 from PIL import Image
-from tiny_files import APPLEDOUBLE, CLASSES3, class_images, hide_metadata_beside, write_image_folder
 
 from cifarkit import datamodule as datamodule_module
 from cifarkit.errors import UserError
 from cifarkit.images import load_image
 from cifarkit.sources import CIFAR10_CLASSES
+from conftest import FAST, datamodule, error_line, folder_overrides
+from tiny_files import APPLEDOUBLE, CLASSES3, class_images, hide_metadata_beside, write_image_folder
 
 
 def cifar(tmp_path: Path, *overrides: str):
@@ -81,7 +81,9 @@ def test_mean_std_from_training_split_cached_and_overridable(tiny_cifar10: dict,
     assert np.allclose(dm.mean, x.mean(axis=(0, 2, 3)), atol=1e-9)
     assert np.allclose(dm.std, x.transpose(1, 0, 2, 3).reshape(3, -1).std(axis=1, ddof=1), atol=1e-9)
     assert list(dm.cache_file.parent.glob("*.stats-*.json"))
-    monkeypatch.setattr(datamodule_module, "channel_stats", lambda *_: pytest.fail("stats recomputed instead of read from cache"))
+    monkeypatch.setattr(
+        datamodule_module, "channel_stats", lambda *_: pytest.fail("stats recomputed instead of read from cache")
+    )
     again = cifar(tmp_path)
     again.setup()
     assert again.mean == pytest.approx(dm.mean)

@@ -21,10 +21,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import ROOT, folder_overrides, free_port, run_cli, run_dirs, start_train, wait_for
 
 from cifarkit.checkpoints import read_checkpoint
 from cifarkit.train import evaluate
+from conftest import ROOT, folder_overrides, free_port, run_cli, run_dirs, start_train, wait_for
 
 
 class RankProbe(L.Callback):
@@ -56,10 +56,17 @@ PYTHONPATH = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.envi
 
 def test_ddp_sim_trains_one_run_on_split_data(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     logs, probe = tmp_path / "logs", tmp_path / "probe"
-    args = DDP + folder_overrides(image_folder, tmp_path) + [
-        "data.augment.crop=null", "data.augment.flip=null",
-        f"paths.log_dir={logs}", "+callbacks.rank_probe._target_=test_ddp.RankProbe", f"+callbacks.rank_probe.out={probe}",
-    ]
+    args = (
+        DDP
+        + folder_overrides(image_folder, tmp_path)
+        + [
+            "data.augment.crop=null",
+            "data.augment.flip=null",
+            f"paths.log_dir={logs}",
+            "+callbacks.rank_probe._target_=test_ddp.RankProbe",
+            f"+callbacks.rank_probe.out={probe}",
+        ]
+    )
     r = run_cli("train.py", args, cwd=tmp_path, env=PYTHONPATH, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -93,8 +100,15 @@ def in_terminal(args: list[str], cwd: Path, timeout: float = 240) -> tuple[int, 
     """Run train.py with a pseudo-terminal as stdin/stdout/stderr, as from a shell: Rich draws live."""
     master, slave = pty.openpty()
     env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": "120"}
-    p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env,
-                         stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args],
+        cwd=cwd,
+        env=env,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        close_fds=True,
+    )
     os.close(slave)
     out, end = b"", time.monotonic() + timeout
     while time.monotonic() < end:
@@ -152,14 +166,23 @@ def leftover_processes(marker: Path) -> list[str]:
 def test_a_stalled_rank_ends_the_run_in_one_line(image_folder: Path, tmp_path: Path) -> None:
     logs = tmp_path / "logs"
     # Long enough for rank 1 to start on a busy 2-core machine (the rendezvous waits as long).
-    args = DDP + folder_overrides(image_folder, tmp_path) + [
-        f"paths.log_dir={logs}", "trainer.strategy.timeout.seconds=40", "+callbacks.stall._target_=test_ddp.StallRank1"]
+    args = (
+        DDP
+        + folder_overrides(image_folder, tmp_path)
+        + [
+            f"paths.log_dir={logs}",
+            "trainer.strategy.timeout.seconds=40",
+            "+callbacks.stall._target_=test_ddp.StallRank1",
+        ]
+    )
     t0 = time.monotonic()
     r = run_cli("train.py", args, cwd=tmp_path, env=PYTHONPATH, timeout=240)
     assert r.returncode == 1, r.stderr[-3000:]
     assert time.monotonic() - t0 < 200
     errors = [line for line in r.stderr.splitlines() if line.startswith("error: ")]
-    assert errors and "DDP ranks lost each other" in errors[0] and "trainer.strategy.timeout.seconds" in errors[0], r.stderr[-3000:]
+    assert errors and "DDP ranks lost each other" in errors[0] and "trainer.strategy.timeout.seconds" in errors[0], (
+        r.stderr[-3000:]
+    )
     assert "Traceback" not in r.stderr
     time.sleep(2)
     assert leftover_processes(tmp_path) == []  # the stalled rank was ended too
@@ -190,25 +213,58 @@ def start_nodes(args: list[str], run_dir: Path, cwd: Path) -> list[subprocess.Po
     """Two node processes on 127.0.0.1, one device each, started as a cluster's launcher starts
     them: the standard environment (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, NODE_RANK, LOCAL_RANK)
     and one run directory named on the command line."""
-    env = {**os.environ, **PYTHONPATH, "PYTHONUNBUFFERED": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
-    command = [sys.executable, str(ROOT / "train.py"), *args, "trainer.devices=1", "trainer.num_nodes=2", f"hydra.run.dir={run_dir}"]
-    return [subprocess.Popen(command, cwd=cwd, env={**env, "NODE_RANK": str(node)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True) for node in (0, 1)]
+    env = {
+        **os.environ,
+        **PYTHONPATH,
+        "PYTHONUNBUFFERED": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "WORLD_SIZE": "2",
+        "LOCAL_RANK": "0",
+    }
+    command = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        *args,
+        "trainer.devices=1",
+        "trainer.num_nodes=2",
+        f"hydra.run.dir={run_dir}",
+    ]
+    return [
+        subprocess.Popen(
+            command,
+            cwd=cwd,
+            env={**env, "NODE_RANK": str(node)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for node in (0, 1)
+    ]
 
 
 def test_two_nodes_train_one_run(image_folder: Path, tmp_path: Path) -> None:
     run, probe = tmp_path / "logs" / "train" / "runs" / "two_nodes", tmp_path / "probe"
-    args = DDP + folder_overrides(image_folder, tmp_path) + [
-        "data.augment.crop=null", "data.augment.flip=null", f"paths.log_dir={tmp_path / 'logs'}",
-        "+callbacks.rank_probe._target_=test_ddp.RankProbe", f"+callbacks.rank_probe.out={probe}"]
+    args = (
+        DDP
+        + folder_overrides(image_folder, tmp_path)
+        + [
+            "data.augment.crop=null",
+            "data.augment.flip=null",
+            f"paths.log_dir={tmp_path / 'logs'}",
+            "+callbacks.rank_probe._target_=test_ddp.RankProbe",
+            f"+callbacks.rank_probe.out={probe}",
+        ]
+    )
     nodes = start_nodes(args, run, tmp_path)
     outs = [node.communicate(timeout=240) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
     assert run_dirs(tmp_path / "logs") == [run] and len(list(run.rglob("metrics.json"))) == 1
     assert sorted(p.name for p in (run / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert len(ckpts) == 2 and ckpts[1] == "last.ckpt" and read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    assert (
+        len(ckpts) == 2 and ckpts[1] == "last.ckpt" and read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 1
+    )
     seen = [json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1)]  # global ranks 0 and 1: one per node
     assert len(seen[0]["train"]) == len(seen[1]["train"]) == 30 and not set(seen[0]["train"]) & set(seen[1]["train"])
     metrics = json.loads((run / "metrics.json").read_text())
@@ -219,8 +275,11 @@ def test_two_nodes_train_one_run(image_folder: Path, tmp_path: Path) -> None:
 @pytest.mark.slow  # waits for the surviving node to notice
 def test_a_killed_node_ends_the_other_in_one_line(image_folder: Path, tmp_path: Path) -> None:
     run = tmp_path / "logs" / "train" / "runs" / "two_nodes"
-    args = DDP + folder_overrides(image_folder, tmp_path) + [
-        f"paths.log_dir={tmp_path / 'logs'}", "trainer.max_epochs=1000", "trainer.strategy.timeout.seconds=40"]
+    args = (
+        DDP
+        + folder_overrides(image_folder, tmp_path)
+        + [f"paths.log_dir={tmp_path / 'logs'}", "trainer.max_epochs=1000", "trainer.strategy.timeout.seconds=40"]
+    )
     first, second = start_nodes(args, run, tmp_path)
     wait_for(first, run, "checkpoints/last.ckpt", timeout=180)
     t0 = time.monotonic()

@@ -24,7 +24,11 @@ def fenced_lines(text: str) -> list[str]:
     lines = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
-        lines += [line.split("  #")[0].strip() for line in joined.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+        lines += [
+            line.split("  #")[0].strip()
+            for line in joined.splitlines()
+            if line.strip() and not line.lstrip().startswith("#")
+        ]
     return lines
 
 
@@ -78,8 +82,14 @@ def test_the_configuration_table_names_every_option() -> None:
 def test_the_front_door_is_short_and_refers_to_nothing_outside() -> None:
     assert len((ROOT / "README.md").read_text().splitlines()) <= 300
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
-    outside = [f for f in tracked if f != ".ci/run" and not f.startswith("tests/") and (ROOT / f).is_file()
-               and "../shared" in (ROOT / f).read_text(errors="replace")]
+    outside = [
+        f
+        for f in tracked
+        if f != ".ci/run"
+        and not f.startswith("tests/")
+        and (ROOT / f).is_file()
+        and "../shared" in (ROOT / f).read_text(errors="replace")
+    ]
     assert not outside, outside
 
 

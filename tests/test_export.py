@@ -19,8 +19,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FAST, ROOT, compose, folder_overrides, run_dirs
-from tiny_files import CLASSES3, class_images
 from PIL import Image
 
 from cifarkit.checkpoints import SavedNet
@@ -28,6 +26,8 @@ from cifarkit.errors import UserError
 from cifarkit.export import PT2_EXTRA_FILE, export, export_model
 from cifarkit.images import load_image, normalize
 from cifarkit.train import train
+from conftest import FAST, ROOT, compose, folder_overrides, run_dirs
+from tiny_files import CLASSES3, class_images
 
 TRUSTED = ["cifarkit."]
 N_IMAGES = 120
@@ -91,8 +91,16 @@ def test_both_formats_match_the_checkpoint(exported: Exported) -> None:
 
 
 def predict_json(main, model: Path, exported: Exported) -> list[dict]:
-    r = main("predict.py", [f"ckpt_path={model}", f"inputs={exported.images}", "format=json", "top_k=2",
-                            f"paths.log_dir={exported.root / 'logs'}"])
+    r = main(
+        "predict.py",
+        [
+            f"ckpt_path={model}",
+            f"inputs={exported.images}",
+            "format=json",
+            "top_k=2",
+            f"paths.log_dir={exported.root / 'logs'}",
+        ],
+    )
     assert r.code == 0, r.err
     return [json.loads(line) for line in r.out.splitlines()]
 
@@ -129,12 +137,26 @@ def test_predict_runs_without_lightning(exported: Exported, tmp_path: Path, main
     and the same one-line errors."""
     empty = tmp_path / "empty"
     empty.mkdir()
-    runs = [[f"ckpt_path={model}", f"inputs={exported.images}", "format=json", "top_k=2", f"paths.log_dir={tmp_path / 'logs'}"]
-            for model in (exported.onnx, exported.ckpt)]
+    runs = [
+        [
+            f"ckpt_path={model}",
+            f"inputs={exported.images}",
+            "format=json",
+            "top_k=2",
+            f"paths.log_dir={tmp_path / 'logs'}",
+        ]
+        for model in (exported.onnx, exported.ckpt)
+    ]
     runs.append([f"ckpt_path={exported.onnx}", f"inputs={empty}", f"paths.log_dir={tmp_path / 'failed'}"])
     code = WITHOUT_LIGHTNING.format(script=str(ROOT / "predict.py"))
-    r = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    r = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(runs)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     printed, codes = [[]], []
     for line in r.stdout.splitlines():
         if line.startswith("@@exit "):
@@ -145,7 +167,10 @@ def test_predict_runs_without_lightning(exported: Exported, tmp_path: Path, main
     assert codes == ["0", "0", "1"], r.stderr[-3000:]
     for rows, model in zip(printed, (exported.onnx, exported.ckpt)):
         assert rows == [json.dumps(row) for row in predict_json(main, model, exported)] and len(rows) == N_IMAGES
-    assert "no PNG or JPEG image could be read" in [line for line in r.stderr.splitlines() if line.startswith("error: ")][-1]
+    assert (
+        "no PNG or JPEG image could be read"
+        in [line for line in r.stderr.splitlines() if line.startswith("error: ")][-1]
+    )
     (run,) = run_dirs(tmp_path / "failed", "predict")
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
 

@@ -1,4 +1,6 @@
-"""Training survives faults: signals, SIGKILL, a diverging loss, a save cut short (a bad ckpt_path: test_checkpoints.py)."""
+"""Training survives faults: signals, SIGKILL, a diverging loss, a save cut short.
+
+A bad ckpt_path: test_checkpoints.py."""
 
 from __future__ import annotations
 
@@ -11,6 +13,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import open_dict
+
+from cifarkit.checkpoint_io import AtomicCheckpointIO
+from cifarkit.checkpoints import read_checkpoint
+from cifarkit.errors import TrainingStopped
+from cifarkit.train import train
 from conftest import (
     FAST,
     RESUME_KEYS,
@@ -23,24 +31,29 @@ from conftest import (
     start_train,
     wait_for,
 )
-from omegaconf import open_dict
-
-from cifarkit.checkpoint_io import AtomicCheckpointIO
-from cifarkit.checkpoints import read_checkpoint
-from cifarkit.errors import TrainingStopped
-from cifarkit.train import train
 
 SMALL = ["data.image_size=16"]  # a 4x smaller first fc layer: same code paths, faster steps
 
 
 def long_run(image_folder: Path, tmp_path: Path) -> list[str]:
-    return FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
-        "trainer.max_epochs=1000", f"paths.log_dir={tmp_path / 'logs'}"]
+    return (
+        FAST
+        + SMALL
+        + folder_overrides(image_folder, tmp_path)
+        + ["trainer.max_epochs=1000", f"paths.log_dir={tmp_path / 'logs'}"]
+    )
 
 
-def resume_to_completion(image_folder: Path, tmp_path: Path, ckpt: Path, epochs: int, extra: list[str] = []) -> dict:
-    args = FAST + SMALL + folder_overrides(image_folder, tmp_path) + extra + [
-        f"trainer.max_epochs={epochs}", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'resumed'}"]
+def resume_to_completion(
+    image_folder: Path, tmp_path: Path, ckpt: Path, epochs: int, extra: tuple[str, ...] = ()
+) -> dict:
+    args = (
+        FAST
+        + SMALL
+        + folder_overrides(image_folder, tmp_path)
+        + list(extra)
+        + [f"trainer.max_epochs={epochs}", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path / 'resumed'}"]
+    )
     r = run_cli("train.py", args, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     return json.loads((run_dirs(tmp_path / "resumed")[0] / "metrics.json").read_text())
@@ -61,7 +74,8 @@ def test_signal_saves_stops_in_one_line_and_resumes(sig, image_folder, tmp_path)
     assert saved["epoch"] >= 1  # after epoch 0 (on a fast machine the signal may land an epoch later)
     assert last_line(err) == (
         f"stopped by {sig.name} at epoch {saved['epoch']}, step {saved['global_step']}; "
-        f"checkpoint saved, continue with ckpt_path={ckpt}")
+        f"checkpoint saved, continue with ckpt_path={ckpt}"
+    )
     assert json.loads((run / "metrics.json").read_text())["status"] == "interrupted"
     assert (run / "train.log").is_file()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -82,18 +96,26 @@ def test_sigkill_mid_epoch_resumes_from_last(image_folder, tmp_path):
     p.kill()
     p.communicate(timeout=30)
     epochs = read_checkpoint(last)["epoch"] + 2  # whole, whichever epoch the kill came after; one more to train
-    resumed = resume_to_completion(image_folder, tmp_path, last, epochs=epochs, extra=["data.batch_size=4"])
-    whole = run_cli("train.py", FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
-        f"trainer.max_epochs={epochs}", "data.batch_size=4", f"paths.log_dir={tmp_path / 'whole'}"], cwd=tmp_path)
+    resumed = resume_to_completion(image_folder, tmp_path, last, epochs=epochs, extra=("data.batch_size=4",))
+    whole = run_cli(
+        "train.py",
+        FAST
+        + SMALL
+        + folder_overrides(image_folder, tmp_path)
+        + [f"trainer.max_epochs={epochs}", "data.batch_size=4", f"paths.log_dir={tmp_path / 'whole'}"],
+        cwd=tmp_path,
+    )
     assert whole.returncode == 0, whole.stderr[-3000:]
     whole_metrics = json.loads((run_dirs(tmp_path / "whole")[0] / "metrics.json").read_text())
     assert {k: resumed[k] for k in RESUME_KEYS} == {k: whole_metrics[k] for k in RESUME_KEYS}
 
 
-def run_in_process(compose_cfg, image_folder: Path, tmp_path: Path, name: str, epochs: int,
-                   ckpt: Path | None = None) -> dict:
-    cfg = compose_cfg(FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
-        f"trainer.max_epochs={epochs}", "data.batch_size=16"])
+def run_in_process(
+    compose_cfg, image_folder: Path, tmp_path: Path, name: str, epochs: int, ckpt: Path | None = None
+) -> dict:
+    cfg = compose_cfg(
+        FAST + SMALL + folder_overrides(image_folder, tmp_path) + [f"trainer.max_epochs={epochs}", "data.batch_size=16"]
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / name)
         cfg.ckpt_path = str(ckpt) if ckpt else None
@@ -104,8 +126,9 @@ def run_in_process(compose_cfg, image_folder: Path, tmp_path: Path, name: str, e
 def test_resume_at_epoch_boundary_gives_the_same_metrics(compose_cfg, image_folder, tmp_path):
     whole = run_in_process(compose_cfg, image_folder, tmp_path, "whole", 2)
     run_in_process(compose_cfg, image_folder, tmp_path, "first", 1)
-    resumed = run_in_process(compose_cfg, image_folder, tmp_path, "resumed", 2,
-                             ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    resumed = run_in_process(
+        compose_cfg, image_folder, tmp_path, "resumed", 2, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt"
+    )
     assert {k: resumed[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
     # the best checkpoint was carried into the new run folder, the old run's files untouched
     assert Path(resumed["best_ckpt"]).name == Path(whole["best_ckpt"]).name
@@ -113,8 +136,12 @@ def test_resume_at_epoch_boundary_gives_the_same_metrics(compose_cfg, image_fold
     assert (tmp_path / "first" / "checkpoints" / "last.ckpt").is_file()
 
 
-@pytest.mark.parametrize("step", [pytest.param(1, marks=pytest.mark.slow), 6])  # 4 steps an epoch: in epoch 0, in epoch 1
-def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(step, compose_cfg, image_folder, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "step", [pytest.param(1, marks=pytest.mark.slow), 6]
+)  # 4 steps an epoch: in epoch 0, in epoch 1
+def test_sigterm_mid_epoch_then_resume_equals_an_uninterrupted_run(
+    step, compose_cfg, image_folder, tmp_path, monkeypatch
+):
     whole = run_in_process(compose_cfg, image_folder, tmp_path, "whole", 2)
     add_callback(monkeypatch, SignalAt(step))
     with pytest.raises(TrainingStopped, match=f"stopped by SIGTERM at epoch {step // 4}, step {step + 1}"):
@@ -131,8 +158,9 @@ def test_resuming_a_finished_run_keeps_its_metrics(compose_cfg, image_folder, tm
     """A kill can land after the last epoch's checkpoint: resuming then trains nothing, but
     still tests and reports the run's best validation accuracy."""
     first = run_in_process(compose_cfg, image_folder, tmp_path, "first", 1)
-    again = run_in_process(compose_cfg, image_folder, tmp_path, "again", 1,
-                           ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt")
+    again = run_in_process(
+        compose_cfg, image_folder, tmp_path, "again", 1, ckpt=tmp_path / "first" / "checkpoints" / "last.ckpt"
+    )
     assert again["status"] == "completed" and again["epochs"] == 1
     assert again["val/acc_best"] == first["val/acc_best"] and again["test/acc"] == first["test/acc"]
 
@@ -165,7 +193,9 @@ class DivergeAt(L.Callback):
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(compose_cfg, image_folder, tmp_path, monkeypatch, saved):
     add_callback(monkeypatch, DivergeAt(1))
-    with pytest.raises(TrainingStopped, match=r"training loss became NaN/inf at step 5 \(epoch 1\); last good checkpoint: .*last.ckpt"):
+    with pytest.raises(
+        TrainingStopped, match=r"training loss became NaN/inf at step 5 \(epoch 1\); last good checkpoint: .*last.ckpt"
+    ):
         run_in_process(compose_cfg, image_folder, tmp_path, "run", 3)
     assert sorted(saved) == ["epoch_000.ckpt", "last.ckpt"]  # ModelCheckpoint saves go through the plugin
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -188,14 +218,19 @@ def test_graceful_stop_saves_through_the_atomic_plugin(compose_cfg, image_folder
     assert saved == ["interrupted.ckpt"]
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers given back
     monkeypatch.undo()
-    metrics = run_in_process(compose_cfg, image_folder, tmp_path, "resumed", 1,
-                             ckpt=tmp_path / "run" / "checkpoints" / "interrupted.ckpt")
+    metrics = run_in_process(
+        compose_cfg, image_folder, tmp_path, "resumed", 1, ckpt=tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    )
     assert metrics["status"] == "completed" and metrics["steps"] == 4
 
 
 def test_nan_loss_from_the_command_line_is_one_line_exit_1(image_folder, tmp_path, main):
-    args = FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
-        "trainer.max_epochs=3", "model.optimizer.lr=1e6", f"paths.log_dir={tmp_path / 'logs'}"]
+    args = (
+        FAST
+        + SMALL
+        + folder_overrides(image_folder, tmp_path)
+        + ["trainer.max_epochs=3", "model.optimizer.lr=1e6", f"paths.log_dir={tmp_path / 'logs'}"]
+    )
     r = main("train.py", args)
     assert r.code == 1
     assert "training loss became NaN/inf at step" in last_line(r.err)
@@ -243,8 +278,12 @@ def test_sigterm_before_training_is_one_line_not_exit_0(compose_cfg, image_folde
 
 def test_last_ckpt_follows_every_epoch_even_without_a_new_best(compose_cfg, image_folder, tmp_path):
     """lr=0: val/acc never improves after epoch 0, yet last.ckpt must be the latest epoch's."""
-    cfg = compose_cfg(FAST + SMALL + folder_overrides(image_folder, tmp_path) + [
-        "trainer.max_epochs=3", "model.optimizer.lr=0", "test=false", "data.batch_size=16"])
+    cfg = compose_cfg(
+        FAST
+        + SMALL
+        + folder_overrides(image_folder, tmp_path)
+        + ["trainer.max_epochs=3", "model.optimizer.lr=0", "test=false", "data.batch_size=16"]
+    )
     train(cfg)
     ckpts = tmp_path / "out" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]

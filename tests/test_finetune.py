@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, Payload, add_callback, craft_checkpoint, datamodule, error_line, folder_overrides, run_dirs
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
@@ -22,16 +21,27 @@ from cifarkit.errors import UserError
 from cifarkit.images import normalize
 from cifarkit.model import AirbenchNet, TimmNet, resize_batch
 from cifarkit.sources import CIFAR10_CLASSES, CIFAR100_FINE
+from conftest import FAST, Payload, add_callback, craft_checkpoint, datamodule, error_line, folder_overrides, run_dirs
 
-needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason='timm is an optional extra: pip install -e ".[timm]"')
+needs_timm = pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None, reason='timm is an optional extra: pip install -e ".[timm]"'
+)
 TIMM_NET = "resnet10t"  # timm's smallest ResNet: a pretrained config (input 176 px) and weights named like its hub's
 
 
 def timm_args(image_folder: Path, tmp_path: Path, *more: str) -> list[str]:
     """One training step of resnet10t on the tiny folder, its run under tmp_path/logs."""
-    return [*FAST, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={tmp_path / 'logs'}", "model=timm",
-            f"model.net.name={TIMM_NET}", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1",
-            "+trainer.limit_test_batches=1", *more]
+    return [
+        *FAST,
+        *folder_overrides(image_folder, tmp_path),
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "model=timm",
+        f"model.net.name={TIMM_NET}",
+        "+trainer.limit_train_batches=1",
+        "+trainer.limit_val_batches=1",
+        "+trainer.limit_test_batches=1",
+        *more,
+    ]
 
 
 @needs_timm
@@ -60,7 +70,10 @@ def test_a_weights_file_gives_that_nets_outputs_and_its_checkpoint_needs_no_file
     r = main("train.py", timm_args(image_folder, tmp_path, f"model.net.weights={tmp_path / 'weights.safetensors'}"))
     assert r.code == 0, r.err[-3000:]
     (run,) = run_dirs(tmp_path / "logs")
-    assert f"started from timm's {TIMM_NET} ({tmp_path / 'weights.safetensors'}): 84 of 86 tensors loaded; new: model.fc.bias, model.fc.weight" in (run / "train.log").read_text()
+    assert (
+        f"started from timm's {TIMM_NET} ({tmp_path / 'weights.safetensors'}): 84 of 86 tensors loaded; new: "
+        "model.fc.bias, model.fc.weight" in (run / "train.log").read_text()
+    )
     state = seen["state"]
     for key, value in source.state_dict().items():
         if not key.startswith("fc."):
@@ -72,13 +85,22 @@ def test_a_weights_file_gives_that_nets_outputs_and_its_checkpoint_needs_no_file
     net.load_state_dict(state)
     with torch.no_grad():
         up = torch.nn.functional.interpolate(x, size=176, mode="bilinear")
-        torch.testing.assert_close(net.eval().model.forward_head(net.model.forward_features(up), pre_logits=True),
-                                   source.forward_head(source.forward_features(up), pre_logits=True), rtol=0, atol=0)
+        torch.testing.assert_close(
+            net.eval().model.forward_head(net.model.forward_features(up), pre_logits=True),
+            source.forward_head(source.forward_features(up), pre_logits=True),
+            rtol=0,
+            atol=0,
+        )
 
     (tmp_path / "weights.safetensors").unlink()  # the checkpoint is the net's weights: no file, no download
     saved = SavedNet.read(run / "checkpoints" / "last.ckpt")
-    assert saved.net_config == {"_target_": "cifarkit.model.TimmNet", "name": TIMM_NET, "cifar_stem": False,
-                                "image_size": 32, "input_size": 176}
+    assert saved.net_config == {
+        "_target_": "cifarkit.model.TimmNet",
+        "name": TIMM_NET,
+        "cifar_stem": False,
+        "image_size": 32,
+        "input_size": 176,
+    }
     assert saved.data.mean == seen["mean"]
     rebuilt = saved.rebuild(["cifarkit."])
     with torch.no_grad():
@@ -121,8 +143,13 @@ def test_init_from_100_classes_to_10_loads_every_tensor_but_the_head(tmp_path: P
     weights = airbench_weights(100, seed=0)
     info = {"classes": CIFAR100_FINE, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
     net_cfg = {"_target_": "cifarkit.model.AirbenchNet", "widths": [8, 16, 16]}
-    ckpt = craft_checkpoint(tmp_path / "c100.ckpt", net_cfg, weights, data_info=info,
-                            hyper_parameters={"net": net_cfg, "classes": CIFAR100_FINE})
+    ckpt = craft_checkpoint(
+        tmp_path / "c100.ckpt",
+        net_cfg,
+        weights,
+        data_info=info,
+        hyper_parameters={"net": net_cfg, "classes": CIFAR100_FINE},
+    )
     cfg = compose_cfg(["model=airbench", "model.net.widths=[8,16,16]", f"model.init_from={ckpt}"])
     model = instantiate(cfg.model, classes=CIFAR10_CLASSES)
     fresh_head = model.net.head.weight.detach().clone()
@@ -134,29 +161,46 @@ def test_init_from_100_classes_to_10_loads_every_tensor_but_the_head(tmp_path: P
         if key != "head.weight":
             assert torch.equal(state[key], value), key
     assert state["head.weight"].shape == (10, 16) and torch.equal(state["head.weight"], fresh_head)
-    assert f"started from model.init_from={ckpt}: {len(weights) - 1} of {len(weights)} tensors loaded; new: head.weight" in caplog.text
+    assert (
+        f"started from model.init_from={ckpt}: {len(weights) - 1} of {len(weights)} tensors loaded; new: head.weight"
+        in caplog.text
+    )
 
 
 def test_init_from_the_same_classes_keeps_the_head_and_another_net_is_one_line(tmp_path: Path, compose_cfg) -> None:
     weights = airbench_weights(3, seed=1)
     net_cfg = {"_target_": "cifarkit.model.AirbenchNet", "widths": [8, 16, 16]}
     ckpt = craft_checkpoint(tmp_path / "c3.ckpt", net_cfg, weights)
-    model = instantiate(compose_cfg(["model=airbench", "model.net.widths=[8,16,16]", f"model.init_from={ckpt}"]).model,
-                        classes=["cat", "dog", "frog"])
+    model = instantiate(
+        compose_cfg(["model=airbench", "model.net.widths=[8,16,16]", f"model.init_from={ckpt}"]).model,
+        classes=["cat", "dog", "frog"],
+    )
     model.setup("fit")
     assert torch.equal(model.net.head.weight, weights["head.weight"])  # the same classes: the head is loaded too
 
-    other = instantiate(compose_cfg(["model=airbench", "model.net.widths=[8,32,16]", f"model.init_from={ckpt}"]).model,
-                        classes=["cat", "dog", "frog"])
-    with pytest.raises(UserError, match=r"does not fit this net \(\d+ tensors differ: .*groups.1.conv1.weight is \(16, 8, 3, 3\) there, \(32, 8, 3, 3\) here"):
+    other = instantiate(
+        compose_cfg(["model=airbench", "model.net.widths=[8,32,16]", f"model.init_from={ckpt}"]).model,
+        classes=["cat", "dog", "frog"],
+    )
+    with pytest.raises(
+        UserError,
+        match=(
+            r"does not fit this net \(\d+ tensors differ: .*groups.1.conv1.weight is \(16, "
+            r"8, 3, 3\) there, \(32, 8, 3, 3\) here"
+        ),
+    ):
         other.setup("fit")
     with pytest.raises(InstantiationException, match="model.init_from=.*nothing.ckpt does not exist"):
-        instantiate(compose_cfg(["model=airbench", f"model.init_from={tmp_path / 'nothing.ckpt'}"]).model, classes=["a", "b"])
+        instantiate(
+            compose_cfg(["model=airbench", f"model.init_from={tmp_path / 'nothing.ckpt'}"]).model, classes=["a", "b"]
+        )
 
 
 def test_init_from_a_pickle_payload_runs_nothing(tmp_path: Path, compose_cfg) -> None:
     torch.save({"state_dict": {"net.head.weight": Payload(tmp_path / "canary")}}, tmp_path / "evil.ckpt")
-    model = instantiate(compose_cfg(["model=airbench", f"model.init_from={tmp_path / 'evil.ckpt'}"]).model, classes=["a", "b"])
+    model = instantiate(
+        compose_cfg(["model=airbench", f"model.init_from={tmp_path / 'evil.ckpt'}"]).model, classes=["a", "b"]
+    )
     with pytest.raises(UserError, match=r"model.init_from=.*evil.ckpt is not a readable checkpoint"):
         model.setup("fit")
     assert not (tmp_path / "canary").exists()
@@ -176,10 +220,14 @@ def test_batches_are_resized_on_the_device_as_pil_resizes_a_file() -> None:
         net(normalize(images, mean, std))
     (x,) = fed
     assert x.shape == (4, 3, 80, 80)
-    pil = np.stack([np.asarray(Image.fromarray(im.permute(1, 2, 0).numpy()).resize((80, 80), Image.BILINEAR)) for im in images])
+    pil = np.stack(
+        [np.asarray(Image.fromarray(im.permute(1, 2, 0).numpy()).resize((80, 80), Image.BILINEAR)) for im in images]
+    )
     reference = normalize(torch.from_numpy(pil).permute(0, 3, 1, 2), mean, std)
     assert ((x - reference) * std[:, None, None] * 255).abs().max() <= 1 + 1e-3
-    torch.testing.assert_close(x, torch.nn.functional.interpolate(normalize(images, mean, std), size=(80, 80), mode="bilinear"))
+    torch.testing.assert_close(
+        x, torch.nn.functional.interpolate(normalize(images, mean, std), size=(80, 80), mode="bilinear")
+    )
     assert resize_batch(x, 80) is x  # already the size: untouched
 
 
@@ -188,7 +236,9 @@ def test_class_subset_and_per_class_counts_are_exact(image_folder: Path, tmp_pat
     keeps exactly that many training images of each, seeded (another split seed, others)."""
     full = datamodule(tmp_path, [*folder_overrides(image_folder, tmp_path), "data.val_size=0"])
     full.setup()
-    sub = datamodule(tmp_path, [*folder_overrides(image_folder, tmp_path), "data.val_size=0", "data.classes=[frog,cat]"])
+    sub = datamodule(
+        tmp_path, [*folder_overrides(image_folder, tmp_path), "data.val_size=0", "data.classes=[frog,cat]"]
+    )
     sub.setup()
     assert sub.classes == ["frog", "cat"] and sub.data_info().classes == ["frog", "cat"]
     for split in ("train", "test"):
@@ -202,18 +252,24 @@ def test_class_subset_and_per_class_counts_are_exact(image_folder: Path, tmp_pat
         dm = datamodule(tmp_path, [*folder_overrides(image_folder, tmp_path), "data.train_per_class=5", *more])
         dm.setup()
         x, y = dm.splits["train"]
-        assert torch.bincount(y).tolist() == [5, 5, 5] and len(dm.splits["val"][1]) == 12  # the validation split as before
+        assert (
+            torch.bincount(y).tolist() == [5, 5, 5] and len(dm.splits["val"][1]) == 12
+        )  # the validation split as before
         return x
 
     first = per_class()
     assert torch.equal(first, per_class()) and not torch.equal(first, per_class("data.split_seed=1"))
     with pytest.raises(UserError, match=r"data.train_per_class=99, but class 'cat' has \d+ training images"):
         datamodule(tmp_path, [*folder_overrides(image_folder, tmp_path), "data.train_per_class=99"]).setup()
-    with pytest.raises(UserError, match=r"data.classes names 'zebra', not a class of this data; pick from cat, dog, frog"):
+    with pytest.raises(
+        UserError, match=r"data.classes names 'zebra', not a class of this data; pick from cat, dog, frog"
+    ):
         _ = datamodule(tmp_path, [*folder_overrides(image_folder, tmp_path), "data.classes=[cat,zebra]"]).classes
 
 
-def test_finetune_trains_the_head_alone_first_then_the_body_slower(image_folder: Path, tmp_path: Path, compose_cfg, monkeypatch) -> None:
+def test_finetune_trains_the_head_alone_first_then_the_body_slower(
+    image_folder: Path, tmp_path: Path, compose_cfg, monkeypatch
+) -> None:
     """experiment=finetune from another run's checkpoint: for the first 20% of the steps only the
     head moves, then the body too, in its own param groups at a tenth of the head's lr."""
     import lightning as L
@@ -221,9 +277,13 @@ def test_finetune_trains_the_head_alone_first_then_the_body_slower(image_folder:
     from cifarkit.train import train
 
     net_cfg = {"_target_": "cifarkit.model.AirbenchNet", "widths": [8, 16, 16]}
-    ckpt = craft_checkpoint(tmp_path / "start.ckpt", net_cfg, airbench_weights(2, seed=2),
-                            hyper_parameters={"net": net_cfg, "classes": ["ant", "bee"]},
-                            data_info={"classes": ["ant", "bee"], "mean": [0.4] * 3, "std": [0.2] * 3, "image_size": 32})
+    ckpt = craft_checkpoint(
+        tmp_path / "start.ckpt",
+        net_cfg,
+        airbench_weights(2, seed=2),
+        hyper_parameters={"net": net_cfg, "classes": ["ant", "bee"]},
+        data_info={"classes": ["ant", "bee"], "mean": [0.4] * 3, "std": [0.2] * 3, "image_size": 32},
+    )
     seen: dict[int, dict[str, torch.Tensor]] = {}
 
     class Watch(L.Callback):
@@ -234,8 +294,20 @@ def test_finetune_trains_the_head_alone_first_then_the_body_slower(image_folder:
             seen["lrs"] = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
 
     add_callback(monkeypatch, Watch())
-    train(compose_cfg([*FAST, *folder_overrides(image_folder, tmp_path), "experiment=finetune", "model=airbench",
-                       "model.net.widths=[8,16,16]", f"model.init_from={ckpt}", "trainer.max_steps=10", "trainer.max_epochs=-1"]))
+    train(
+        compose_cfg(
+            [
+                *FAST,
+                *folder_overrides(image_folder, tmp_path),
+                "experiment=finetune",
+                "model=airbench",
+                "model.net.widths=[8,16,16]",
+                f"model.init_from={ckpt}",
+                "trainer.max_steps=10",
+                "trainer.max_epochs=-1",
+            ]
+        )
+    )
 
     def moved(a: int, b: int, head: bool) -> list[str]:
         return [k for k in seen[a] if (k == "head.weight") == head and not torch.equal(seen[a][k], seen[b][k])]

@@ -10,19 +10,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, folder_overrides
-from tiny_files import CLASSES3
+from hydra.utils import instantiate
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
-
-from hydra.utils import instantiate
 
 from cifarkit import pictures
 from cifarkit.metrics import per_class
 from cifarkit.pictures import confusion_figure, render
 from cifarkit.sources import CIFAR100_FINE
 from cifarkit.train import train
+from conftest import FAST, folder_overrides
+from tiny_files import CLASSES3
 
 
 def tensorboard_images(run_dir: Path) -> dict[str, np.ndarray]:
@@ -75,7 +74,10 @@ def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path
     assert {"val/acc_best", "test/acc", "train/loss", "train/images_per_s"} <= scalars
     plugin = {tag: HParamsPluginData.FromString(c) for tag, c in acc.PluginTagToContent("hparams").items()}
     hparams = plugin["_hparams_/session_start_info"].session_start_info.hparams
-    assert hparams["model/optimizer/lr"].number_value == pytest.approx(1e-3) and hparams["data/batch_size"].number_value == 8
+    assert (
+        hparams["model/optimizer/lr"].number_value == pytest.approx(1e-3)
+        and hparams["data/batch_size"].number_value == 8
+    )
     assert hparams["trainer/max_epochs"].number_value == 2
     shown = {m.name.tag for m in plugin["_hparams_/experiment"].experiment.metric_infos}
     assert shown == {"val/acc_best", "test/acc", "test/loss", "test/calibration_error", "train/images_per_s"}
@@ -103,7 +105,9 @@ def test_fast_dev_run_draws_both(image_folder: Path, tmp_path: Path, compose_cfg
 def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: Path, compose_cfg, monkeypatch) -> None:
     """Without augmentation each image in the grid is a training image, with its label, back in [0, 1]."""
     cfg = compose_cfg(
-        FAST + folder_overrides(image_folder, tmp_path) + ["data.augment.crop=null", "data.augment.flip=null", "test=false"]
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + ["data.augment.crop=null", "data.augment.flip=null", "test=false"]
     )
     seen = {}
     original = pictures.samples_figure

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, Payload, add_callback, craft_checkpoint, error_line, folder_overrides, run_dirs
 from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
@@ -23,6 +22,7 @@ from cifarkit.errors import UserError
 from cifarkit.images import load_image, normalize
 from cifarkit.model import AirbenchNet, ResNet18, TimmNet
 from cifarkit.train import train
+from conftest import FAST, Payload, add_callback, craft_checkpoint, error_line, folder_overrides, run_dirs
 
 NETS = [AirbenchNet, ResNet18]
 
@@ -121,7 +121,9 @@ def test_one_batch_trains(model: str, image_folder: Path, compose_cfg, tmp_path:
     assert metrics["status"] == "completed" and metrics["steps"] == 1
 
 
-def test_train_whitens_airbench_from_the_training_split(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch) -> None:
+def test_train_whitens_airbench_from_the_training_split(
+    image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch
+) -> None:
     """train() hands AirbenchNet its training images before the first step: the first layer's
     positive filters then decorrelate the training split's 2x2 patches."""
     import lightning as L
@@ -147,17 +149,24 @@ def test_train_whitens_airbench_from_the_training_split(image_folder: Path, comp
 # ---------------------------------------------------------------------------------------------
 # Nets from timm (cifarkit.model.TimmNet).
 
-needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason='timm is an optional extra: pip install -e ".[timm]"')
+needs_timm = pytest.mark.skipif(
+    importlib.util.find_spec("timm") is None, reason='timm is an optional extra: pip install -e ".[timm]"'
+)
 
 
 @needs_timm
 @pytest.mark.parametrize(
     "name,cifar_stem,features",  # the last feature map's side on 32x32 images
-    [("resnet18", True, 4), ("resnet18", False, 1), ("resnet10t", True, 4), ("vit_tiny_patch16_224", True, None),
-     ("mobilenetv3_small_050", False, 1)],
+    [
+        ("resnet18", True, 4),
+        ("resnet18", False, 1),
+        ("resnet10t", True, 4),
+        ("vit_tiny_patch16_224", True, None),
+        ("mobilenetv3_small_050", False, 1),
+    ],
 )
 def test_timm_families_build_for_32px_images(name: str, cifar_stem: bool, features: int | None) -> None:
-    """Each family builds with the data's class count and takes 32x32 images; the CIFAR stems are the documented ones."""
+    """Each family builds with the data's class count and takes 32x32 images; the CIFAR stems are as documented."""
     net = TimmNet(name, num_classes=7, image_size=32, cifar_stem=cifar_stem)
     x = torch.randn(2, 3, 32, 32)
     assert net(x).shape == (2, 7) and net.training
@@ -177,8 +186,14 @@ def test_timm_families_build_for_32px_images(name: str, cifar_stem: bool, featur
         ({"name": "os.system"}, r"model.net.name='os.system' is not a timm model; .*timm.list_models\(\)"),
         ({"name": "resnet18.a1_in1k"}, "is not a timm model"),  # a pretrained tag: nothing pretrained here
         ({"name": "resnet18", "pretrained": True}, r"model.net.pretrained is an option of timm's factory"),
-        ({"name": "resnet18", "checkpoint_path": "weights.pth"}, r"model.net.checkpoint_path is an option of timm's factory"),
-        ({"name": "convnext_atto", "cifar_stem": True}, r"cifar_stem=true: convnext_atto .*set model.net.cifar_stem=false"),
+        (
+            {"name": "resnet18", "checkpoint_path": "weights.pth"},
+            r"model.net.checkpoint_path is an option of timm's factory",
+        ),
+        (
+            {"name": "convnext_atto", "cifar_stem": True},
+            r"cifar_stem=true: convnext_atto .*set model.net.cifar_stem=false",
+        ),
         ({"name": "vit_tiny_patch16_224"}, r"does not take 32x32 images .*cifar_stem=true for a ViT"),
     ],
 )
@@ -199,21 +214,40 @@ def test_timm_trains_and_its_checkpoint_rebuilds_in_eval_and_predict(image_folde
     """One batch of model=timm, then eval.py and predict.py rebuild the net from the checkpoint
     under the trust rules and give the trained net's own outputs."""
     data = folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}"]
-    r = main("train.py", FAST + data + ["model=timm", "model.net.name=resnet10t", "+trainer.limit_train_batches=1",
-                                        "+trainer.limit_val_batches=1", "+trainer.limit_test_batches=1"])
+    r = main(
+        "train.py",
+        FAST
+        + data
+        + [
+            "model=timm",
+            "model.net.name=resnet10t",
+            "+trainer.limit_train_batches=1",
+            "+trainer.limit_val_batches=1",
+            "+trainer.limit_test_batches=1",
+        ],
+    )
     assert r.code == 0, r.err[-3000:]
     (run,) = run_dirs(tmp_path / "logs")
     assert json.loads((run / "metrics.json").read_text())["steps"] == 1
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = SavedNet.read(ckpt)
-    assert saved.net_config == {"_target_": "cifarkit.model.TimmNet", "name": "resnet10t", "cifar_stem": True, "image_size": 32}
+    assert saved.net_config == {
+        "_target_": "cifarkit.model.TimmNet",
+        "name": "resnet10t",
+        "cifar_stem": True,
+        "image_size": 32,
+    }
     net = saved.rebuild(["cifarkit."])
-    assert isinstance(net, TimmNet) and torch.equal(net.state_dict()["model.conv1.weight"], saved.weights["model.conv1.weight"])
+    assert isinstance(net, TimmNet) and torch.equal(
+        net.state_dict()["model.conv1.weight"], saved.weights["model.conv1.weight"]
+    )
 
     r = main("eval.py", ["trainer=cpu", f"ckpt_path={ckpt}", *data])
     assert r.code == 0, r.err[-3000:]
     image = next((image_folder / "test" / "dog").glob("*"))
-    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={image}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "predict.py", [f"ckpt_path={ckpt}", f"inputs={image}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"]
+    )
     assert r.code == 0, r.err[-3000:]
     (row,) = [json.loads(line) for line in r.out.splitlines()]
     x = torch.from_numpy(load_image(image, 32).copy()).permute(2, 0, 1)[None]
@@ -246,7 +280,9 @@ HOSTILE_NAMES = {
 
 @needs_timm
 @pytest.mark.parametrize("case", [*HOSTILE_NAMES, "factory_option"])
-def test_crafted_timm_checkpoint_is_refused_before_timm_builds_anything(case: str, tmp_path: Path, main, monkeypatch) -> None:
+def test_crafted_timm_checkpoint_is_refused_before_timm_builds_anything(
+    case: str, tmp_path: Path, main, monkeypatch
+) -> None:
     """A checkpoint naming the trusted wrapper with a hostile ``name`` (or a factory option that
     loads a file) is refused in one line, and timm's factory is never called."""
     import timm
@@ -271,6 +307,9 @@ def test_crafted_timm_checkpoint_is_refused_before_timm_builds_anything(case: st
     r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={image}", f"paths.log_dir={tmp_path / 'logs'}"])
     assert r.code == 1 and r.out == ""
     last = error_line(r.err)
-    expected = {"interpolation": "holds an interpolation", "factory_option": "model.net.checkpoint_path is an option of timm's factory"}
+    expected = {
+        "interpolation": "holds an interpolation",
+        "factory_option": "model.net.checkpoint_path is an option of timm's factory",
+    }
     assert expected.get(case, f"model.net.name={net['name']!r} is not a timm model") in last, last
     assert not calls and not (tmp_path / "canary").exists()

@@ -11,7 +11,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from conftest import FAST, folder_overrides
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,16 +18,22 @@ from cifarkit.errors import UserError
 from cifarkit.model import AirbenchNet
 from cifarkit.optim import FreezeParameters, Lookahead, param_groups, warmup_then_decay
 from cifarkit.train import train
+from conftest import FAST, folder_overrides
 
 
 def test_param_groups_split_weights_norms_and_biases() -> None:
     net = AirbenchNet(widths=[8, 16, 16])
-    groups = {g["name"]: g for g in param_groups(net, lr=0.1, weight_decay=5e-4, decay_norm_and_bias=False, norm_bias_lr_scale=64)}
+    groups = {
+        g["name"]: g
+        for g in param_groups(net, lr=0.1, weight_decay=5e-4, decay_norm_and_bias=False, norm_bias_lr_scale=64)
+    }
     norm_biases = [m.bias for m in net.modules() if isinstance(m, nn.BatchNorm2d) and m.bias.requires_grad]
     assert {id(p) for p in groups["norm_bias"]["params"]} == {id(p) for p in norm_biases} and norm_biases
     assert groups["norm_bias"]["lr"] == pytest.approx(6.4) and groups["norm_bias"]["weight_decay"] == 0.0
     assert groups["weights"]["weight_decay"] == 5e-4 and all(p.ndim > 1 for p in groups["weights"]["params"])
-    assert all(p.ndim == 1 for p in groups["norm_and_bias"]["params"]) and groups["norm_and_bias"]["weight_decay"] == 0.0
+    assert (
+        all(p.ndim == 1 for p in groups["norm_and_bias"]["params"]) and groups["norm_and_bias"]["weight_decay"] == 0.0
+    )
     trainable = [p for p in net.parameters() if p.requires_grad]
     assert sorted(id(p) for g in groups.values() for p in g["params"]) == sorted(id(p) for p in trainable)  # each once
     groups = {g["name"]: g for g in param_groups(net, lr=0.1, weight_decay=5e-4, norm_bias_lr_scale=64)}
@@ -49,7 +54,9 @@ def test_warmup_then_decay_shape(decay: str) -> None:
     assert all(a < b for a, b in zip(lrs[:19], lrs[1:20])) and all(a >= b for a, b in zip(lrs[19:], lrs[20:]))
     middle = 0.1 + 0.9 * (0.5 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * 40 / 80)))
     assert lrs[60] == pytest.approx(middle)
-    assert lrs[99] == pytest.approx(0.1 + 0.9 * (1 - 79 / 80 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * 79 / 80))))
+    assert lrs[99] == pytest.approx(
+        0.1 + 0.9 * (1 - 79 / 80 if decay == "linear" else 0.5 * (1 + math.cos(math.pi * 79 / 80)))
+    )
 
 
 def test_warmup_can_start_above_zero() -> None:
@@ -65,12 +72,20 @@ def test_warmup_can_start_above_zero() -> None:
 
 def test_a_run_sizes_its_schedule_from_its_own_steps(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     """OneCycleLR gets total_steps from the trainer: 2 epochs of 8 steps, lr back near 0 at the end."""
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
-        "trainer.max_epochs=2", "test=false", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.fused=null",
-        "+model.optimizer.momentum=0.9", "+model.optimizer.nesterov=true",
-        "model.scheduler={_target_: torch.optim.lr_scheduler.OneCycleLR, _partial_: true, max_lr: 0.05}",
-        "model.param_groups={decay_norm_and_bias: false}",
-    ])
+    cfg = compose_cfg(
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + [
+            "trainer.max_epochs=2",
+            "test=false",
+            "model.optimizer._target_=torch.optim.SGD",
+            "model.optimizer.fused=null",
+            "+model.optimizer.momentum=0.9",
+            "+model.optimizer.nesterov=true",
+            "model.scheduler={_target_: torch.optim.lr_scheduler.OneCycleLR, _partial_: true, max_lr: 0.05}",
+            "model.param_groups={decay_norm_and_bias: false}",
+        ]
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 16
@@ -91,9 +106,17 @@ def test_a_run_sizes_its_schedule_from_its_own_steps(image_folder: Path, compose
 
 def test_a_schedule_needs_a_known_step_count(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     """Training bounded by time only has no step count to size a schedule from: one line, no step taken."""
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
-        "experiment=cpu10", "budget_s=null", "trainer.max_steps=-1", "trainer.max_epochs=-1", "trainer.max_time=00:00:01:00",
-    ])
+    cfg = compose_cfg(
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + [
+            "experiment=cpu10",
+            "budget_s=null",
+            "trainer.max_steps=-1",
+            "trainer.max_epochs=-1",
+            "trainer.max_time=00:00:01:00",
+        ]
+    )
     with pytest.raises(UserError, match="model.scheduler is sized from the run's steps: set trainer.max_steps"):
         train(cfg)
     assert not (tmp_path / "out" / "checkpoints" / "last.ckpt").exists()
@@ -103,7 +126,9 @@ def test_a_schedule_needs_a_known_step_count(image_folder: Path, compose_cfg, tm
 # Lookahead and freezing, against airbench's loop written out.
 
 STEPS, EVERY, DECAY, POWER = 12, 5, 0.9, 1.0
-EPOCH = [(torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 3) for i in range(STEPS // 2)]
+EPOCH = [
+    (torch.randn(8, 4, generator=torch.Generator().manual_seed(i)), torch.arange(8) % 3) for i in range(STEPS // 2)
+]
 BATCHES = EPOCH * 2  # two epochs of 6 steps
 
 
@@ -130,8 +155,13 @@ class Tiny(L.LightningModule):
 
 def fit(module: L.LightningModule, callbacks: list, max_steps: int = STEPS, ckpt_path: Path | None = None) -> L.Trainer:
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=max_steps, callbacks=callbacks, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return trainer
@@ -199,11 +229,15 @@ def test_lookahead_checkpoint_restores_both_weights(tmp_path: Path) -> None:
     fit(Tiny(), [Lookahead(EVERY, DECAY, POWER, use_buffers=True), SaveAt()])
     ckpt = torch.load(tmp_path / "step6.ckpt", weights_only=True)
     fit(Tiny(), [Lookahead(EVERY, DECAY, POWER, use_buffers=True), AtStart()], ckpt_path=tmp_path / "step6.ckpt")
-    assert not torch.equal(seen["saved/current"]["net.0.weight"], seen["saved/average"]["net.0.weight"])  # step 6 moved on
+    assert not torch.equal(
+        seen["saved/current"]["net.0.weight"], seen["saved/average"]["net.0.weight"]
+    )  # step 6 moved on
     for part in ("current", "average"):
         for k, v in seen[f"saved/{part}"].items():
             assert torch.equal(seen[f"resumed/{part}"][k], v), (part, k)
-    assert torch.equal(ckpt["state_dict"]["net.0.weight"], seen["saved/average"]["net.0.weight"])  # what eval/predict load
+    assert torch.equal(
+        ckpt["state_dict"]["net.0.weight"], seen["saved/average"]["net.0.weight"]
+    )  # what eval/predict load
 
 
 def test_freeze_parameters_stops_their_training_after_some_epochs() -> None:
@@ -228,8 +262,16 @@ def test_freeze_parameters_names_an_unknown_parameter() -> None:
 
 
 def test_lookahead_needs_a_known_step_count() -> None:
-    trainer = L.Trainer(accelerator="cpu", max_epochs=-1, max_time={"minutes": 1}, callbacks=[Lookahead(5, 0.95, 3.0, use_buffers=True)], logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_epochs=-1,
+        max_time={"minutes": 1},
+        callbacks=[Lookahead(5, 0.95, 3.0, use_buffers=True)],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     module = Tiny()
     before = module.net[0].weight.detach().clone()
     with pytest.raises(UserError, match="set trainer.max_steps or trainer.max_epochs"):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CHI2_CRITICAL, chi_square, datamodule, device_loader, folder_overrides, random_images
 from hydra.errors import InstantiationException
 from PIL import Image
 from torchvision import transforms as T
@@ -18,13 +17,16 @@ from cifarkit.augment import Augment, crop_flip, tta_logits
 from cifarkit.errors import UserError
 from cifarkit.images import normalize
 from cifarkit.loader import DeviceLoader, pil_transform
+from conftest import CHI2_CRITICAL, chi_square, datamodule, device_loader, folder_overrides, random_images
 
 MODES = {"zeros": ("constant", 4), "reflect": ("reflect", 2)}  # ours -> torchvision's padding_mode, a padding to test
 
 
 def torchvision_crop(image: torch.Tensor, padding: int, mode: str, dy: int, dx: int, flip: bool) -> torch.Tensor:
     """RandomCrop(32, padding, padding_mode) + RandomHorizontalFlip on a PIL image, for one draw."""
-    img = F.crop(F.pad(Image.fromarray(image.permute(1, 2, 0).numpy()), padding, padding_mode=MODES[mode][0]), dy, dx, 32, 32)
+    img = F.crop(
+        F.pad(Image.fromarray(image.permute(1, 2, 0).numpy()), padding, padding_mode=MODES[mode][0]), dy, dx, 32, 32
+    )
     return F.pil_to_tensor(F.hflip(img) if flip else img)
 
 
@@ -43,7 +45,9 @@ def test_crop_flip_matches_torchvision_exactly(mode: str, flip: bool) -> None:
 def crops_by_bytes(images: torch.Tensor, padding: int, mode: str) -> dict[bytes, int]:
     """Every (dy, dx, flip) crop of every image, by its bytes -> (image, draw) as one number.
     Built by slicing a padded copy, independently of ``crop_flip``."""
-    padded = torch.nn.functional.pad(images.float(), (padding,) * 4, mode="constant" if mode == "zeros" else "reflect").to(torch.uint8)
+    padded = torch.nn.functional.pad(
+        images.float(), (padding,) * 4, mode="constant" if mode == "zeros" else "reflect"
+    ).to(torch.uint8)
     side, table = 2 * padding + 1, {}
     for dy in range(side):
         for dx in range(side):
@@ -68,7 +72,9 @@ def test_loader_crops_are_crops_of_their_image_drawn_uniformly(mode: str) -> Non
         dl.epoch = lambda e=epoch: e
         x, y = (torch.cat(t) for t in zip(*dl))
         epochs.append(x)
-        found = torch.tensor([table[img.numpy().tobytes()] for img in (x * 255).round().to(torch.uint8)])  # KeyError: no crop
+        found = torch.tensor(
+            [table[img.numpy().tobytes()] for img in (x * 255).round().to(torch.uint8)]
+        )  # KeyError: no crop
         assert torch.equal(found // cells, y) and sorted(y.tolist()) == list(range(n))
         draws.append(found % cells)
     assert not torch.equal(epochs[0], epochs[1])
@@ -100,12 +106,18 @@ def test_alternating_flip_shows_each_image_both_ways_every_two_epochs() -> None:
 
     dl = device_loader(column_images(n), augment=Augment(alternating_flip=True), seed=9)
     by_epoch = [flipped(dl, e) for e in range(4)]
-    assert torch.equal(by_epoch[1], ~by_epoch[0]) and torch.equal(by_epoch[2], by_epoch[0]) and torch.equal(by_epoch[3], ~by_epoch[0])
+    assert (
+        torch.equal(by_epoch[1], ~by_epoch[0])
+        and torch.equal(by_epoch[2], by_epoch[0])
+        and torch.equal(by_epoch[3], ~by_epoch[0])
+    )
     # Epoch 0's orientation is a fair coin per image, as RandomHorizontalFlip(0.5)'s is.
     assert chi_square(torch.bincount(by_epoch[0].long(), minlength=2)) < CHI2_CRITICAL[1]
     # Every DDP rank, and any batch size, agrees on it: it belongs to the image, not the batch.
     for rank in (0, 1):
-        dl = device_loader(column_images(n), augment=Augment(alternating_flip=True), seed=9, rank=rank, world_size=2, batch_size=7)
+        dl = device_loader(
+            column_images(n), augment=Augment(alternating_flip=True), seed=9, rank=rank, world_size=2, batch_size=7
+        )
         x, y = epoch_batches(dl, 0)
         assert torch.equal((x[:, 0, 0, 0] * 255).round() == 32, by_epoch[0][y])
 
@@ -123,7 +135,9 @@ def test_cutout_cuts_one_clipped_square_around_a_uniform_pixel() -> None:
             cy = int(rows[-1]) + 1 - size // 2 if rows[-1] < 31 or rows[0] == 0 else int(rows[0]) + size // 2
             cx = int(cols[-1]) + 1 - size // 2 if cols[-1] < 31 or cols[0] == 0 else int(cols[0]) + size // 2
             square = torch.zeros(32, 32, dtype=torch.bool)  # the reference square, by slicing
-            square[max(0, cy - size // 2) : cy - size // 2 + size, max(0, cx - size // 2) : cx - size // 2 + size] = True
+            square[max(0, cy - size // 2) : cy - size // 2 + size, max(0, cx - size // 2) : cx - size // 2 + size] = (
+                True
+            )
             assert torch.equal(cut, square), (cy, cx)
             centres.append((cy, cx))
     c = torch.tensor(centres)
@@ -158,7 +172,9 @@ def test_ddp_ranks_split_each_epoch_disjointly_and_completely(n: int) -> None:
     images = random_images(n)
 
     def rank(r: int, world: int = 2, seed: int = 7, train: bool = True) -> DeviceLoader:
-        return device_loader(images, batch_size=8, seed=seed, rank=r, world_size=world, train=train, augment=Augment(4, flip_p=0.5))
+        return device_loader(
+            images, batch_size=8, seed=seed, rank=r, world_size=world, train=train, augment=Augment(4, flip_p=0.5)
+        )
 
     dropped, perms = set(), []
     for epoch in range(4):
@@ -228,22 +244,32 @@ def test_training_batches_of_both_pipelines(folder_dm, monkeypatch) -> None:
     x, y = folder_dm.splits["train"]
     batches = list(folder_dm.train_dataloader())
     assert [len(b[1]) for b in batches] == [8] * (len(y) // 8) + ([len(y) % 8] if len(y) % 8 else [])
-    assert all(bx.dtype == torch.float32 and by.dtype == torch.int64 and bx.shape[1:] == (3, 32, 32) for bx, by in batches)
+    assert all(
+        bx.dtype == torch.float32 and by.dtype == torch.int64 and bx.shape[1:] == (3, 32, 32) for bx, by in batches
+    )
     monkeypatch.setattr(folder_dm, "pipeline", "torchvision")
     train_tf = folder_dm.train_dataloader().dataset.transform
-    assert [type(t) for t in train_tf.transforms[:2]] == [T.RandomCrop, T.RandomHorizontalFlip] and train_tf.transforms[0].padding == 4
+    assert [type(t) for t in train_tf.transforms[:2]] == [T.RandomCrop, T.RandomHorizontalFlip] and train_tf.transforms[
+        0
+    ].padding == 4
     ds = folder_dm.train_dataloader().dataset
     draws = torch.stack([ds[0][0] for _ in range(20)])
     assert (draws != draws[0]).any(dim=(1, 2, 3)).sum() > 5
 
 
 def test_no_steps_is_every_image_once_normalized(tmp_path: Path, image_folder: Path) -> None:
-    dm = datamodule(tmp_path, folder_overrides(image_folder, tmp_path) + ["data.val_size=0", "data.augment.crop=null", "data.augment.flip=null"])
+    dm = datamodule(
+        tmp_path,
+        folder_overrides(image_folder, tmp_path)
+        + ["data.val_size=0", "data.augment.crop=null", "data.augment.flip=null"],
+    )
     dm.setup()
     x, _ = dm.splits["train"]
     out = torch.cat([b[0] for b in dm.train_dataloader()])
     expected = normalize(x, torch.tensor(dm.mean), torch.tensor(dm.std))
-    assert sorted(out.sum(dim=(1, 2, 3)).tolist()) == pytest.approx(sorted(expected.sum(dim=(1, 2, 3)).tolist()), rel=1e-5)
+    assert sorted(out.sum(dim=(1, 2, 3)).tolist()) == pytest.approx(
+        sorted(expected.sum(dim=(1, 2, 3)).tolist()), rel=1e-5
+    )
 
 
 def test_steps_that_cannot_run_are_refused(tmp_path: Path, image_folder: Path) -> None:

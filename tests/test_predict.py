@@ -7,8 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, craft_checkpoint, folder_overrides
-from tiny_files import CLASSES3, hide_metadata_beside
 from PIL import Image
 
 from cifarkit.checkpoints import SavedNet
@@ -17,6 +15,8 @@ from cifarkit.images import image_files, load_image, normalize
 from cifarkit.model import BasicCNN
 from cifarkit.predict import predict
 from cifarkit.train import train
+from conftest import FAST, craft_checkpoint, folder_overrides
+from tiny_files import CLASSES3, hide_metadata_beside
 
 
 def test_predicts_a_folder(image_folder: Path, tmp_path: Path, compose_cfg, main) -> None:
@@ -28,7 +28,9 @@ def test_predicts_a_folder(image_folder: Path, tmp_path: Path, compose_cfg, main
     Image.new("RGB", (57, 41), (200, 30, 30)).save(inputs / "nested" / "b.jpeg", quality=90)  # another size
     (inputs / "notes.txt").write_text("not an image\n")
 
-    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={inputs}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "predict.py", [f"ckpt_path={ckpt}", f"inputs={inputs}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"]
+    )
     assert r.code == 0, r.err
     rows = [json.loads(line) for line in r.out.splitlines()]
     assert [Path(row["path"]).relative_to(inputs).as_posix() for row in rows] == ["a.png", "nested/b.jpeg"]
@@ -50,7 +52,10 @@ def test_predicts_a_folder(image_folder: Path, tmp_path: Path, compose_cfg, main
         assert [name for name, _ in row["top"]] == [name for _, name in expected]
         assert [p for _, p in row["top"]] == pytest.approx([p for p, _ in expected], abs=1e-5)
 
-    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={inputs / 'a.png'}", "top_k=2", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "predict.py",
+        [f"ckpt_path={ckpt}", f"inputs={inputs / 'a.png'}", "top_k=2", f"paths.log_dir={tmp_path / 'logs'}"],
+    )
     assert r.code == 0, r.err
     path, *top = r.out.strip().split("\t")
     assert path == str(inputs / "a.png") and len(top) == 2 and top[0].split()[0] in CLASSES3

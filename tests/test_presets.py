@@ -8,16 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIG_DIR, FAST, compose, folder_overrides, run_dirs
 
 from cifarkit.train import evaluate, train
+from conftest import CONFIG_DIR, FAST, compose, folder_overrides, run_dirs
 
 
 def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     """The preset as users run it, on tiny data and 6 steps (batch 8, no time limit): the
     checkpoint holds the moving average, which is what the test scored and eval.py scores."""
     data = [o for o in folder_overrides(image_folder, tmp_path) if not o.startswith("data.val_size")]
-    cfg = compose_cfg(FAST + data + ["experiment=cpu10", "trainer.max_steps=6", "trainer.max_time=null", "data.batch_size=8"])
+    cfg = compose_cfg(
+        FAST + data + ["experiment=cpu10", "trainer.max_steps=6", "trainer.max_time=null", "data.batch_size=8"]
+    )
     optimized = train(cfg)
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
     average, current = ckpt["state_dict"], ckpt["current_model_state"]
@@ -27,7 +29,9 @@ def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["test/acc"] == pytest.approx(optimized) and saved["steps"] == 6  # no validation: test/acc is returned
     assert saved["train/images_per_s"] * saved["train/seconds"] == pytest.approx(6 * 8)
-    again = evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={tmp_path / 'out' / 'checkpoints' / 'last.ckpt'}", *data], "eval"))
+    again = evaluate(
+        compose_cfg(["trainer=cpu", f"ckpt_path={tmp_path / 'out' / 'checkpoints' / 'last.ckpt'}", *data], "eval")
+    )
     assert again["test/loss"] == pytest.approx(saved["test/loss"], rel=1e-5)
 
 
@@ -42,14 +46,19 @@ DEBUG = [d if d == "fdr" else pytest.param(d, marks=pytest.mark.slow) for d in p
 
 @pytest.mark.parametrize("debug", DEBUG)
 @pytest.mark.parametrize("experiment", presets("experiment"))
-def test_every_experiment_runs_with_every_debug_preset(experiment: str, debug: str, image_folder: Path, tmp_path: Path,
-                                                       main) -> None:
+def test_every_experiment_runs_with_every_debug_preset(
+    experiment: str, debug: str, image_folder: Path, tmp_path: Path, main
+) -> None:
     """``python train.py experiment=<each> debug=<each>`` on tiny data (batch 8: the recipes' batches are larger
     than its 72 images) exits 0; a budget steps aside for fast_dev_run in one line."""
     data = [o for o in folder_overrides(image_folder, tmp_path) if not o.startswith("data.val_size")]  # recipe's split
     fast = [o for o in FAST if not o.startswith("trainer.max_epochs")]  # the debug preset says how long
-    r = main("train.py", fast + data + [f"experiment={experiment}", f"debug={debug}", "data.batch_size=8",
-                                        f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "train.py",
+        fast
+        + data
+        + [f"experiment={experiment}", f"debug={debug}", "data.batch_size=8", f"paths.log_dir={tmp_path / 'logs'}"],
+    )
     assert r.code == 0, r.err[-3000:]
     assert json.loads((run_dirs(tmp_path / "logs")[0] / "metrics.json").read_text())["status"] == "completed"
     cfg = compose(tmp_path, [f"experiment={experiment}", f"debug={debug}"])  # cpu10 has a budget, fdr is a fast_dev_run

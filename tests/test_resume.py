@@ -16,6 +16,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
+
+from cifarkit.checkpoints import read_checkpoint
+from cifarkit.files import DiskFull, atomic_write, write_metrics
+from cifarkit.rundir import find_unfinished, is_running, resolve_auto, runs_dir
 from conftest import (
     FAST,
     RESUME_KEYS,
@@ -29,16 +34,20 @@ from conftest import (
     start_train,
     wait_for,
 )
-from omegaconf import OmegaConf
-
-from cifarkit.checkpoints import read_checkpoint
-from cifarkit.files import DiskFull, atomic_write, write_metrics
-from cifarkit.rundir import find_unfinished, is_running, resolve_auto, runs_dir
 
 
 def args(image_folder: Path, tmp_path: Path, logs: str, *extra: str) -> list[str]:
-    return FAST + folder_overrides(image_folder, tmp_path) + [
-        "data.image_size=16", "data.batch_size=16", "trainer.max_epochs=2", f"paths.log_dir={tmp_path / logs}", *extra]
+    return (
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + [
+            "data.image_size=16",
+            "data.batch_size=16",
+            "trainer.max_epochs=2",
+            f"paths.log_dir={tmp_path / logs}",
+            *extra,
+        ]
+    )
 
 
 def finished(tmp_path: Path, logs: str) -> dict:
@@ -46,7 +55,9 @@ def finished(tmp_path: Path, logs: str) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
-def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder: Path, tmp_path: Path, main, monkeypatch, recwarn) -> None:
+def test_auto_continues_an_interrupted_run_in_its_directory_exactly(
+    image_folder: Path, tmp_path: Path, main, monkeypatch, recwarn
+) -> None:
     assert main("train.py", args(image_folder, tmp_path, "whole")).code == 0
     add_callback(monkeypatch, SignalAt(6))  # 4 steps an epoch: in epoch 1
     stopped = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
@@ -60,12 +71,20 @@ def test_auto_continues_an_interrupted_run_in_its_directory_exactly(image_folder
     assert f"ckpt_path=auto: continuing {run} from interrupted.ckpt" in resumed.err
     assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]  # its own checkpoints: no warning
     assert run_dirs(tmp_path / "logs") == [run]  # the same run directory, and its TensorBoard version:
-    assert set((run / "tensorboard").glob("events.out.tfevents.*")) > events and not [p for p in (run / "tensorboard").iterdir() if p.is_dir()]
+    assert set((run / "tensorboard").glob("events.out.tfevents.*")) > events and not [
+        p for p in (run / "tensorboard").iterdir() if p.is_dir()
+    ]
     metrics, whole = finished(tmp_path, "logs"), finished(tmp_path, "whole")
-    assert metrics["status"] == "completed" and {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
+    assert metrics["status"] == "completed" and {k: metrics[k] for k in RESUME_KEYS} == {
+        k: whole[k] for k in RESUME_KEYS
+    }
 
     again = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))  # a finished run is never resumed
-    assert again.code == 0 and "no unfinished run of this configuration" in again.err and len(run_dirs(tmp_path / "logs")) == 2
+    assert (
+        again.code == 0
+        and "no unfinished run of this configuration" in again.err
+        and len(run_dirs(tmp_path / "logs")) == 2
+    )
 
 
 def unfinished_run(run: Path, cfg) -> Path:
@@ -92,8 +111,9 @@ def test_auto_reports_a_run_whose_checkpoints_cannot_be_read(tmp_path: Path) -> 
     a good checkpoint of an earlier step, the good one is continued from, whatever its name."""
     cfg = compose(tmp_path, ["trainer=cpu"])
     run = unfinished_run(runs_dir(cfg) / "earlier", cfg)
-    unreadable = (f"ckpt_path=auto: {run} did not finish, but none of its checkpoints can be read (last.ckpt); "
-                  "starting a new one")
+    unreadable = (
+        f"ckpt_path=auto: {run} did not finish, but none of its checkpoints can be read (last.ckpt); starting a new one"
+    )
     assert resolve_auto(cfg, None) == (None, unreadable)
     torch.save({"state_dict": {}, "global_step": 4}, run / "checkpoints" / "epoch_000.ckpt")
     point, line = resolve_auto(cfg, None)
@@ -103,7 +123,10 @@ def test_auto_reports_a_run_whose_checkpoints_cannot_be_read(tmp_path: Path) -> 
 
 def hold_in_another_process(run: Path) -> subprocess.Popen:
     """A process that holds ``run``'s lock as a training run's rank 0 does, until it is killed."""
-    code = "import sys, time; from cifarkit.rundir import hold_run; f = hold_run(sys.argv[1]); print('held', flush=True); time.sleep(600)"
+    code = (
+        "import sys, time; from cifarkit.rundir import hold_run; f = hold_run(sys.argv[1]); "
+        "print('held', flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline() == "held\n"
     return holder
@@ -130,8 +153,10 @@ def test_auto_leaves_a_run_that_is_still_training_alone(image_folder: Path, tmp_
         assert len(run_dirs(tmp_path / "logs")) == 2
         r = main("train.py", argv + [f"hydra.run.dir={run}"])
         assert r.code == 1
-        assert error_line(r.err) == (f"error: another process is still training in {run}; let it finish or stop it first, "
-                                     "or start a separate run (without hydra.run.dir)")
+        assert error_line(r.err) == (
+            f"error: another process is still training in {run}; let it finish or stop it first, "
+            "or start a separate run (without hydra.run.dir)"
+        )
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # nothing of it touched
     finally:
         holder.kill()
@@ -174,12 +199,16 @@ def test_slurm_requeue_signal_saves_requeues_and_the_job_continues(image_folder:
     (bin_dir / "scontrol").write_text(FAKE_SCONTROL.format(log=calls))
     (bin_dir / "scontrol").chmod(0o755)
     command = args(image_folder, tmp_path, "logs", "ckpt_path=auto", "trainer.max_epochs=8", "data.batch_size=4")
-    p = start_train(command, tmp_path, env={"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    p = start_train(
+        command, tmp_path, env={"SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    )
     wait_for(p, tmp_path / "logs", "train/runs/*/checkpoints/last.ckpt")
     p.send_signal(signal.SIGUSR1)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 128 + signal.SIGUSR1, err[-3000:]
-    assert last_line(err).endswith("checkpoint saved, SLURM job 4242 requeued: it continues with ckpt_path=auto"), err[-2000:]
+    assert last_line(err).endswith("checkpoint saved, SLURM job 4242 requeued: it continues with ckpt_path=auto"), err[
+        -2000:
+    ]
     assert calls.read_text().split() == ["requeue", "4242"]
     (run,) = run_dirs(tmp_path / "logs")
     assert read_checkpoint(run / "checkpoints" / "interrupted.ckpt")["epoch"] < 7
@@ -224,8 +253,9 @@ class FillAtEpoch(L.Callback):
             fill(self.disk, self.leave)
 
 
-def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(image_folder: Path, tmp_path: Path, small_disk: Path, main,
-                                                                   monkeypatch) -> None:
+def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(
+    image_folder: Path, tmp_path: Path, small_disk: Path, main, monkeypatch
+) -> None:
     tiny = ["model=airbench", "model.net.widths=[8,16,16]", "trainer.max_epochs=3"]
     assert main("train.py", args(image_folder, tmp_path, "whole", *tiny)).code == 0
     add_callback(monkeypatch, FillAtEpoch(small_disk, epoch=1, leave=20_000))
@@ -233,7 +263,11 @@ def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(image_folder:
     full = main("train.py", args(image_folder, tmp_path, "unused", *on_disk, "ckpt_path=auto"))
     assert full.code == 1
     line = error_line(full.err)
-    assert line.startswith("error: the disk is full: could not write ") and str(small_disk) in line and "needs about" in line, line
+    assert (
+        line.startswith("error: the disk is full: could not write ")
+        and str(small_disk) in line
+        and "needs about" in line
+    ), line
     (run,) = run_dirs(small_disk / "logs")
     assert read_checkpoint(run / "checkpoints" / "last.ckpt")["epoch"] == 0  # the last good checkpoint, intact
     assert not list((run / "checkpoints").glob(".*.tmp"))  # no partial file left
@@ -245,28 +279,46 @@ def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(image_folder:
     assert {k: metrics[k] for k in RESUME_KEYS} == {k: whole[k] for k in RESUME_KEYS}
 
 
-def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(image_folder: Path, tmp_path: Path, small_disk: Path) -> None:
+def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(
+    image_folder: Path, tmp_path: Path, small_disk: Path
+) -> None:
     """metrics.json, a checkpoint, a picture, the dataset cache and an export: one line each, old file intact."""
-    from conftest import craft_checkpoint, datamodule
-
     from cifarkit.checkpoint_io import AtomicCheckpointIO
     from cifarkit.export import export_model
     from cifarkit.model import BasicCNN
+    from conftest import craft_checkpoint, datamodule
 
     write_metrics(small_disk, {"status": "completed", "test/acc": 0.5})
     AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.ones(10)}}, small_disk / "last.ckpt")
     before = {p.name: p.read_bytes() for p in small_disk.iterdir()}
     fill(small_disk, leave=2_000)
     writers = {
-        "metrics.json": lambda: write_metrics(small_disk, {"status": "completed", "test/acc": 0.6, "pad": "x" * 10_000}),
-        "last.ckpt": lambda: AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(100_000)}}, small_disk / "last.ckpt"),
+        "metrics.json": lambda: write_metrics(
+            small_disk, {"status": "completed", "test/acc": 0.6, "pad": "x" * 10_000}
+        ),
+        "last.ckpt": lambda: AtomicCheckpointIO().save_checkpoint(
+            {"state_dict": {"w": torch.zeros(100_000)}}, small_disk / "last.ckpt"
+        ),
         "samples.png": lambda: atomic_write(small_disk / "samples.png", lambda f: f.write(os.urandom(50_000))),
-        "cache": lambda: datamodule(tmp_path, folder_overrides(image_folder, tmp_path) + [f"data.cache_dir={small_disk / 'cache'}"]).prepare_data(),
-        "model.onnx": lambda: export_model(str(craft_checkpoint(tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"},
-                                                                BasicCNN(num_classes=3).state_dict())), "onnx", str(small_disk / "model.onnx"), ["cifarkit."]),
+        "cache": lambda: datamodule(
+            tmp_path, folder_overrides(image_folder, tmp_path) + [f"data.cache_dir={small_disk / 'cache'}"]
+        ).prepare_data(),
+        "model.onnx": lambda: export_model(
+            str(
+                craft_checkpoint(
+                    tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"}, BasicCNN(num_classes=3).state_dict()
+                )
+            ),
+            "onnx",
+            str(small_disk / "model.onnx"),
+            ["cifarkit."],
+        ),
     }
     for name, write in writers.items():
-        with pytest.raises(DiskFull, match=rf"^the disk is full: could not write {small_disk}.* free; the file needs .*ckpt_path=auto\)$") as e:
+        with pytest.raises(
+            DiskFull,
+            match=rf"^the disk is full: could not write {small_disk}.* free; the file needs .*ckpt_path=auto\)$",
+        ) as e:
             write()
         assert "\n" not in str(e.value) and isinstance(e.value.__cause__, (OSError, RuntimeError)), name
     assert {p.name: p.read_bytes() for p in small_disk.iterdir() if p.name in before} == before  # intact
@@ -312,7 +364,8 @@ def test_auto_continues_a_run_that_failed_on_a_full_disk_from_its_newest_good_ch
     assert step == 4  # 4 steps an epoch
     assert error_line(full.err).endswith(
         f"the files already written are intact: free space there and run the same command with ckpt_path=auto: "
-        f"it continues {run} from epoch_000.ckpt (step {step})")
+        f"it continues {run} from epoch_000.ckpt (step {step})"
+    )
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     resumed = main("train.py", args(image_folder, tmp_path, "logs", "ckpt_path=auto"))
     assert resumed.code == 0, resumed.err[-3000:]

@@ -16,13 +16,13 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
-from conftest import FAST, ROOT, folder_overrides, run_cli
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.pruners import BasePruner
 from optuna.trial import TrialState
-from test_sweeps import TINY, assert_rows_match_jobs, read_jobs, sweep_dirs
 
 from cifarkit.study import search_space
+from conftest import ROOT, folder_overrides, run_cli
+from test_sweeps import TINY, assert_rows_match_jobs, read_jobs, sweep_dirs
 
 TESTS = Path(__file__).parent
 PYTHONPATH = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
@@ -40,8 +40,14 @@ class PruneTrialOne(BasePruner):
 
 
 def search(image_folder: Path, tmp_path: Path, *extra: str) -> list[str]:
-    return ["hparams_search=lr_optuna", *TINY, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={tmp_path / 'logs'}",
-            "test=false", *extra]
+    return [
+        "hparams_search=lr_optuna",
+        *TINY,
+        *folder_overrides(image_folder, tmp_path),
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "test=false",
+        *extra,
+    ]
 
 
 def load(tmp_path: Path, storage: str | None = None, name: str = "lr_optuna") -> optuna.Study:
@@ -49,8 +55,16 @@ def load(tmp_path: Path, storage: str | None = None, name: str = "lr_optuna") ->
 
 
 def test_a_pruned_trial_ends_cleanly_and_the_search_goes_on(image_folder: Path, tmp_path: Path, main) -> None:
-    r = main("train.py", search(image_folder, tmp_path, "hydra.sweeper.n_trials=3", "trainer.max_epochs=3",
-                                "hydra.sweeper.pruner._target_=test_search.PruneTrialOne"))
+    r = main(
+        "train.py",
+        search(
+            image_folder,
+            tmp_path,
+            "hydra.sweeper.n_trials=3",
+            "trainer.max_epochs=3",
+            "hydra.sweeper.pruner._target_=test_search.PruneTrialOne",
+        ),
+    )
     assert r.code == 0, r.err[-3000:]
     study = load(tmp_path)
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED, TrialState.COMPLETE]
@@ -61,7 +75,10 @@ def test_a_pruned_trial_ends_cleanly_and_the_search_goes_on(image_folder: Path, 
     (sweep,) = sweep_dirs(tmp_path / "logs")
     rows = read_jobs(sweep)
     assert [(r["job"], r["optuna_trial"], r["status"], r["epochs"]) for r in rows] == [
-        ("0", "0", "completed", "3"), ("1", "1", "pruned", "1"), ("2", "2", "completed", "3")]
+        ("0", "0", "completed", "3"),
+        ("1", "1", "pruned", "1"),
+        ("2", "2", "completed", "3"),
+    ]
     assert_rows_match_jobs(sweep, rows)
     metrics = json.loads((sweep / "1" / "metrics.json").read_text())
     assert metrics["status"] == "pruned" and metrics["steps"] == 2 and "test/acc" not in metrics
@@ -71,14 +88,26 @@ def test_a_pruned_trial_ends_cleanly_and_the_search_goes_on(image_folder: Path, 
         assert ckpt["epoch"] == 0 and ckpt["global_step"] == 2
     configs = read_jobs(sweep, "summary.csv")
     assert [(c["status"], c["n"], c["failed"], c["pruned"]) for c in configs] == [
-        ("completed", "1", "0", "0"), ("pruned", "0", "0", "1"), ("completed", "1", "0", "0")]
+        ("completed", "1", "0", "0"),
+        ("pruned", "0", "0", "1"),
+        ("completed", "1", "0", "0"),
+    ]
     assert "2/3 completed, 1 pruned" in r.out
 
 
 def test_a_study_in_memory_prunes_too(image_folder: Path, tmp_path: Path, main) -> None:
     """storage: null (the study lives in the sweep's process): the in-process jobs reach it."""
-    r = main("train.py", search(image_folder, tmp_path, "hydra.sweeper.n_trials=2", "trainer.max_epochs=2", "hydra.sweeper.storage=null",
-                                "hydra.sweeper.pruner._target_=test_search.PruneTrialOne"))
+    r = main(
+        "train.py",
+        search(
+            image_folder,
+            tmp_path,
+            "hydra.sweeper.n_trials=2",
+            "trainer.max_epochs=2",
+            "hydra.sweeper.storage=null",
+            "hydra.sweeper.pruner._target_=test_search.PruneTrialOne",
+        ),
+    )
     assert r.code == 0, r.err[-3000:]
     (sweep,) = sweep_dirs(tmp_path / "logs")
     assert [(r["status"], r["epochs"]) for r in read_jobs(sweep)] == [("completed", "2"), ("pruned", "1")]
@@ -97,12 +126,29 @@ def job_trials(log_dir: Path) -> dict[Path, int]:
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_two_sweep_processes_share_one_study(kind: str, image_folder: Path, tmp_path: Path) -> None:
     """Two terminals, one storage: together they run n_trials, each trial number once."""
-    storage = f"sqlite:///{tmp_path}/studies/shared.db" if kind == "sqlite" else str(tmp_path / "studies" / "shared.log")
-    args = search(image_folder, tmp_path, "hydra.sweeper.n_trials=4", f"hydra.sweeper.storage='{storage}'",
-                  "hydra.sweeper.study_name=shared", "callbacks.progress_bar=null")
+    storage = (
+        f"sqlite:///{tmp_path}/studies/shared.db" if kind == "sqlite" else str(tmp_path / "studies" / "shared.log")
+    )
+    args = search(
+        image_folder,
+        tmp_path,
+        "hydra.sweeper.n_trials=4",
+        f"hydra.sweeper.storage='{storage}'",
+        "hydra.sweeper.study_name=shared",
+        "callbacks.progress_bar=null",
+    )
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *args],
+            cwd=tmp_path,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for _ in range(2)
+    ]
     for p in procs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
@@ -123,12 +169,23 @@ def test_two_sweep_processes_share_one_study(kind: str, image_folder: Path, tmp_
 
 
 def test_an_interrupted_search_is_finished_by_running_it_again(image_folder: Path, tmp_path: Path, main) -> None:
-    args = search(image_folder, tmp_path, "hydra.sweeper.n_trials=3", "trainer.max_epochs=10", "callbacks.progress_bar=null",
-                  "hydra/sweeper/pruner=none")  # trial 1 trains on until the signal
+    args = search(
+        image_folder,
+        tmp_path,
+        "hydra.sweeper.n_trials=3",
+        "trainer.max_epochs=10",
+        "callbacks.progress_bar=null",
+        "hydra/sweeper/pruner=none",
+    )  # trial 1 trains on until the signal
     log = tmp_path / "first.log"
     with open(log, "w") as out:
-        p = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=tmp_path, stdout=out, stderr=out,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        p = subprocess.Popen(
+            [sys.executable, str(ROOT / "train.py"), *args],
+            cwd=tmp_path,
+            stdout=out,
+            stderr=out,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
     deadline = time.monotonic() + 600
     while not list((tmp_path / "logs").glob("train/multiruns/*/1/checkpoints/last.ckpt")):  # trial 1 is training
         assert p.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -161,7 +218,11 @@ class EndProbe:
         class Probe(L.Callback):
             def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
                 Path(out).mkdir(parents=True, exist_ok=True)
-                state = {"epoch": trainer.current_epoch, "step": trainer.global_step, "should_stop": trainer.should_stop}
+                state = {
+                    "epoch": trainer.current_epoch,
+                    "step": trainer.global_step,
+                    "should_stop": trainer.should_stop,
+                }
                 (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps(state))
 
         return Probe()
@@ -175,15 +236,28 @@ def test_a_pruned_ddp_trial_stops_on_every_rank(image_folder: Path, tmp_path: Pa
     trial = study.ask()
     probe, logs = tmp_path / "probe", tmp_path / "logs"
     cb = "+callbacks.optuna_pruning"
-    args = ["trainer=ddp_sim", "trainer.max_epochs=4", "data.batch_size=8", "data.eval_batch_size=16",
-            *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}", "test=false",
-            f"{cb}._target_=cifarkit.pruning.OptunaPruning", f"{cb}.trial={trial.number}", f"{cb}.storage='{storage}'",
-            f"{cb}.study_name=ddp", f"{cb}.pruner={{_target_:optuna.pruners.ThresholdPruner,lower:2.0,n_warmup_steps:2}}",
-            "+callbacks.end_probe._target_=test_search.EndProbe", f"+callbacks.end_probe.out={probe}"]
+    args = [
+        "trainer=ddp_sim",
+        "trainer.max_epochs=4",
+        "data.batch_size=8",
+        "data.eval_batch_size=16",
+        *folder_overrides(image_folder, tmp_path),
+        f"paths.log_dir={logs}",
+        "test=false",
+        f"{cb}._target_=cifarkit.pruning.OptunaPruning",
+        f"{cb}.trial={trial.number}",
+        f"{cb}.storage='{storage}'",
+        f"{cb}.study_name=ddp",
+        f"{cb}.pruner={{_target_:optuna.pruners.ThresholdPruner,lower:2.0,n_warmup_steps:2}}",
+        "+callbacks.end_probe._target_=test_search.EndProbe",
+        f"+callbacks.end_probe.out={probe}",
+    ]
     r = run_cli("train.py", args, cwd=tmp_path, env=PYTHONPATH, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     ends = [json.loads((probe / f"rank{i}.json").read_text()) for i in (0, 1)]
-    assert ends[0] == ends[1] == {"epoch": 2, "step": ends[0]["step"], "should_stop": True}  # pruned after epoch 2, on both
+    assert (
+        ends[0] == ends[1] == {"epoch": 2, "step": ends[0]["step"], "should_stop": True}
+    )  # pruned after epoch 2, on both
     (run,) = (logs / "train" / "runs").iterdir()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["status"] == "pruned" and metrics["epochs"] == 2
@@ -200,11 +274,18 @@ def test_a_study_of_optuna_2_says_how_to_upgrade_it_then_continues(image_folder:
     r = main("train.py", args)
     assert r.code == 1 and not sweep_dirs(tmp_path / "logs")
     (line,) = [x for x in r.err.splitlines() if x.strip()]
-    assert line == (f"error: the Optuna study storage {storage} was written by Optuna 2.10.1 and this is Optuna {optuna.__version__}: "
-                    f"upgrade it once with `optuna storage upgrade --storage {storage}` (back the file up first), then run again")
+    assert line == (
+        f"error: the Optuna study storage {storage} was written by Optuna 2.10.1 and this is Optuna "
+        f"{optuna.__version__}: "
+        f"upgrade it once with `optuna storage upgrade --storage {storage}` (back the file up first), then run again"
+    )
 
-    upgrade = subprocess.run([str(Path(sys.executable).parent / "optuna"), "storage", "upgrade", "--storage", storage],
-                             capture_output=True, text=True, timeout=120)
+    upgrade = subprocess.run(
+        [str(Path(sys.executable).parent / "optuna"), "storage", "upgrade", "--storage", storage],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert upgrade.returncode == 0, upgrade.stderr[-2000:]
     again = main("train.py", args)
     assert again.code == 0, again.err[-3000:]
@@ -220,9 +301,11 @@ def test_the_readme_search_with_more_dimensions(image_folder: Path, tmp_path: Pa
     study = load(tmp_path)
     for t in study.trials:
         assert t.state == TrialState.COMPLETE
-        assert t.distributions == {"model.optimizer.lr": FloatDistribution(1e-5, 1e-1, log=True),
-                                   "data.batch_size": CategoricalDistribution([32, 64, 128]),
-                                   "model.optimizer.weight_decay": FloatDistribution(1e-6, 1e-2, log=True)}
+        assert t.distributions == {
+            "model.optimizer.lr": FloatDistribution(1e-5, 1e-1, log=True),
+            "data.batch_size": CategoricalDistribution([32, 64, 128]),
+            "model.optimizer.weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+        }
     (sweep,) = sweep_dirs(tmp_path / "logs")
     rows = read_jobs(sweep)
     for row, t in zip(rows, study.trials):
@@ -230,11 +313,25 @@ def test_the_readme_search_with_more_dimensions(image_folder: Path, tmp_path: Pa
 
 
 def test_the_search_space_reads_hydras_sweep_syntax() -> None:
-    space, fixed = search_space(["a=tag(log, interval(1e-5, 1e-1))", "b=interval(0.0, 1.0)", "c=interval(1, 8)",
-                                 "d=choice(sgd, adam)", "e=range(1, 5)", "f=range(0.5, 2.0, 0.5)", "g=7", "b=0.5"])
-    assert space == {"a": FloatDistribution(1e-5, 1e-1, log=True), "c": FloatDistribution(1.0, 8.0),  # Hydra: intervals are floats
-                     "d": CategoricalDistribution(["sgd", "adam"]), "e": IntDistribution(1, 5),
-                     "f": FloatDistribution(0.5, 2.0, step=0.5)}
+    space, fixed = search_space(
+        [
+            "a=tag(log, interval(1e-5, 1e-1))",
+            "b=interval(0.0, 1.0)",
+            "c=interval(1, 8)",
+            "d=choice(sgd, adam)",
+            "e=range(1, 5)",
+            "f=range(0.5, 2.0, 0.5)",
+            "g=7",
+            "b=0.5",
+        ]
+    )
+    assert space == {
+        "a": FloatDistribution(1e-5, 1e-1, log=True),
+        "c": FloatDistribution(1.0, 8.0),  # Hydra: intervals are floats
+        "d": CategoricalDistribution(["sgd", "adam"]),
+        "e": IntDistribution(1, 5),
+        "f": FloatDistribution(0.5, 2.0, step=0.5),
+    }
     assert fixed == {"g": "7", "b": "0.5"}  # the last word on a key wins
 
 
@@ -245,6 +342,8 @@ def test_the_old_plugin_left_installed_is_named_in_one_line() -> None:
     from cifarkit.errors import UserError
     from cifarkit.sweep import check_sweeper
 
-    old = OmegaConf.create({"hydra": {"sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}}})
+    old = OmegaConf.create(
+        {"hydra": {"sweeper": {"_target_": "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper"}}}
+    )
     with pytest.raises(UserError, match="still installed .* pip uninstall hydra-optuna-sweeper$"):
         check_sweeper(old)

@@ -31,19 +31,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import FAST, ROOT, compose, folder_overrides, free_port
 from PIL import Image
-from test_data import bomb_png
-from untrusted_files import EPS, fake_gs, mutants, seeds
 
 from cifarkit.errors import UserError
 from cifarkit.export import export_model
 from cifarkit.serve import serve
 from cifarkit.train import train
+from conftest import FAST, ROOT, compose, folder_overrides, free_port
+from test_data import bomb_png
+from untrusted_files import EPS, fake_gs, mutants, seeds
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 MAX_BODY_MB = 1
 
 
@@ -65,7 +73,9 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def post(self, data: bytes, content_type: str = "image/png", path: str = "/predict") -> Reply:
-        return call(urllib.request.Request(self.url + path, data=data, headers={"Content-Type": content_type}, method="POST"))
+        return call(
+            urllib.request.Request(self.url + path, data=data, headers={"Content-Type": content_type}, method="POST")
+        )
 
     def top(self, image: Path) -> list:
         r = self.post(image.read_bytes())
@@ -86,8 +96,11 @@ def form(*files: tuple[str, bytes]) -> tuple[bytes, str]:
     (filename, content) as a file field; and its Content-Type."""
     boundary = b"----cifarkit-7MA4YWxkTrZu0gW"
     parts = [b'Content-Disposition: form-data; name="note"\r\n\r\nnot a file']
-    parts += [b'Content-Disposition: form-data; name="file"; filename="%s"\r\nContent-Type: application/octet-stream\r\n\r\n%s'
-              % (name.encode(), content) for name, content in files]
+    parts += [
+        b'Content-Disposition: form-data; name="file"; filename="%s"\r\nContent-Type: '
+        b"application/octet-stream\r\n\r\n%s" % (name.encode(), content)
+        for name, content in files
+    ]
     body = b"".join(b"--%s\r\n%s\r\n" % (boundary, part) for part in parts) + b"--%s--\r\n" % boundary
     return body, f"multipart/form-data; boundary={boundary.decode()}"
 
@@ -96,7 +109,14 @@ def start(model: Path, tmp: Path, *overrides: str) -> Server:
     """A server in a subprocess, with a fake ``gs`` first on its PATH (``gs_calls``: what it was called with)."""
     port, log = free_port(), tmp / f"serve-{model.suffix[1:]}.log"
     fake_gs(tmp / "bin", gs_calls(tmp))
-    args = [sys.executable, str(ROOT / "serve.py"), f"ckpt_path={model}", f"port={port}", f"paths.log_dir={tmp / 'logs'}", *overrides]
+    args = [
+        sys.executable,
+        str(ROOT / "serve.py"),
+        f"ckpt_path={model}",
+        f"port={port}",
+        f"paths.log_dir={tmp / 'logs'}",
+        *overrides,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PATH": f"{tmp / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     with log.open("w") as out:
         proc = subprocess.Popen(args, cwd=tmp, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -159,7 +179,9 @@ def setup(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     train(compose(root, FAST + folder_overrides(image_folder, root) + ["test=false"], "train"))
     ckpt = root / "out" / "checkpoints" / "last.ckpt"
     # read_timeout=5 (not 10): the slow-client test waits to see its connections closed
-    servers = [start(ckpt, root, "max_batch_size=8", "batch_timeout=0.05", f"max_body_mb={MAX_BODY_MB}", "read_timeout=5")]
+    servers = [
+        start(ckpt, root, "max_batch_size=8", "batch_timeout=0.05", f"max_body_mb={MAX_BODY_MB}", "read_timeout=5")
+    ]
     try:
         onnx, _ = export_model(str(ckpt), "onnx", None, ["cifarkit."])
         servers.append(start(onnx, root, "max_batch_size=1"))
@@ -184,7 +206,10 @@ def setup(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def predict_py(main, model: Path, images: list[Path], tmp_path: Path) -> dict[str, list]:
-    r = main("predict.py", [f"ckpt_path={model}", f"inputs={images[0].parent}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "predict.py",
+        [f"ckpt_path={model}", f"inputs={images[0].parent}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"],
+    )
     assert r.code == 0, r.err
     return {Path(row["path"]).name: row["top"] for row in map(json.loads, r.out.splitlines())}
 
@@ -247,7 +272,9 @@ def raw(server: Server, head: bytes, body: bytes = b"") -> Reply:
 def bad_requests(server: Server, tmp_path: Path, good: bytes) -> dict[str, tuple[Callable[[], Reply], int, str]]:
     """Each bad request (to send), the status it must get and a phrase its error must hold."""
     big = MAX_BODY_MB * 2**20
-    chunks = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [good] + [b"\0" * 65536] * (big // 65536 + 1)) + b"0\r\n\r\n"
+    chunks = (
+        b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in [good] + [b"\0" * 65536] * (big // 65536 + 1)) + b"0\r\n\r\n"
+    )
     bomb, bomb2 = bomb_png(tmp_path / "bomb.png", 30_000, 30_000), bomb_png(tmp_path / "bomb2.png", 10_000, 10_000)
     return {
         "not an image": (lambda: server.post(b"just some text\n"), 400, "not an image file"),
@@ -261,10 +288,24 @@ def bad_requests(server: Server, tmp_path: Path, good: bytes) -> dict[str, tuple
         "no file": (lambda: server.post(*form()), 400, "one file, this one has 0"),
         "unknown path": (lambda: server.post(good, path="/predict/v2"), 404, "Not Found"),
         # 100 MB announced, 10 bytes sent: refused from the header, without waiting for the body
-        "announced too large": (lambda: raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                                                    b"Content-Length: 104857600\r\n\r\n", good[:10]), 413, "over max_body_mb"),
-        "chunked too large": (lambda: raw(server, b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                                                  b"Transfer-Encoding: chunked\r\n\r\n", chunks), 413, "over max_body_mb"),
+        "announced too large": (
+            lambda: raw(
+                server,
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 104857600\r\n\r\n",
+                good[:10],
+            ),
+            413,
+            "over max_body_mb",
+        ),
+        "chunked too large": (
+            lambda: raw(
+                server,
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n",
+                chunks,
+            ),
+            413,
+            "over max_body_mb",
+        ),
     }
 
 
@@ -274,16 +315,25 @@ def test_bad_input_gets_a_4xx_and_the_server_goes_on(setup: Setup, tmp_path: Pat
     for name, (send, status, phrase) in bad_requests(setup.batched, tmp_path, image.read_bytes()).items():
         reply = send()
         assert reply.status == status, (name, reply)
-        assert list(reply.body) == ["error"] and phrase in reply.body["error"] and "\n" not in reply.body["error"], (name, reply)
+        assert list(reply.body) == ["error"] and phrase in reply.body["error"] and "\n" not in reply.body["error"], (
+            name,
+            reply,
+        )
         assert reply.headers["content-type"] == "application/json", (name, reply)
         assert setup.batched.top(image) == expected, name
     # a client that goes away halfway through its body: nothing to answer, no server error either
     with socket.create_connection(("127.0.0.1", setup.batched.port), timeout=60) as s:
-        s.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n" + image.read_bytes()[:100])
+        s.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+            + image.read_bytes()[:100]
+        )
     assert setup.batched.top(image) == expected
     # chunked and within the limit is fine
-    ok = raw(setup.batched, b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
-             b"%x\r\n%s\r\n0\r\n\r\n" % (len(image.read_bytes()), image.read_bytes()))
+    ok = raw(
+        setup.batched,
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"%x\r\n%s\r\n0\r\n\r\n" % (len(image.read_bytes()), image.read_bytes()),
+    )
     assert ok.status == 200 and ok.body["top"] == expected
     log = setup.batched.log.read_text()
     assert "Traceback" not in log and "Internal server error" not in log, log[-3000:]
@@ -298,12 +348,16 @@ def test_page_health_and_address(setup: Setup) -> None:
     with urllib.request.urlopen(setup.batched.url + "/health", timeout=60) as r:
         assert r.status == 200 and r.read() == b"ok"
     # listening on 127.0.0.1 only (state 0A: LISTEN)
-    listening = [line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:] if line.split()[3] == "0A"]
+    listening = [
+        line.split()[1] for line in Path("/proc/net/tcp").read_text().splitlines()[1:] if line.split()[3] == "0A"
+    ]
     assert f"0100007F:{setup.batched.port:04X}" in listening
     assert f"00000000:{setup.batched.port:04X}" not in listening
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"
+)
 def test_page_shows_the_top_classes(setup: Setup) -> None:
     """In a real browser: choose a file, see it and its top classes as bars, as the API answers."""
     from playwright.sync_api import sync_playwright
@@ -317,15 +371,21 @@ def test_page_shows_the_top_classes(setup: Setup) -> None:
             page.goto(setup.batched.url + "/")
             page.set_input_files("#file", str(image))
             page.wait_for_selector(".row", timeout=60_000)
-            rows = page.eval_on_selector_all(".row", """rows => rows.map(r => [r.dataset.name, Number(r.dataset.p),
-                r.querySelector('.name').textContent, r.querySelector('.pct').textContent, r.querySelector('.bar').style.width])""")
+            rows = page.eval_on_selector_all(
+                ".row",
+                """rows => rows.map(r => [r.dataset.name, Number(r.dataset.p),
+                r.querySelector('.name').textContent, r.querySelector('.pct').textContent,
+                r.querySelector('.bar').style.width])""",
+            )
             assert page.get_attribute("#preview", "src").startswith("blob:")
             assert page.text_content("#error") == ""
         finally:
             browser.close()
     assert [[name, p] for name, p, *_ in rows] == expected
     for (name, p, label, pct, width), _ in zip(rows, expected):
-        assert label == name and pct == f"{100 * p:.1f}%" and float(width.rstrip("%")) == pytest.approx(100 * p, abs=0.051)
+        assert (
+            label == name and pct == f"{100 * p:.1f}%" and float(width.rstrip("%")) == pytest.approx(100 * p, abs=0.051)
+        )
 
 
 def test_bad_options_are_one_line(setup: Setup, tmp_path: Path) -> None:
@@ -354,9 +414,18 @@ def test_bad_options_are_one_line(setup: Setup, tmp_path: Path) -> None:
 
 
 def test_without_the_serve_extra(tmp_path: Path) -> None:
-    code = f"import runpy, sys; sys.modules['litserve'] = None; sys.argv = ['serve.py', 'ckpt_path=x']; runpy.run_path({str(ROOT / 'serve.py')!r}, run_name='__main__')"
-    r = subprocess.run([sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and r.stderr == 'error: serve.py needs the serve extra: pip install -e ".[serve]"\n' and r.stdout == ""
+    code = (
+        "import runpy, sys; sys.modules['litserve'] = None; sys.argv = ['serve.py', 'ckpt_path=x']; "
+        f"runpy.run_path({str(ROOT / 'serve.py')!r}, run_name='__main__')"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert (
+        r.returncode == 1
+        and r.stderr == 'error: serve.py needs the serve extra: pip install -e ".[serve]"\n'
+        and r.stdout == ""
+    )
 
 
 def answered_json(reply: Reply) -> None:
@@ -428,8 +497,12 @@ def test_a_good_request_is_answered_while_costly_ones_are_in_flight(setup: Setup
         heavy = [pool.submit(costly, near_limit.getvalue(), "image/png") for _ in range(3)]
         parts = pool.submit(costly, body, content_type)
         go.wait()
-        good = call(urllib.request.Request(server.url + "/predict", data=image.read_bytes(),
-                                           headers={"Content-Type": "image/png"}, method="POST"), timeout=10)
+        good = call(
+            urllib.request.Request(
+                server.url + "/predict", data=image.read_bytes(), headers={"Content-Type": "image/png"}, method="POST"
+            ),
+            timeout=10,
+        )
         assert good.status == 200 and good.body["top"] == expected
         for reply in heavy:
             assert reply.result() is not None and reply.result().status == 200, reply.result()
@@ -477,7 +550,11 @@ def metrics(server: Server) -> dict[str, float]:
     with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line and not line.startswith("#")}
+    return {
+        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line and not line.startswith("#")
+    }
 
 
 def test_metrics_and_routes(setup: Setup) -> None:
@@ -528,5 +605,8 @@ def test_a_dead_worker_stops_the_server(setup: Setup) -> None:
     assert server.proc.wait(120) == 1
     assert_all_gone(children)
     log = server.log.read_text()
-    assert log.rstrip().splitlines()[-1] == "error: the inference worker stopped (exit code -9; its log is above), so the server did"
+    assert (
+        log.rstrip().splitlines()[-1]
+        == "error: the inference worker stopped (exit code -9; its log is above), so the server did"
+    )
     assert "Traceback" not in log, log[-3000:]

@@ -10,13 +10,13 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-from conftest import FAST, datamodule, error_line, run_dirs
-from tiny_files import CIFAR100_SPLITS, SVHN_SPLITS, cifar100_split, svhn_split
 from hydra.errors import InstantiationException
 from PIL import Image
 
 from cifarkit.errors import UserError
 from cifarkit.sources import CIFAR100_COARSE, CIFAR100_FINE, SVHN_CLASSES
+from conftest import FAST, datamodule, error_line, run_dirs
+from tiny_files import CIFAR100_SPLITS, SVHN_SPLITS, cifar100_split, svhn_split
 
 
 def source(tmp_path: Path, name: str, *overrides: str):
@@ -74,7 +74,13 @@ def test_corrupt_cifar100_is_detected(broken: str, tiny_cifar100: dict, tmp_path
     path = tmp_path / "data" / "cifar-100-python" / broken
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     fresh = source(tmp_path, "cifar100", "data.download=false", f"data.cache_dir={tmp_path / 'fresh'}")
-    with pytest.raises(UserError, match=r"CIFAR-100 in data.data_dir=.* is missing or corrupt .*put the extracted 'cifar-100-python' folder there"):
+    with pytest.raises(
+        UserError,
+        match=(
+            r"CIFAR-100 in data.data_dir=.* is missing or corrupt .*put the "
+            r"extracted 'cifar-100-python' folder there"
+        ),
+    ):
         fresh.prepare_data()
 
 
@@ -84,13 +90,20 @@ def test_svhn_decodes_pixels_and_digits_exactly(tiny_svhn: dict, tmp_path: Path)
     assert dm.augment.flip_p == 0  # a mirrored digit is no digit: crops only
     dm.setup()
     folder = tmp_path / "data" / "svhn"
-    assert sorted(p.name for p in folder.glob("*.mat")) == ["test_32x32.mat", "train_32x32.mat"]  # no extra unless asked
+    assert sorted(p.name for p in folder.glob("*.mat")) == [
+        "test_32x32.mat",
+        "train_32x32.mat",
+    ]  # no extra unless asked
     cached = torch.load(dm.cache_file, weights_only=True)
     for split in ("train", "test"):
         x, digits = svhn_split(split)
         assert 0 in digits.tolist()  # stored as 10 in the file
         assert torch.equal(cached[f"{split}_x"], nchw(x)) and cached[f"{split}_y"].tolist() == digits.tolist(), split
-    assert [len(dm.splits[s][1]) for s in ("train", "val", "test")] == [SVHN_SPLITS["train"][0] - 20, 20, SVHN_SPLITS["test"][0]]
+    assert [len(dm.splits[s][1]) for s in ("train", "val", "test")] == [
+        SVHN_SPLITS["train"][0] - 20,
+        20,
+        SVHN_SPLITS["test"][0],
+    ]
     assert_stats_of_training_split(dm)
 
     # extra=true downloads extra_32x32.mat and trains on train + extra, in that order.
@@ -111,7 +124,9 @@ def test_corrupt_svhn_is_detected(tiny_svhn: dict, tmp_path: Path) -> None:
     path = tmp_path / "data" / "svhn" / "test_32x32.mat"
     path.write_bytes(path.read_bytes()[:-10] + b"0123456789")
     fresh = source(tmp_path, "svhn", "data.download=false", f"data.cache_dir={tmp_path / 'fresh'}")
-    with pytest.raises(UserError, match=r"SVHN in data.data_dir=.*svhn is missing or corrupt .*put train_32x32.mat and test_32x32.mat"):
+    with pytest.raises(
+        UserError, match=r"SVHN in data.data_dir=.*svhn is missing or corrupt .*put train_32x32.mat and test_32x32.mat"
+    ):
         fresh.prepare_data()
 
 
@@ -123,10 +138,15 @@ def go_offline(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     if name == "cifar100":
         monkeypatch.setattr(CIFAR100, "url", f"{nowhere}/cifar-100-python.tar.gz")
     else:
-        monkeypatch.setattr(SVHN, "split_list", {s: [f"{nowhere}/{f}", f, md5] for s, (_, f, md5) in SVHN.split_list.items()})
+        monkeypatch.setattr(
+            SVHN, "split_list", {s: [f"{nowhere}/{f}", f, md5] for s, (_, f, md5) in SVHN.split_list.items()}
+        )
 
 
-WHERE = {"cifar100": ("data", "the extracted 'cifar-100-python' folder"), "svhn": ("data/svhn", "train_32x32.mat and test_32x32.mat")}
+WHERE = {
+    "cifar100": ("data", "the extracted 'cifar-100-python' folder"),
+    "svhn": ("data/svhn", "train_32x32.mat and test_32x32.mat"),
+}
 
 
 @pytest.mark.parametrize("name", ["cifar100", "svhn"])
@@ -138,16 +158,26 @@ def test_offline_without_the_files_says_where_to_put_them(name: str, tmp_path: P
     r = main("train.py", args)
     assert r.code == 1
     last = error_line(r.err)
-    assert last.startswith(f"error: could not download {'CIFAR-100' if name == 'cifar100' else 'SVHN'} into data.data_dir={tmp_path / folder} (")
+    assert last.startswith(
+        f"error: could not download {'CIFAR-100' if name == 'cifar100' else 'SVHN'} into "
+        f"data.data_dir={tmp_path / folder} ("
+    )
     assert last.endswith(f"put {files} there and run with data.download=false"), last
     with pytest.raises(UserError, match=f"put {files} .*there, or run with data.download=true") as e:
         source(tmp_path, name, "data.download=false").prepare_data()
     assert str(tmp_path / folder) in str(e.value) and "\n" not in str(e.value)
 
 
-def test_cifar100_trains_and_its_checkpoint_evaluates_predicts_and_exports(tiny_cifar100: dict, tmp_path: Path, main) -> None:
-    """``python train.py data=cifar100``, then eval.py, predict.py and export.py on its checkpoint, as users run them."""
-    data = ["data=cifar100", f"paths.data_dir={tmp_path / 'data'}", "data.val_size=20", f"paths.log_dir={tmp_path / 'logs'}"]
+def test_cifar100_trains_and_its_checkpoint_evaluates_predicts_and_exports(
+    tiny_cifar100: dict, tmp_path: Path, main
+) -> None:
+    """``python train.py data=cifar100``, then eval.py, predict.py and export.py on its checkpoint, as users do."""
+    data = [
+        "data=cifar100",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "data.val_size=20",
+        f"paths.log_dir={tmp_path / 'logs'}",
+    ]
     r = main("train.py", FAST + data + ["+trainer.limit_train_batches=2"])  # the whole test split is tested
     assert r.code == 0, r.err[-3000:]
     (run,) = run_dirs(tmp_path / "logs")
@@ -165,12 +195,21 @@ def test_cifar100_trains_and_its_checkpoint_evaluates_predicts_and_exports(tiny_
 
     image = tmp_path / "apple.png"
     Image.fromarray(cifar100_split("test")[0][0]).save(image)
-    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={image}", "format=json", "top_k=5", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "predict.py",
+        [f"ckpt_path={ckpt}", f"inputs={image}", "format=json", "top_k=5", f"paths.log_dir={tmp_path / 'logs'}"],
+    )
     assert r.code == 0, r.err[-3000:]
     (row,) = [json.loads(line) for line in r.out.splitlines()]
     assert len(row["top"]) == 5 and {name for name, _ in row["top"]} <= set(CIFAR100_FINE)
 
-    r = main("export.py", [f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "export.py", [f"ckpt_path={ckpt}", f"output={tmp_path / 'model.onnx'}", f"paths.log_dir={tmp_path / 'logs'}"]
+    )
     assert r.code == 0, r.err[-3000:]
-    meta = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta().custom_metadata_map
+    meta = (
+        ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        .get_modelmeta()
+        .custom_metadata_map
+    )
     assert json.loads(meta["classes"]) == CIFAR100_FINE

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST, compose, folder_overrides
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
+
+from conftest import FAST, compose, folder_overrides
 
 # Fewer batches than FAST alone: a sweep runs several of these.
 TINY = FAST + ["+trainer.limit_train_batches=2", "+trainer.limit_val_batches=1"]
@@ -83,27 +84,48 @@ def test_summary_lists_every_job_and_marks_failures(tmp_path: Path, capsys: pyte
     assert "2/4 completed" in capsys.readouterr().out
 
 
-def test_jobs_differing_only_in_seed_are_summarized_with_mean_std_and_n(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_jobs_differing_only_in_seed_are_summarized_with_mean_std_and_n(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     sweep = tmp_path / "sweep"
     accs = {"0.01": [0.50, 0.54, 0.58], "0.001": [0.60, 0.70]}
     job = 0
     for lr, values in accs.items():
         for seed, acc in enumerate(values):
-            fake_job(sweep, str(job), lr, {"status": "completed", "val/acc_best": acc, "test/acc": acc - 0.1, "epochs": 2}, seed)
+            fake_job(
+                sweep,
+                str(job),
+                lr,
+                {"status": "completed", "val/acc_best": acc, "test/acc": acc - 0.1, "epochs": 2},
+                seed,
+            )
             job += 1
     fake_job(sweep, str(job), "0.001", {"status": "failed", "error": "NaN"}, seed=2)  # not counted in n
     summarize(tmp_path, sweep)
 
     assert len(read_jobs(sweep)) == 6
     configs = read_jobs(sweep, "summary.csv")
-    assert list(configs[0]) == ["model.optimizer.lr", "status", "n", "failed", "val/acc_best", "val/acc_best_std",
-                                "test/acc", "test/acc_std", "jobs"]
+    assert list(configs[0]) == [
+        "model.optimizer.lr",
+        "status",
+        "n",
+        "failed",
+        "val/acc_best",
+        "val/acc_best_std",
+        "test/acc",
+        "test/acc_std",
+        "jobs",
+    ]
     first, second = configs
     assert (first["model.optimizer.lr"], first["n"], first["failed"], first["jobs"]) == ("0.01", "3", "0", "0 1 2")
-    assert float(first["val/acc_best"]) == pytest.approx(0.54) and float(first["val/acc_best_std"]) == pytest.approx(0.04)
+    assert float(first["val/acc_best"]) == pytest.approx(0.54) and float(first["val/acc_best_std"]) == pytest.approx(
+        0.04
+    )
     assert float(first["test/acc"]) == pytest.approx(0.44) and float(first["test/acc_std"]) == pytest.approx(0.04)
     assert (second["n"], second["failed"], second["status"]) == ("2", "1", "partly failed")
-    assert float(second["val/acc_best"]) == pytest.approx(0.65) and float(second["val/acc_best_std"]) == pytest.approx(0.0707107)
+    assert float(second["val/acc_best"]) == pytest.approx(0.65) and float(second["val/acc_best_std"]) == pytest.approx(
+        0.0707107
+    )
     assert_plot(sweep / "summary.png")
     out = capsys.readouterr().out
     assert "mean ± std over seeds" in out and "0.5400" in out
@@ -113,10 +135,16 @@ def test_one_configuration_over_seeds_still_gets_a_plot(tmp_path: Path) -> None:
     """``-m experiment=... seed=0,1,2``: nothing but the seed varies, so one bar group, one row."""
     sweep = tmp_path / "sweep"
     for seed, acc in enumerate([0.9, 0.92, 0.94]):
-        fake_job(sweep, str(seed), "0.001", {"status": "completed", "val/acc_best": acc, "test/acc": acc, "epochs": 10}, seed)
+        fake_job(
+            sweep, str(seed), "0.001", {"status": "completed", "val/acc_best": acc, "test/acc": acc, "epochs": 10}, seed
+        )
     summarize(tmp_path, sweep)
     (config,) = read_jobs(sweep, "summary.csv")
-    assert config["n"] == "3" and float(config["test/acc"]) == pytest.approx(0.92) and float(config["test/acc_std"]) == pytest.approx(0.02)
+    assert (
+        config["n"] == "3"
+        and float(config["test/acc"]) == pytest.approx(0.92)
+        and float(config["test/acc_std"]) == pytest.approx(0.02)
+    )
     assert_plot(sweep / "summary.png")
 
 
@@ -128,16 +156,23 @@ def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path
     (sweep,) = sweep_dirs(logs)
     rows = read_jobs(sweep)
     assert [(r["job"], r["model.optimizer.lr"], r["status"]) for r in rows] == [
-        ("0", "0.01", "completed"), ("1", "0.001", "completed"), ("2", "-1", "failed")
+        ("0", "0.01", "completed"),
+        ("1", "0.001", "completed"),
+        ("2", "-1", "failed"),
     ]
     assert list(rows[0]) == ["job", "status", "model.optimizer.lr", "val/acc_best", "test/acc", "epochs", "overrides"]
-    assert all(0 <= float(r["val/acc_best"]) <= 1 and 0 <= float(r["test/acc"]) <= 1 and r["epochs"] == "1" for r in rows[:2])
+    assert all(
+        0 <= float(r["val/acc_best"]) <= 1 and 0 <= float(r["test/acc"]) <= 1 and r["epochs"] == "1" for r in rows[:2]
+    )
     assert_rows_match_jobs(sweep, rows)
     assert rows[2]["val/acc_best"] == rows[2]["test/acc"] == ""
     assert "Invalid learning rate" in json.loads((sweep / "2" / "metrics.json").read_text())["error"]
     configs = read_jobs(sweep, "summary.csv")  # no seeds: one configuration per job
     assert [(c["model.optimizer.lr"], c["n"], c["status"]) for c in configs] == [
-        ("0.01", "1", "completed"), ("0.001", "1", "completed"), ("-1", "0", "failed")]
+        ("0.01", "1", "completed"),
+        ("0.001", "1", "completed"),
+        ("-1", "0", "failed"),
+    ]
     assert [float(c["test/acc"]) for c in configs[:2]] == [float(r["test/acc"]) for r in rows[:2]]
     assert_plot(sweep / "summary.png")
     assert "2/3 completed" in r.out
@@ -146,8 +181,14 @@ def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path
 def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp_path: Path, main) -> None:
     """Plain ddp starts rank 1 by re-running the command line, which inside -m would re-run the sweep."""
     logs = tmp_path / "logs"
-    args = ["-m", *TINY, *folder_overrides(image_folder, tmp_path), f"paths.log_dir={logs}", "trainer=ddp_sim",
-            "model.optimizer.lr=1e-3,1e-4"]
+    args = [
+        "-m",
+        *TINY,
+        *folder_overrides(image_folder, tmp_path),
+        f"paths.log_dir={logs}",
+        "trainer=ddp_sim",
+        "model.optimizer.lr=1e-3,1e-4",
+    ]
     r = main("train.py", args)
     assert r.code == 0, r.err[-3000:]
     (sweep,) = sweep_dirs(logs)
@@ -162,8 +203,14 @@ def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path
     import optuna
 
     logs = tmp_path / "logs"
-    base = ["hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", *TINY, *folder_overrides(image_folder, tmp_path),
-            f"paths.log_dir={logs}", "test=false"]
+    base = [
+        "hparams_search=lr_optuna",
+        "hydra.sweeper.n_trials=2",
+        *TINY,
+        *folder_overrides(image_folder, tmp_path),
+        f"paths.log_dir={logs}",
+        "test=false",
+    ]
     first = main("train.py", base)
     assert first.code == 0, first.err[-3000:]
     # Run again, as after an interruption; these two trials fail (bad input) and the search goes on.
@@ -189,8 +236,17 @@ def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path
 
 
 def test_sweep_and_slurm_presets_compose(tmp_path: Path) -> None:
-    cfg = compose(tmp_path, ["hparams_search=lr_optuna", "hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.gpus_per_node=4",
-                             "hydra.launcher.partition=gpu"], with_hydra=True)
+    cfg = compose(
+        tmp_path,
+        [
+            "hparams_search=lr_optuna",
+            "hydra/launcher=slurm",
+            "trainer=ddp",
+            "hydra.launcher.gpus_per_node=4",
+            "hydra.launcher.partition=gpu",
+        ],
+        with_hydra=True,
+    )
     sweeper, launcher = cfg.hydra.sweeper, cfg.hydra.launcher
     assert sweeper.direction == "maximize" and sweeper.n_trials == 20 and cfg.optimized_metric == "val/acc_best"
     assert sweeper.params["model.optimizer.lr"] == "tag(log, interval(1e-5, 1e-1))"

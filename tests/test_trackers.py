@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import FAST, compose, error_line, folder_overrides
 from lightning.fabric.utilities.logger import _flatten_dict
 
 from cifarkit.trackers import run_name
 from cifarkit.train import train
+from conftest import FAST, compose, error_line, folder_overrides
 
 TINY = ["data.image_size=8"]  # a 1.6M-parameter BasicCNN: small checkpoints to write and upload
 
@@ -31,7 +31,10 @@ TINY = ["data.image_size=8"]  # a 1.6M-parameter BasicCNN: small checkpoints to 
 @pytest.mark.parametrize("extra", ["mlflow", "wandb"])
 def test_a_missing_extra_is_one_line(extra: str, image_folder: Path, tmp_path: Path, main, monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, extra, None)  # import mlflow / import wandb fails
-    r = main("train.py", FAST + folder_overrides(image_folder, tmp_path) + [f"logger={extra}", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "train.py",
+        FAST + folder_overrides(image_folder, tmp_path) + [f"logger={extra}", f"paths.log_dir={tmp_path / 'logs'}"],
+    )
     assert r.code == 1
     assert error_line(r.err) == f'error: logger={extra} needs the {extra} extra: pip install -e ".[{extra}]"'
 
@@ -55,7 +58,9 @@ def mlflow_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
         pytest.importorskip("mlflow")
         from mlflow.tracking import MlflowClient
 
-        cfg = compose(tmp, FAST + folder_overrides(image_folder, tmp) + TINY + ["logger=mlflow", "trainer.max_epochs=2"])
+        cfg = compose(
+            tmp, FAST + folder_overrides(image_folder, tmp) + TINY + ["logger=mlflow", "trainer.max_epochs=2"]
+        )
         train(cfg)
         db = tmp / "logs" / "mlflow.db"
         assert db.is_file() and cfg.logger.mlflow.tracking_uri == f"sqlite:///{db}"
@@ -73,8 +78,13 @@ def test_mlflow_params_are_the_configuration_once(mlflow_run) -> None:
     assert run.data.tags["run_dir"] == str(out.resolve())
     ckpt = torch.load(metrics["best_ckpt"], weights_only=True)
     config = _flatten_dict({**ckpt["hyper_parameters"], **ckpt["datamodule_hyper_parameters"]})
-    trainer = {"trainer/max_epochs": "2", "trainer/max_steps": "-1", "trainer/world_size": "1", "trainer/budget_s": "None",
-               "trainer/precision": metrics["precision"]}
+    trainer = {
+        "trainer/max_epochs": "2",
+        "trainer/max_steps": "-1",
+        "trainer/world_size": "1",
+        "trainer/budget_s": "None",
+        "trainer/precision": metrics["precision"],
+    }
     assert run.data.params == {k: str(v) for k, v in config.items()} | trainer
     assert run.data.params["optimizer/lr"] == "0.001" and run.data.params["batch_size"] == "8"
 
@@ -102,7 +112,13 @@ def test_mlflow_artifacts_are_the_pictures_and_the_best_checkpoint(mlflow_run, t
                 folders.append(a.path)
             else:
                 listed.add(a.path)
-    assert listed == {"samples.png", "confusion_matrix.png", f"{best.stem}/{best.name}", f"{best.stem}/metadata.yaml", f"{best.stem}/aliases.txt"}
+    assert listed == {
+        "samples.png",
+        "confusion_matrix.png",
+        f"{best.stem}/{best.name}",
+        f"{best.stem}/metadata.yaml",
+        f"{best.stem}/aliases.txt",
+    }
 
     def fetch(path: str) -> Path:
         return Path(client.download_artifacts(run.info.run_id, path, str(tmp_path)))
@@ -131,9 +147,25 @@ def test_mlflow_ui_serves_the_runs_of_the_projects_store(mlflow_run) -> None:
     assert store.startswith("sqlite:///")
     mlflow = Path(sys.executable).parent / "mlflow"
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    ui = subprocess.Popen([str(mlflow), "ui", "--backend-store-uri", store, "--host", "127.0.0.1", "--port", str(port),
-                           "--workers", "1"],  # its default, 4, takes minutes to start on a loaded 2-core machine
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    ui = subprocess.Popen(
+        [
+            str(mlflow),
+            "ui",
+            "--backend-store-uri",
+            store,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],  # its default, 4, takes minutes to start on a loaded 2-core machine
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 300
@@ -148,7 +180,9 @@ def test_mlflow_ui_serves_the_runs_of_the_projects_store(mlflow_run) -> None:
                 time.sleep(0.5)
         assert page.status == 200 and "<title>MLflow" in html
         body = json.dumps({"experiment_ids": [run.info.experiment_id]}).encode()
-        search = urllib.request.Request(f"{base}/ajax-api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+        search = urllib.request.Request(
+            f"{base}/ajax-api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(search, timeout=30) as answer:
             runs = json.loads(answer.read())["runs"]
         assert [(r["info"]["run_id"], r["info"]["run_name"]) for r in runs] == [(run.info.run_id, "out")]
@@ -195,9 +229,17 @@ def no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server.seen = []
     threading.Thread(target=server.serve_forever, daemon=True).start()
     trap = f"http://127.0.0.1:{server.server_address[1]}"
-    env = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_CONSOLE": "off", "WANDB_DISABLE_CODE": "true",
-           "WANDB_DISABLE_GIT": "true", "WANDB_ERROR_REPORTING": "false", "WANDB_BASE_URL": trap, "HTTP_PROXY": trap,
-           "HTTPS_PROXY": trap}
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "WANDB_CONSOLE": "off",
+        "WANDB_DISABLE_CODE": "true",
+        "WANDB_DISABLE_GIT": "true",
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_BASE_URL": trap,
+        "HTTP_PROXY": trap,
+        "HTTPS_PROXY": trap,
+    }
     for name in ("CONFIG", "CACHE", "DATA", "ARTIFACT"):
         env[f"WANDB_{name}_DIR"] = str(tmp_path / f"wandb-{name.lower()}")
     for key, value in env.items():
@@ -227,8 +269,13 @@ def test_wandb_offline_run_lives_in_the_run_directory(image_folder: Path, tmp_pa
     metrics = json.loads((out / "metrics.json").read_text())
     (offline,) = (out / "wandb").glob("offline-run-*")
     (log,) = offline.glob("run-*.wandb")
-    reader = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
-                            capture_output=True, text=True, timeout=120, check=True)
+    reader = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(log)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     records = [json.loads(line) for line in reader.stdout.splitlines()]
     kinds = {}
     for r in records:

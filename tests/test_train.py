@@ -11,12 +11,12 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import open_dict
-from conftest import FAST, add_callback, folder_overrides, run_dirs
-from tiny_files import write_image_folder
 
 from cifarkit.devices import resolve_precision
 from cifarkit.errors import UserError
 from cifarkit.train import evaluate, optimized_value, train
+from conftest import FAST, add_callback, folder_overrides, run_dirs
+from tiny_files import write_image_folder
 
 
 @pytest.mark.parametrize("source", ["cifar10", "image_folder"])
@@ -50,11 +50,19 @@ def test_same_seed_same_metrics(image_folder: Path, compose_cfg, tmp_path: Path)
 
 
 def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
-        "trainer.max_epochs=2", "model.optimizer._target_=torch.optim.SGD", "model.optimizer.fused=null",
-        "+model.optimizer.momentum=0.9", "model.label_smoothing=0.1", "test=false",
-        "model.scheduler={_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 1, gamma: 0.5}",
-    ])
+    cfg = compose_cfg(
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + [
+            "trainer.max_epochs=2",
+            "model.optimizer._target_=torch.optim.SGD",
+            "model.optimizer.fused=null",
+            "+model.optimizer.momentum=0.9",
+            "model.label_smoothing=0.1",
+            "test=false",
+            "model.scheduler={_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 1, gamma: 0.5}",
+        ]
+    )
     train(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert "test/acc" not in metrics and metrics["epochs"] == 2
@@ -65,8 +73,12 @@ def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_
     assert opt["param_groups"][0]["momentum"] == 0.9 and opt["param_groups"][0]["lr"] == pytest.approx(1e-3 * 0.5**2)
 
 
-def test_data_with_other_classes_is_refused_by_eval_and_by_a_resume(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["+trainer.limit_train_batches=2", "test=false"])
+def test_data_with_other_classes_is_refused_by_eval_and_by_a_resume(
+    image_folder: Path, compose_cfg, tmp_path: Path
+) -> None:
+    cfg = compose_cfg(
+        FAST + folder_overrides(image_folder, tmp_path) + ["+trainer.limit_train_batches=2", "test=false"]
+    )
     train(cfg)
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
     for classes in (["a", "b", "c", "d"], ["cat", "dog", "toad"]):  # more classes; as many, one of them another
@@ -104,7 +116,11 @@ class BatchDigests(L.Callback):
 def overfit_run(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch, epochs: int) -> BatchDigests:
     probe = BatchDigests()
     add_callback(monkeypatch, probe)
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["debug=overfit", f"trainer.max_epochs={epochs}", "test=false"])
+    cfg = compose_cfg(
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + ["debug=overfit", f"trainer.max_epochs={epochs}", "test=false"]
+    )
     train(cfg)
     assert len(probe.batches) == epochs and len(probe.batches[0]) == 4  # overfit_batches=4
     assert all(epoch == probe.batches[0] for epoch in probe.batches)  # the same 4 batches every epoch
@@ -141,12 +157,17 @@ def test_precision_auto_never_picks_emulated_bf16(monkeypatch) -> None:
 def test_eval_prepares_images_as_the_checkpoint_says(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     """A net trained on 16-pixel, unnormalized images with its own validation split is scored on
     images prepared the same way, whatever eval.py's data options say."""
-    cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [
-        "data.image_size=16", "data.normalize=false", "data.val_size=6", "trainer.max_epochs=2"])
+    cfg = compose_cfg(
+        FAST
+        + folder_overrides(image_folder, tmp_path)
+        + ["data.image_size=16", "data.normalize=false", "data.val_size=6", "trainer.max_epochs=2"]
+    )
     train(cfg)
     trained = json.loads((tmp_path / "out" / "metrics.json").read_text())
-    ecfg = compose_cfg(["trainer=cpu", f"ckpt_path={trained['best_ckpt']}", *folder_overrides(image_folder, tmp_path)],
-                       config_name="eval")
+    ecfg = compose_cfg(
+        ["trainer=cpu", f"ckpt_path={trained['best_ckpt']}", *folder_overrides(image_folder, tmp_path)],
+        config_name="eval",
+    )
     evaluated = evaluate(ecfg)  # whose data options say 32 pixels, normalized
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-4)
@@ -163,15 +184,24 @@ def test_optimized_value_without_validation() -> None:
         optimized_value("val/acc_bestt", {"val/acc_best": 0.5}, has_validation=True)
 
 
-@pytest.mark.filterwarnings("ignore:`ModelCheckpoint\\(monitor='val/acc'\\)` could not find")  # Lightning's note that no validation ran
+@pytest.mark.filterwarnings(
+    "ignore:`ModelCheckpoint\\(monitor='val/acc'\\)` could not find"
+)  # Lightning's note that no validation ran
 def test_a_run_that_stops_before_its_first_validation_ends_well(image_folder: Path, main, tmp_path: Path) -> None:
     """The default recipe cut to 3 steps of a 9-step epoch: trained, tested, exit 0, optimized metric nan."""
     logs = tmp_path / "logs"
-    r = main("train.py", FAST + folder_overrides(image_folder, tmp_path) + ["trainer.max_steps=3", f"paths.log_dir={logs}"])
+    r = main(
+        "train.py", FAST + folder_overrides(image_folder, tmp_path) + ["trainer.max_steps=3", f"paths.log_dir={logs}"]
+    )
     assert r.code == 0, r.err[-3000:]
     assert "the run ended before its first validation, so val/acc_best was not measured; returning nan" in r.out + r.err
     metrics = json.loads((run_dirs(logs)[0] / "metrics.json").read_text())
-    assert metrics["status"] == "completed" and metrics["steps"] == 3 and "val/acc_best" not in metrics and 0 <= metrics["test/acc"] <= 1
+    assert (
+        metrics["status"] == "completed"
+        and metrics["steps"] == 3
+        and "val/acc_best" not in metrics
+        and 0 <= metrics["test/acc"] <= 1
+    )
 
 
 def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
@@ -179,13 +209,19 @@ def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, co
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
     results = {}
     for tta in ("none", "flip_translate"):
-        cfg = compose_cfg(["trainer=cpu", f"ckpt_path={ckpt}", f"tta={tta}", *folder_overrides(image_folder, tmp_path)], "eval")
+        cfg = compose_cfg(
+            ["trainer=cpu", f"ckpt_path={ckpt}", f"tta={tta}", *folder_overrides(image_folder, tmp_path)], "eval"
+        )
         results[tta] = evaluate(cfg)
         assert json.loads((tmp_path / "out" / "metrics.json").read_text())["tta"] == tta
     assert results["none"]["test/loss"] != results["flip_translate"]["test/loss"]
     assert 0 <= results["flip_translate"]["test/acc"] <= 1
     with pytest.raises(UserError, match="tta='mirror' is not known"):
-        evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={ckpt}", "tta=mirror", *folder_overrides(image_folder, tmp_path)], "eval"))
+        evaluate(
+            compose_cfg(
+                ["trainer=cpu", f"ckpt_path={ckpt}", "tta=mirror", *folder_overrides(image_folder, tmp_path)], "eval"
+            )
+        )
 
 
 @pytest.mark.slow  # torch.compile's first compilation on the CPU takes tens of seconds
@@ -209,5 +245,9 @@ def test_compiled_training_checkpoints_resumes_and_exports(image_folder: Path, c
     from cifarkit.export import export_model
 
     onnx_path, _ = export_model(metrics["best_ckpt"], "onnx", None, ["cifarkit."])
-    evaluated = evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={metrics['best_ckpt']}", *folder_overrides(image_folder, tmp_path)], "eval"))
+    evaluated = evaluate(
+        compose_cfg(
+            ["trainer=cpu", f"ckpt_path={metrics['best_ckpt']}", *folder_overrides(image_folder, tmp_path)], "eval"
+        )
+    )
     assert onnx_path.is_file() and evaluated["test/acc"] == pytest.approx(metrics["test/acc"], abs=1e-6)

@@ -24,24 +24,13 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import (
-    DATA_INFO3,
-    ROOT,
-    compose,
-    craft_checkpoint,
-    datamodule,
-    error_line,
-    folder_overrides,
-)
 from PIL import Image
-from tiny_files import write_image_folder
-from untrusted_files import EPS, fake_gs, mutants, seeds
 
+from cifarkit.checkpoint_io import CarryCheckpoints
 from cifarkit.errors import UserError
 from cifarkit.images import load_image
 from cifarkit.model import BasicCNN
 from cifarkit.rundir import completed, find_unfinished
-from cifarkit.checkpoint_io import CarryCheckpoints
 from cifarkit.untrusted import (
     BACKGROUND,
     ImageTooLarge,
@@ -51,6 +40,17 @@ from cifarkit.untrusted import (
     shown,
     to_json,
 )
+from conftest import (
+    DATA_INFO3,
+    ROOT,
+    compose,
+    craft_checkpoint,
+    datamodule,
+    error_line,
+    folder_overrides,
+)
+from tiny_files import write_image_folder
+from untrusted_files import EPS, fake_gs, mutants, seeds
 
 FIX = "send a PNG or JPEG file"
 
@@ -74,7 +74,13 @@ def test_only_png_and_jpeg_are_decoded() -> None:
         if fmt in ("PNG", "JPEG", "MPO"):  # an MPO file is a JPEG with an extension: decoded as one
             assert decode(data).shape == (32, 32, 3), fmt
             continue
-        with pytest.raises(UserError, match=r"^cannot read the image \(not an image file of a format read here: PNG or JPEG\); send a PNG or JPEG file$"):
+        with pytest.raises(
+            UserError,
+            match=(
+                r"^cannot read the image \(not an image file of a format read here: PNG "
+                r"or JPEG\); send a PNG or JPEG file$"
+            ),
+        ):
             decode(data)
 
 
@@ -89,15 +95,25 @@ def test_ghostscript_is_never_run(tmp_path: Path) -> None:
     (images / "a.png").write_bytes(EPS)  # the suffix is a stranger's too
     (images / "b.eps").write_bytes(EPS)
     Image.new("RGB", (32, 32), "red").save(images / "c.png")
-    code = ("import sys; from PIL import Image; from cifarkit.untrusted import decode_image\n"
-            "for f in sys.argv[1:]:\n"
-            "    try: decode_image(open(f, 'rb').read(), 32, f, 'x')\n"
-            "    except Exception as e: print(type(e).__name__, e)\n")
+    code = (
+        "import sys; from PIL import Image; from cifarkit.untrusted import decode_image\n"
+        "for f in sys.argv[1:]:\n"
+        "    try: decode_image(open(f, 'rb').read(), 32, f, 'x')\n"
+        "    except Exception as e: print(type(e).__name__, e)\n"
+    )
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
-    r = subprocess.run([sys.executable, "-c", code, *map(str, sorted(images.iterdir()))], check=False, env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", code, *map(str, sorted(images.iterdir()))],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
-    assert r.stdout.count("UserError cannot read") == 2 and "not an image file of a format read here" in r.stdout, r.stdout
+    assert r.stdout.count("UserError cannot read") == 2 and "not an image file of a format read here" in r.stdout, (
+        r.stdout
+    )
     assert not record.exists(), record.read_text()
 
 
@@ -105,7 +121,9 @@ def test_pixel_limit_is_applied_before_decoding() -> None:
     """A PNG that declares more pixels than the limit is refused from its header (ImageTooLarge,
     serve.py's 413); a large JPEG is decoded at reduced scale, so a 50-megapixel photo passes."""
     big = png(Image.new("L", (5000, 4000)))  # 20 MP, a few kB
-    with pytest.raises(ImageTooLarge, match=r"too large to decode safely \(5000x4000 pixels is over max_megapixels=16\)"):
+    with pytest.raises(
+        ImageTooLarge, match=r"too large to decode safely \(5000x4000 pixels is over max_megapixels=16\)"
+    ):
         decode(big)
     assert decode(big, max_megapixels=25).shape == (32, 32, 3)  # configurable
     photo = io.BytesIO()
@@ -146,7 +164,11 @@ def test_fuzz_every_format(fmt: str) -> None:
         try:
             got = decode(mutant)
         except UserError as e:
-            assert "\n" not in str(e) and str(e).startswith("cannot read the image") and str(e).endswith(FIX), (fmt, i, e)
+            assert "\n" not in str(e) and str(e).startswith("cannot read the image") and str(e).endswith(FIX), (
+                fmt,
+                i,
+                e,
+            )
             outcomes["refused"] += 1
             continue
         assert got.shape == (32, 32, 3) and got.dtype == np.uint8, (fmt, i)
@@ -176,7 +198,9 @@ def test_predict_output_cannot_be_steered(tmp_path: Path, main) -> None:
     """File names holding escape sequences, a newline and a tab, or bytes that are not UTF-8: one
     line per image, the right number of columns, no control character on stdout or stderr."""
     torch.manual_seed(0)
-    ckpt = craft_checkpoint(tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"}, BasicCNN(num_classes=3).state_dict())
+    ckpt = craft_checkpoint(
+        tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"}, BasicCNN(num_classes=3).state_dict()
+    )
     images = tmp_path / "images"
     images.mkdir()
     names = ["\x1b]0;pwned\x07.png", "a\nforged\t0.99.png", os.fsdecode(b"bad\xff.png"), "fine.png"]
@@ -189,15 +213,22 @@ def test_predict_output_cannot_be_steered(tmp_path: Path, main) -> None:
     assert len(lines) == len(names) and all(len(line.split("\t")) == 3 for line in lines), lines
     assert all(line.isprintable() for line in r.out.replace("\t", " ").splitlines()), r.out
     assert "\x1b" not in r.err and "skipped: cannot read image" in r.err and "\\x1b[2Jbroken.png" in r.err
-    r = main("predict.py", [f"ckpt_path={ckpt}", f"inputs={images}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "predict.py", [f"ckpt_path={ckpt}", f"inputs={images}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"]
+    )
     rows = [json.loads(line) for line in r.out.splitlines()]
     assert sorted(Path(row["path"]).name for row in rows) == sorted(names)
     assert r.out.isascii()
     assert DATA_INFO3["classes"] == sorted({c for row in rows for c, _ in row["top"]})
 
 
-@pytest.mark.parametrize("name,quoted", [("evil\x1b[2J\x1b]0;pwned\x07.ckpt", "evil\\x1b[2J\\x1b]0;pwned\\x07.ckpt"),
-                                         ("evil\nerror: forged.ckpt", "evil error: forged.ckpt")])
+@pytest.mark.parametrize(
+    "name,quoted",
+    [
+        ("evil\x1b[2J\x1b]0;pwned\x07.ckpt", "evil\\x1b[2J\\x1b]0;pwned\\x07.ckpt"),
+        ("evil\nerror: forged.ckpt", "evil error: forged.ckpt"),
+    ],
+)
 def test_an_error_line_quotes_a_name_escaped(name: str, quoted: str, tmp_path: Path, main) -> None:
     """The one error line quotes what it was given (here a missing checkpoint's name, which
     Hydra's parser or the project refuses) with its control characters escaped."""
@@ -224,10 +255,14 @@ def test_nan_is_never_written_as_json(tmp_path: Path, main, monkeypatch: pytest.
             p = torch.full((len(x), 3), 1 / 3)
             p[torch.from_numpy(x).float().mean(dim=(1, 2, 3)) > 128] = math.nan
             return p
+
         return score, ["cat", "dog", "frog"], 32
 
     monkeypatch.setattr(cp, "model_scorer", scorer)
-    r = main("predict.py", [f"ckpt_path={tmp_path / 'x.ckpt'}", f"inputs={images}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"])
+    r = main(
+        "predict.py",
+        [f"ckpt_path={tmp_path / 'x.ckpt'}", f"inputs={images}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"],
+    )
     assert r.code == 0 and [Path(json.loads(line)["path"]).name for line in r.out.splitlines()] == ["a.png"]
     assert "b.png is not a number" in r.err and "\n" not in r.out.rstrip("\n")
     reply = Classifier.encode_response(None, Answer(None, 1, 1))
@@ -281,11 +316,25 @@ def test_a_resume_carries_only_its_own_run_files(tmp_path: Path) -> None:
     secret.write_text("private")
     new = tmp_path / "new" / "checkpoints"
     cb = SimpleNamespace(state_key="ModelCheckpoint", dirpath=str(new))
-    trainer = SimpleNamespace(checkpoint_callbacks=[cb], is_global_zero=True, ckpt_path=str(old / "last.ckpt"),
-                              strategy=SimpleNamespace(barrier=lambda name: None))
-    best = {str(old / "epoch=1.ckpt"): 0.9, str(secret): 0.99, "/etc/passwd": 1.0, str(old / ".." / ".." / "secret.txt"): 0.5}
-    state = {"dirpath": "/etc", "best_k_models": best, "best_model_path": "/etc/passwd", "kth_best_model_path": str(secret),
-             "last_model_path": str(old / "last.ckpt")}
+    trainer = SimpleNamespace(
+        checkpoint_callbacks=[cb],
+        is_global_zero=True,
+        ckpt_path=str(old / "last.ckpt"),
+        strategy=SimpleNamespace(barrier=lambda name: None),
+    )
+    best = {
+        str(old / "epoch=1.ckpt"): 0.9,
+        str(secret): 0.99,
+        "/etc/passwd": 1.0,
+        str(old / ".." / ".." / "secret.txt"): 0.5,
+    }
+    state = {
+        "dirpath": "/etc",
+        "best_k_models": best,
+        "best_model_path": "/etc/passwd",
+        "kth_best_model_path": str(secret),
+        "last_model_path": str(old / "last.ckpt"),
+    }
     CarryCheckpoints().on_load_checkpoint(trainer, None, {"callbacks": {"ModelCheckpoint": state}})
     assert sorted(p.name for p in new.iterdir()) == ["epoch=1.ckpt"]
     assert state["best_k_models"] == {str(new / "epoch=1.ckpt"): 0.9} and state["best_model_path"] == ""
@@ -296,7 +345,11 @@ def test_broken_run_folders_are_read_not_crashed_on(tmp_path: Path) -> None:
     passes such a run over instead of ending in a traceback."""
     runs = tmp_path / "logs" / "train" / "runs"
     cfg = compose(tmp_path, ["trainer=cpu"])
-    for name, metrics, config in (("list", "[1, 2]", None), ("text", "not json", None), ("cut", None, "data:\n  root: [unclosed")):
+    for name, metrics, config in (
+        ("list", "[1, 2]", None),
+        ("text", "not json", None),
+        ("cut", None, "data:\n  root: [unclosed"),
+    ):
         run = runs / name
         (run / "checkpoints").mkdir(parents=True)
         (run / "checkpoints" / "last.ckpt").write_bytes(b"x")

@@ -42,8 +42,15 @@ def cifar_rows(x: np.ndarray) -> np.ndarray:
     return x.transpose(0, 3, 1, 2).reshape(len(x), 3072)
 
 
-def write_cifar_tarball(dest: Path, url: str, tarball: str, folder: str, train: dict[str, dict], test: dict[str, dict],
-                        meta: tuple[str, str, dict]) -> dict:
+def write_cifar_tarball(
+    dest: Path,
+    url: str,
+    tarball: str,
+    folder: str,
+    train: dict[str, dict],
+    test: dict[str, dict],
+    meta: tuple[str, str, dict],
+) -> dict:
     """``tarball`` holding ``folder``/ with each pickled batch and the meta file (its name, its
     names key, its content), as the official CIFAR tarballs are laid out; returns torchvision's
     tables for it, served from ``url``."""
@@ -74,8 +81,15 @@ def write_cifar10_tarball(dest: Path, url: str, per_batch: int = 40, n_test: int
 
     train = {f"data_batch_{i}": batch(f"data_batch_{i}", per_batch, seed=i) for i in range(1, 6)}
     meta = ("batches.meta", "label_names", {"label_names": CIFAR10_CLASSES, "num_cases_per_batch": per_batch})
-    return write_cifar_tarball(dest, url, "cifar-10-python.tar.gz", "cifar-10-batches-py", train,
-                               {"test_batch": batch("test_batch", n_test, seed=99)}, meta)
+    return write_cifar_tarball(
+        dest,
+        url,
+        "cifar-10-python.tar.gz",
+        "cifar-10-batches-py",
+        train,
+        {"test_batch": batch("test_batch", n_test, seed=99)},
+        meta,
+    )
 
 
 CIFAR100_SPLITS = {"train": (120, 1), "test": (60, 2)}  # images, seed
@@ -95,10 +109,24 @@ def write_cifar100_tarball(dest: Path, url: str) -> dict:
 
     def batch(split: str) -> dict:
         x, fine, coarse = cifar100_split(split)
-        return {"filenames": [], "batch_label": split, "fine_labels": fine.tolist(), "coarse_labels": coarse.tolist(), "data": cifar_rows(x)}
+        return {
+            "filenames": [],
+            "batch_label": split,
+            "fine_labels": fine.tolist(),
+            "coarse_labels": coarse.tolist(),
+            "data": cifar_rows(x),
+        }
 
     meta = ("meta", "fine_label_names", {"fine_label_names": CIFAR100_FINE, "coarse_label_names": CIFAR100_COARSE})
-    return write_cifar_tarball(dest, url, "cifar-100-python.tar.gz", "cifar-100-python", {"train": batch("train")}, {"test": batch("test")}, meta)
+    return write_cifar_tarball(
+        dest,
+        url,
+        "cifar-100-python.tar.gz",
+        "cifar-100-python",
+        {"train": batch("train")},
+        {"test": batch("test")},
+        meta,
+    )
 
 
 SVHN_SPLITS = {"train": (60, 11), "test": (30, 12), "extra": (40, 13)}  # images, seed
@@ -120,7 +148,10 @@ def write_svhn_mats(dest: Path, url: str) -> dict:
     for split in SVHN_SPLITS:
         x, digits = svhn_split(split)
         name = f"{split}_32x32.mat"
-        savemat(dest / name, {"X": x.transpose(1, 2, 3, 0), "y": np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]})
+        savemat(
+            dest / name,
+            {"X": x.transpose(1, 2, 3, 0), "y": np.where(digits == 0, 10, digits).astype(np.uint8)[:, None]},
+        )
         split_list[split] = [f"{url}/{name}", name, md5(dest / name)]
     return {"split_list": split_list}
 

@@ -14,8 +14,10 @@ import numpy as np
 from PIL import Image
 
 # What an EPS upload starts with: Pillow's EPS plugin would run Ghostscript on it to draw it.
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
-       b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n")
+EPS = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n%%EndComments\n"
+    b"newpath 0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+)
 
 
 def fake_gs(folder: Path, record: Path) -> Path:
@@ -31,8 +33,18 @@ def written(fmt: str) -> bytes | None:
     """A small picture saved in ``fmt`` by Pillow (None where this Pillow cannot write it here)."""
     rng = np.random.default_rng(0)
     im = Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
-    modes = {"XBM": "1", "MSP": "1", "PALM": "P", "BLP": "P", "SPIDER": "F", "GIF": "P", "WMF": None, "BUFR": None,
-             "GRIB": None, "HDF5": None}
+    modes = {
+        "XBM": "1",
+        "MSP": "1",
+        "PALM": "P",
+        "BLP": "P",
+        "SPIDER": "F",
+        "GIF": "P",
+        "WMF": None,
+        "BUFR": None,
+        "GRIB": None,
+        "HDF5": None,
+    }
     if fmt in modes and modes[fmt] is None:
         return None  # these write only through a handler an application installs
     if fmt in modes:
@@ -70,8 +82,10 @@ def mutants(data: bytes, n: int, seed: int) -> Iterator[bytes]:
             b[at:at] = rng.integers(0, 256, rng.integers(1, 64), dtype=np.uint8).tobytes()
         elif kind == 3:
             at, size = rng.integers(len(b)), rng.integers(1, 256)
-            b[at:at] = b[at: at + size] * int(rng.integers(2, 20))
+            b[at:at] = b[at : at + size] * int(rng.integers(2, 20))
         else:  # a header field: a length, a width, a count
             at = rng.integers(0, min(len(b), 64))
-            b[at: at + 4] = rng.choice([b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x00", b"\x00\x01\x00\x00"])
+            b[at : at + 4] = rng.choice(
+                [b"\xff\xff\xff\xff", b"\x7f\xff\xff\xff", b"\x00\x00\x00\x00", b"\x00\x01\x00\x00"]
+            )
         yield bytes(b)

@@ -56,14 +56,24 @@ class Augment:
         steps = {k: v for k, v in steps.items() if v is not None}
         for name, options in steps.items():
             if name not in STEPS:
-                raise UserError(f"data.augment.{name} is not an augmentation step; use {', '.join(STEPS)} (see cifarkit/augment.py)")
+                raise UserError(
+                    f"data.augment.{name} is not an augmentation step; use {', '.join(STEPS)} (see cifarkit/augment.py)"
+                )
             if not isinstance(options, Mapping):
-                raise UserError(f"data.augment.{name}={options!r}: give its options as a mapping, e.g. {name}: {EXAMPLES[name]}, or null to turn it off")
+                raise UserError(
+                    f"data.augment.{name}={options!r}: give its options as a mapping, e.g. {name}: {EXAMPLES[name]}, "
+                    "or null to turn it off"
+                )
             unknown, missing = set(options) - set(STEPS[name]), set(STEPS[name]) - set(options)
             if unknown:
-                raise UserError(f"data.augment.{name} has no option {', '.join(sorted(unknown))}; it takes {', '.join(STEPS[name]) or 'none'}")
+                raise UserError(
+                    f"data.augment.{name} has no option {', '.join(sorted(unknown))}; it takes "
+                    f"{', '.join(STEPS[name]) or 'none'}"
+                )
             if missing:
-                raise UserError(f"data.augment.{name} needs {', '.join(sorted(missing))}, e.g. {name}: {EXAMPLES[name]}")
+                raise UserError(
+                    f"data.augment.{name} needs {', '.join(sorted(missing))}, e.g. {name}: {EXAMPLES[name]}"
+                )
         crop, flip, cutout = steps.get("crop"), steps.get("flip"), steps.get("cutout")
         if flip is not None and "alternating_flip" in steps:
             raise UserError("data.augment has both flip and alternating_flip; keep one (set the other to null)")
@@ -74,7 +84,10 @@ class Augment:
         size = int(cutout["size"]) if cutout is not None else 0
         p = float(flip["p"]) if flip is not None else 0.0
         if padding < 0 or size < 0 or not 0 <= p <= 1:
-            raise UserError(f"data.augment: crop.padding and cutout.size must be >= 0 and flip.p in [0, 1] (got {padding}, {size}, {p})")
+            raise UserError(
+                f"data.augment: crop.padding and cutout.size must be >= 0 and flip.p in [0, 1] (got {padding}, "
+                f"{size}, {p})"
+            )
         return cls(padding, mode, p, "alternating_flip" in steps, size)
 
     def __bool__(self) -> bool:
@@ -115,13 +128,17 @@ class Augment:
         lo_y, lo_x = d["cy"] - self.cutout // 2, d["cx"] - self.cutout // 2
         rows = torch.arange(h, device=x.device)[None, :] - lo_y[:, None]  # (B, H): inside when in [0, size)
         cols = torch.arange(w, device=x.device)[None, :] - lo_x[:, None]
-        inside = ((rows >= 0) & (rows < self.cutout))[:, None, :, None] & ((cols >= 0) & (cols < self.cutout))[:, None, None, :]
+        inside = ((rows >= 0) & (rows < self.cutout))[:, None, :, None] & ((cols >= 0) & (cols < self.cutout))[
+            :, None, None, :
+        ]
         return x.masked_fill_(inside, 0.0)
 
     def pil_steps(self, image_size: int) -> list[Any]:
         """The per-sample torchvision transforms of the same steps (the torchvision pipeline)."""
         if self.alternating_flip or self.cutout:
-            raise UserError("data.augment.alternating_flip and cutout run on the device pipeline only; use data.pipeline=device")
+            raise UserError(
+                "data.augment.alternating_flip and cutout run on the device pipeline only; use data.pipeline=device"
+            )
         steps: list[Any] = []
         if self.padding:
             steps.append(T.RandomCrop(image_size, padding=self.padding, padding_mode=PADDING_MODES[self.padding_mode]))

@@ -95,8 +95,10 @@ def skipped(cfg: DictConfig) -> str | None:
     if not fast:
         return None
     n = 1 if fast is True else int(fast)
-    return (f"budget_s={cfg.budget_s} is not used: trainer.fast_dev_run={str(fast).lower()} runs {n} "
-            f"batch{'es' if n > 1 else ''} of each split and stops")
+    return (
+        f"budget_s={cfg.budget_s} is not used: trainer.fast_dev_run={str(fast).lower()} runs {n} "
+        f"batch{'es' if n > 1 else ''} of each split and stops"
+    )
 
 
 def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
@@ -109,22 +111,41 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
         return _resumed(cfg)
     probe_cfg = cfg.copy()
     with open_dict(probe_cfg):
-        probe_cfg.trainer.update(max_steps=WARMUP_STEPS + MAX_TIMED_STEPS, max_epochs=-1, max_time=None, limit_val_batches=0,
-                                 num_sanity_val_steps=0, enable_model_summary=False)
+        probe_cfg.trainer.update(
+            max_steps=WARMUP_STEPS + MAX_TIMED_STEPS,
+            max_epochs=-1,
+            max_time=None,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+            enable_model_summary=False,
+        )
     datamodule, trainer = build(probe_cfg, with_loggers=False)
     clock = StepClock()
     trainer.callbacks = [c for c in trainer.callbacks if probed(c)] + [clock]
     trainer.fit(instantiate(cfg.model, classes=datamodule.classes), datamodule=datamodule)
     if clock.timed == 0:
-        raise UserError("the budget probe could not time a step (fewer training batches than its warm-up); set trainer.max_steps instead")
-    decided = trainer.strategy.broadcast((clock.seconds_per_step, clock.warmup_extra_s), src=0)  # rank 0's, on every rank
+        raise UserError(
+            "the budget probe could not time a step (fewer training batches than its warm-up); set trainer.max_steps "
+            "instead"
+        )
+    decided = trainer.strategy.broadcast(
+        (clock.seconds_per_step, clock.warmup_extra_s), src=0
+    )  # rank 0's, on every rank
     steps = steps_for(budget, *decided)
     decision = {"seconds": budget, "steps": steps, "seconds_per_step": decided[0], "warmup_extra_s": decided[1]}
     if trainer.is_global_zero:
         write_json(rundir.budget_file(cfg.paths.output_dir), decision)
-    log.info("budget %g s: %d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
-             "trainer.max_steps=%d trainer.max_epochs=-1 reproduces this run", budget, steps, decided[0], WARMUP_STEPS,
-             decided[1], steps * decided[0] + decided[1], steps)
+    log.info(
+        "budget %g s: %d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
+        "trainer.max_steps=%d trainer.max_epochs=-1 reproduces this run",
+        budget,
+        steps,
+        decided[0],
+        WARMUP_STEPS,
+        decided[1],
+        steps * decided[0] + decided[1],
+        steps,
+    )
     return decision
 
 
@@ -134,7 +155,9 @@ def _resumed(cfg: DictConfig) -> dict[str, Any]:
     try:
         decision = json.loads(recorded.read_text())
     except (OSError, ValueError):
-        raise UserError(f"budget_s is set but {recorded} does not say the step count the run was sized to; "
-                        "add trainer.max_steps=<its steps, from its log> to resume it") from None
+        raise UserError(
+            f"budget_s is set but {recorded} does not say the step count the run was sized to; "
+            "add trainer.max_steps=<its steps, from its log> to resume it"
+        ) from None
     log.info("budget %g s: resuming the run sized to %d steps (%s)", decision["seconds"], decision["steps"], recorded)
     return decision

@@ -37,7 +37,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         atomic_write(path, lambda f: torch.save(checkpoint, f))
 
-    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return read_checkpoint(path)
 
 
@@ -62,14 +64,16 @@ class CarryCheckpoints(L.Callback):
             new = Path(cb.dirpath)
             # Only checkpoints beside the one resumed from are carried: the paths are the file's word.
             home = Path(trainer.ckpt_path).resolve().parent if trainer.ckpt_path else None
-            state["best_k_models"] = {p: v for p, v in state.get("best_k_models", {}).items() if home and inside(p, home)}
+            state["best_k_models"] = {
+                p: v for p, v in state.get("best_k_models", {}).items() if home and inside(p, home)
+            }
             if trainer.is_global_zero:
                 new.mkdir(parents=True, exist_ok=True)
                 for old in state["best_k_models"]:
                     _link_or_copy(Path(old), new / Path(old).name)
             trainer.strategy.barrier("CarryCheckpoints")
 
-            def moved(p: str) -> str:
+            def moved(p: str, new: Path = new) -> str:
                 return str(new / Path(p).name) if p else p
 
             kept = {moved(p): v for p, v in state.get("best_k_models", {}).items()}

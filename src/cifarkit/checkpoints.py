@@ -67,12 +67,19 @@ def check_records(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise UserError(f"{where} is not a readable checkpoint (not the zip archive torch.save writes: "
-                        f"{e.__class__.__name__}); {FROM_TRAIN}") from None
+        raise UserError(
+            f"{where} is not a readable checkpoint (not the zip archive torch.save writes: "
+            f"{e.__class__.__name__}); {FROM_TRAIN}"
+        ) from None
     inflated = sum(r.file_size for r in records)
-    if any(r.compress_type != zipfile.ZIP_STORED or r.file_size != r.compress_size for r in records) or inflated > path.stat().st_size:
-        raise UserError(f"{where} holds compressed records ({inflated / 1e6:.1f} MB from a {path.stat().st_size / 1e6:.1f} MB "
-                        f"file), which torch.save never writes, so nothing was inflated; {FROM_TRAIN}")
+    if (
+        any(r.compress_type != zipfile.ZIP_STORED or r.file_size != r.compress_size for r in records)
+        or inflated > path.stat().st_size
+    ):
+        raise UserError(
+            f"{where} holds compressed records ({inflated / 1e6:.1f} MB from a {path.stat().st_size / 1e6:.1f} MB "
+            f"file), which torch.save never writes, so nothing was inflated; {FROM_TRAIN}"
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -112,7 +119,10 @@ def checked_weights(state_dict: dict[Any, Any], where: str) -> dict[str, torch.T
     for key, value in state_dict.items():
         if not (isinstance(key, str) and key.startswith("net.")):
             continue
-        if not isinstance(value, torch.Tensor) or value.numel() * value.element_size() > value.untyped_storage().nbytes():
+        if (
+            not isinstance(value, torch.Tensor)
+            or value.numel() * value.element_size() > value.untyped_storage().nbytes()
+        ):
             raise UserError(f"{where} has a weight {shown(key)[:80]} that is not a plain stored tensor; {FROM_TRAIN}")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise UserError(f"{where} has NaN or infinite values in {shown(key)[:80]} (diverged weights); {FROM_TRAIN}")
@@ -144,23 +154,39 @@ class SavedNet:
             checked = SavedHyperParameters.model_validate(hparams)
         except ValidationError as e:
             raise UserError(f"{where} has invalid hyper_parameters ({invalid(e)}); {FROM_TRAIN}") from None
-        return cls(Path(path), DataInfo.check(ckpt.get("data_info"), where), net, checked_weights(ckpt["state_dict"], where),
-                   checked.label_smoothing, checked.channels_last, checked.tta)
+        return cls(
+            Path(path),
+            DataInfo.check(ckpt.get("data_info"), where),
+            net,
+            checked_weights(ckpt["state_dict"], where),
+            checked.label_smoothing,
+            checked.channels_last,
+            checked.tta,
+        )
 
     def rebuild(self, trusted: Sequence[str]) -> nn.Module:
         """The net with its trained weights (CPU, eval mode), built under the trust rules, its size
         bounded by its weights', and run once at its image size."""
         where = f"ckpt_path={shown(self.path)}"
-        shapes = {k: tuple(v.shape) for k, v in build_net(self.net_config, len(self.data.classes), trusted, "meta").state_dict().items()}
-        wrong = sorted(set(shapes) ^ set(self.weights)) or [k for k in shapes if shapes[k] != tuple(self.weights[k].shape)]
+        shapes = {
+            k: tuple(v.shape)
+            for k, v in build_net(self.net_config, len(self.data.classes), trusted, "meta").state_dict().items()
+        }
+        wrong = sorted(set(shapes) ^ set(self.weights)) or [
+            k for k in shapes if shapes[k] != tuple(self.weights[k].shape)
+        ]
         if wrong:  # the net is not built at all: a crafted config cannot ask for more memory than its file holds
-            raise UserError(f"{where}: its weights do not fit its net config ({len(wrong)} missing, extra or odd-shaped, "
-                            f"e.g. {shown(wrong[0])[:80]}); {FROM_TRAIN}")
+            raise UserError(
+                f"{where}: its weights do not fit its net config ({len(wrong)} missing, extra or odd-shaped, "
+                f"e.g. {shown(wrong[0])[:80]}); {FROM_TRAIN}"
+            )
         net = build_net(self.net_config, len(self.data.classes), trusted)
         try:
             net.load_state_dict(self.weights)
         except (RuntimeError, TypeError) as e:  # a dtype that cannot be copied in
-            raise UserError(f"{where}: its weights do not fit its net config ({shown(str(e).splitlines()[0])[:200]}); {FROM_TRAIN}") from e
+            raise UserError(
+                f"{where}: its weights do not fit its net config ({shown(str(e).splitlines()[0])[:200]}); {FROM_TRAIN}"
+            ) from e
         return ready(net.eval(), self.data.image_size, len(self.data.classes), where)
 
 
@@ -171,12 +197,16 @@ def ready(net: nn.Module, image_size: int, num_classes: int, where: str) -> nn.M
     try:
         out = net(torch.zeros(1, 3, image_size, image_size))
     except Exception as e:
-        raise UserError(f"{where}: its net cannot classify a {image_size}x{image_size} image, its recorded size "
-                        f"({shown(' '.join(str(e).split()))[:200]}); {FROM_TRAIN}") from e
+        raise UserError(
+            f"{where}: its net cannot classify a {image_size}x{image_size} image, its recorded size "
+            f"({shown(' '.join(str(e).split()))[:200]}); {FROM_TRAIN}"
+        ) from e
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes) or not bool(torch.isfinite(out).all()):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(f"{where}: its net gives {shape} scores, or not finite ones, for one blank image of its "
-                        f"{num_classes} classes; {FROM_TRAIN}")
+        raise UserError(
+            f"{where}: its net gives {shape} scores, or not finite ones, for one blank image of its "
+            f"{num_classes} classes; {FROM_TRAIN}"
+        )
     return net
 
 
@@ -210,7 +240,9 @@ def _module_class(target: Any, trusted: Sequence[str], where: str) -> type[nn.Mo
     try:
         module = importlib.import_module(module_name)
     except ImportError:
-        raise _refuse(where, f"names _target_={target!r}, whose module {module_name!r} does not exist", trusted) from None
+        raise _refuse(
+            where, f"names _target_={target!r}, whose module {module_name!r} does not exist", trusted
+        ) from None
     obj = vars(module).get(name)
     if not (isinstance(obj, type) and issubclass(obj, nn.Module) and _is_trusted(obj.__module__, trusted)):
         raise _refuse(where, f"names _target_={target!r}, which is not an nn.Module class defined there", trusted)
@@ -227,7 +259,12 @@ def check_net_config(node: Any, trusted: Sequence[str], where: str = "net") -> N
     if isinstance(node, dict):
         for key, value in node.items():
             if not isinstance(key, str) or "${" in key or (key.startswith("_") and key != "_target_"):
-                raise _refuse(where, f"has the key {shown(repr(key))[:200]} (train.py saves no Hydra keys but _target_, and no interpolation)", trusted)
+                raise _refuse(
+                    where,
+                    f"has the key {shown(repr(key))[:200]} (train.py saves no Hydra keys but _target_, and no "
+                    "interpolation)",
+                    trusted,
+                )
             _check_scalar(key, f"{where} key")
             if key == "_target_":
                 _check_scalar(value, f"{where}._target_")
@@ -259,7 +296,9 @@ def _bound(where: str, what: str) -> UserError:
     return UserError(f"the checkpoint's {where} {what}, out of bounds for a net train.py saves; {FROM_TRAIN}")
 
 
-def build_net(net_config: dict[str, Any], num_classes: int, trusted: Sequence[str], device: str | None = None) -> nn.Module:
+def build_net(
+    net_config: dict[str, Any], num_classes: int, trusted: Sequence[str], device: str | None = None
+) -> nn.Module:
     """The net of a saved config, built (on ``device``: ``"meta"`` allocates nothing) only after
     the whole config was judged trustworthy."""
     check_net_config(net_config, trusted)
@@ -277,5 +316,7 @@ def build_net(net_config: dict[str, Any], num_classes: int, trusted: Sequence[st
         raise
     except Exception as e:
         why = shown(" ".join(str(e).split()))[:200]
-        raise UserError(f"the checkpoint's net config does not fit {net_config['_target_']} ({e.__class__.__name__}: {why}); "
-                        f"{FROM_TRAIN}") from e
+        raise UserError(
+            f"the checkpoint's net config does not fit {net_config['_target_']} ({e.__class__.__name__}: {why}); "
+            f"{FROM_TRAIN}"
+        ) from e

@@ -72,7 +72,9 @@ class ImageClassifier(L.LightningModule):
             net, self.timm_weights = start.split_timm_start(net)
         if init_from is not None:
             if self.timm_weights is not None:
-                raise UserError("model.init_from and model.net.pretrained/weights both give the first weights; keep one")
+                raise UserError(
+                    "model.init_from and model.net.pretrained/weights both give the first weights; keep one"
+                )
             if not Path(init_from).is_file():
                 raise UserError(f"model.init_from={init_from} does not exist; pass a .ckpt written by train.py")
         self.save_hyperparameters(ignore=["net"] if built else None)
@@ -90,7 +92,9 @@ class ImageClassifier(L.LightningModule):
         self.register_buffer("train_sums", torch.zeros(3))
         self.val_loss, self.test_loss = MeanMetric(), MeanMetric()
         self.val_acc, self.test_acc = (MulticlassAccuracy(n, average="micro") for _ in range(2))
-        self.test_class_acc = ClasswiseWrapper(MulticlassAccuracy(n, average=None), labels=classes, prefix="test/acc_class/")
+        self.test_class_acc = ClasswiseWrapper(
+            MulticlassAccuracy(n, average=None), labels=classes, prefix="test/acc_class/"
+        )
         self.test_confusion = MulticlassConfusionMatrix(n)
         self.test_calibration = MulticlassCalibrationError(n, n_bins=15, norm="l1")  # expected calibration error
         self.val_acc_best = MaxMetric()
@@ -129,7 +133,9 @@ class ImageClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._forward(x.contiguous(memory_format=self.memory_format))
 
-    def _step(self, batch: tuple[torch.Tensor, torch.Tensor], tta: str = "none") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _step(
+        self, batch: tuple[torch.Tensor, torch.Tensor], tta: str = "none"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         x, y = batch
         logits = tta_logits(self, x, tta)
         return self.criterion(logits, y), logits, y
@@ -149,7 +155,9 @@ class ImageClassifier(L.LightningModule):
         # Every rank is here at once (unlike rank 0's progress bar), so the sum over ranks is safe.
         loss_sum, correct, images = self.trainer.strategy.reduce(self.train_sums.clone(), reduce_op="sum")
         if images > 0:
-            self.log_dict({"train/loss": loss_sum / images, "train/acc": correct / images}, prog_bar=True, sync_dist=True)
+            self.log_dict(
+                {"train/loss": loss_sum / images, "train/acc": correct / images}, prog_bar=True, sync_dist=True
+            )
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         loss, logits, y = self._step(batch)
@@ -189,13 +197,17 @@ class ImageClassifier(L.LightningModule):
             settings = make_optimizer.keywords
             groups = self.hparams.param_groups
             head = self.head_names if groups.get("body_lr_scale", 1.0) != 1.0 else ()
-            params = optim.param_groups(self.net, settings["lr"], settings.get("weight_decay", 0.0), head=head, **groups)
+            params = optim.param_groups(
+                self.net, settings["lr"], settings.get("weight_decay", 0.0), head=head, **groups
+            )
         optimizer = make_optimizer(params=params)
         if not self.hparams.scheduler:
             return optimizer
         make_scheduler = instantiate(self.hparams.scheduler)
         if "total_steps" in inspect.signature(make_scheduler.func).parameters:  # sized from this run
-            scheduler = make_scheduler(optimizer=optimizer, total_steps=optim.run_steps(self.trainer, "model.scheduler"))
+            scheduler = make_scheduler(
+                optimizer=optimizer, total_steps=optim.run_steps(self.trainer, "model.scheduler")
+            )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
@@ -226,5 +238,7 @@ def compiled(net: nn.Module, setting: bool | str) -> nn.Module:
 def check_same_classes(saved: list[str] | None, data: list[str]) -> None:
     """A net's outputs mean its checkpoint's classes: data with other names, or another order, is refused."""
     if saved and list(saved) != list(data):
-        raise UserError(f"the checkpoint's classes {list(saved)} differ from the data's {list(data)} (same names, same order); "
-                        "pick matching data or another checkpoint")
+        raise UserError(
+            f"the checkpoint's classes {list(saved)} differ from the data's {list(data)} (same names, same order); "
+            "pick matching data or another checkpoint"
+        )

@@ -31,8 +31,8 @@ from cifarkit.errors import USER_ERRORS, RunInUse, TrainingStopped, UserError, l
 from cifarkit.files import DiskFull, disk_full, write_metrics
 from cifarkit.ranks import from_lightning, global_zero
 from cifarkit.resolvers import register_resolvers
-from cifarkit.untrusted import shown
 from cifarkit.sweep import check_sweeper
+from cifarkit.untrusted import shown
 
 log = logging.getLogger(__name__)
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
@@ -120,8 +120,10 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
                 then = rundir.after_full_disk(rundir.metrics_file(out)) if out else "free space and run again"
                 msg = f"the disk is full ({msg[:200]}); the checkpoints already written are intact: {then}"
             if lost:
-                msg = (f"the DDP ranks lost each other ({msg[:200]}): a rank stalled or died; the checkpoints already "
-                       "saved are intact; raise trainer.strategy.timeout.seconds if a step legitimately takes longer")
+                msg = (
+                    f"the DDP ranks lost each other ({msg[:200]}): a rank stalled or died; the checkpoints already "
+                    "saved are intact; raise trainer.strategy.timeout.seconds if a step legitimately takes longer"
+                )
             if not isinstance(e, RunInUse):  # that directory is another live run's
                 _mark_failed("failed", msg)
             if multirun:

@@ -68,16 +68,25 @@ class ImageDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         if pipeline not in PIPELINES:
-            raise UserError(f"unknown data.pipeline={pipeline!r}; use data.pipeline=device or data.pipeline=torchvision")
+            raise UserError(
+                f"unknown data.pipeline={pipeline!r}; use data.pipeline=device or data.pipeline=torchvision"
+            )
         if train_per_class is not None and train_per_class < 1:
-            raise UserError(f"data.train_per_class={train_per_class} must be at least 1 (null keeps every training image)")
+            raise UserError(
+                f"data.train_per_class={train_per_class} must be at least 1 (null keeps every training image)"
+            )
         if classes is not None and (len(classes) < 2 or len(set(classes)) < len(classes)):
-            raise UserError(f"data.classes={list(classes)} must name at least 2 different classes (null keeps them all)")
+            raise UserError(
+                f"data.classes={list(classes)} must name at least 2 different classes (null keeps them all)"
+            )
         if (mean is None) != (std is None):
             raise UserError("set both data.mean and data.std, or neither (then they are computed)")
         self.augment = Augment.from_steps(augment)
         if self.augment.padding_mode == "reflect" and self.augment.padding >= image_size:
-            raise UserError(f"data.augment.crop.padding={self.augment.padding} must be below the image size ({image_size}) to reflect")
+            raise UserError(
+                f"data.augment.crop.padding={self.augment.padding} must be below the image size ({image_size}) to "
+                "reflect"
+            )
         mean, std = (list(mean), list(std)) if mean is not None else (None, None)
         # Plain values: TensorBoard's HPARAMS tab and the checkpoint show them. Not ``classes``: the
         # classifier's hparams hold the classes learnt, and Lightning refuses one key with two values.
@@ -117,8 +126,10 @@ class ImageDataModule(L.LightningDataModule):
             return self.source_classes
         unknown = [c for c in self.class_subset if c not in self.source_classes]
         if unknown:
-            raise UserError(f"data.classes names {', '.join(map(repr, unknown))}, not a class of this data; "
-                            f"pick from {', '.join(self.source_classes)}")
+            raise UserError(
+                f"data.classes names {', '.join(map(repr, unknown))}, not a class of this data; "
+                f"pick from {', '.join(self.source_classes)}"
+            )
         return self.class_subset
 
     # -- caching -----------------------------------------------------------------------------
@@ -138,7 +149,9 @@ class ImageDataModule(L.LightningDataModule):
         try:
             return torch.load(self.cache_file, weights_only=True)
         except Exception as e:  # a truncated or foreign file: rebuild rather than fail later
-            raise UserError(f"the dataset cache {self.cache_file} is unreadable ({e.__class__.__name__}); delete it and run again") from e
+            raise UserError(
+                f"the dataset cache {self.cache_file} is unreadable ({e.__class__.__name__}); delete it and run again"
+            ) from e
 
     # -- split, statistics -------------------------------------------------------------------
 
@@ -155,7 +168,11 @@ class ImageDataModule(L.LightningDataModule):
         tr, va = perm[n_val:], perm[:n_val]
         if self.train_per_class is not None:
             tr = self._per_class(tr, y)
-        self.splits = {"train": (x[tr], y[tr]), "val": (x[va], y[va]), "test": self._keep_classes(data["test_x"], data["test_y"])}
+        self.splits = {
+            "train": (x[tr], y[tr]),
+            "val": (x[va], y[va]),
+            "test": self._keep_classes(data["test_x"], data["test_y"]),
+        }
         self.mean, self.std = self._stats(self.splits["train"][0])
         # Every rank seeds the same way (Lightning's seed_everything), so they share one permutation.
         self.seed = torch.initial_seed() % (2**31)
@@ -178,8 +195,10 @@ class ImageDataModule(L.LightningDataModule):
         for label, name in enumerate(self.classes):
             of_class = drawn[y[drawn] == label]
             if len(of_class) < n:
-                raise UserError(f"data.train_per_class={n}, but class {name!r} has {len(of_class)} training images "
-                                "after the validation split; lower it (or data.val_size)")
+                raise UserError(
+                    f"data.train_per_class={n}, but class {name!r} has {len(of_class)} training images "
+                    "after the validation split; lower it (or data.val_size)"
+                )
             kept.append(of_class[:n])
         return torch.cat(kept).sort().values
 
@@ -227,16 +246,30 @@ class ImageDataModule(L.LightningDataModule):
         mean, std = torch.tensor(self.mean), torch.tensor(self.std)
         if self.pipeline == "torchvision":
             return DataLoader(
-                PILDataset(x, y, pil_transform(self.augment, self.image_size, self.mean, self.std, train)), batch_size=batch,
-                shuffle=train, num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                PILDataset(x, y, pil_transform(self.augment, self.image_size, self.mean, self.std, train)),
+                batch_size=batch,
+                shuffle=train,
+                num_workers=self.num_workers,
+                pin_memory=self.pin_memory,
+                persistent_workers=self.num_workers > 0,
             )
         trainer = self.trainer
         if trainer is None:  # used outside a Trainer
             return DeviceLoader(x, y, mean, std, batch, train=train, seed=self.seed, augment=self.augment)
         return DeviceLoader(
-            x, y, mean, std, batch, train=train, seed=self.seed, augment=self.augment,
-            epoch=lambda: trainer.current_epoch, position=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
-            fixed_order=bool(trainer.overfit_batches), rank=trainer.global_rank, world_size=trainer.world_size,
+            x,
+            y,
+            mean,
+            std,
+            batch,
+            train=train,
+            seed=self.seed,
+            augment=self.augment,
+            epoch=lambda: trainer.current_epoch,
+            position=lambda: trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+            fixed_order=bool(trainer.overfit_batches),
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
             device=trainer.strategy.root_device,
         )
 

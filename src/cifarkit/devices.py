@@ -17,9 +17,15 @@ def resolve_accelerator(accelerator: str) -> str:
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
     if accelerator in ("gpu", "cuda") and not cuda:
         hint = "trainer.accelerator=mps" if mps else "trainer=cpu"
-        raise UserError(f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use {hint} or trainer.accelerator=auto")
+        raise UserError(
+            f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use {hint} or "
+            "trainer.accelerator=auto"
+        )
     if accelerator == "mps" and not mps:
-        raise UserError("trainer.accelerator=mps but Apple's MPS backend is not available here; use trainer=cpu or trainer.accelerator=auto")
+        raise UserError(
+            "trainer.accelerator=mps but Apple's MPS backend is not available here; use trainer=cpu or "
+            "trainer.accelerator=auto"
+        )
     if accelerator == "auto":
         return "cuda" if cuda else "mps" if mps else "cpu"
     return "cuda" if accelerator == "gpu" else accelerator

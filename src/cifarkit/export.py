@@ -58,7 +58,9 @@ def output_path(ckpt_path: str, fmt: str, output: str | None) -> Path:
     suffix = FORMATS[fmt]
     path = Path(output) if output else Path(ckpt_path).with_suffix(suffix)
     if path.suffix != suffix:
-        raise UserError(f"output={output} does not end in {suffix}; name the {fmt} file *{suffix} (predict.py goes by the suffix)")
+        raise UserError(
+            f"output={output} does not end in {suffix}; name the {fmt} file *{suffix} (predict.py goes by the suffix)"
+        )
     if path.is_dir():
         raise UserError(f"output={output} is a folder; pass a file path ending in {suffix}")
     return path
@@ -68,8 +70,13 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic: Any, metadata:
     import onnx  # with onnxscript, which the exporter imports itself: needed for ONNX only
 
     program = torch.onnx.export(
-        model, (example,), dynamo=True, dynamic_shapes=dynamic, input_names=[INPUT_NAME],
-        output_names=[OUTPUT_NAME], verbose=False,
+        model,
+        (example,),
+        dynamo=True,
+        dynamic_shapes=dynamic,
+        input_names=[INPUT_NAME],
+        output_names=[OUTPUT_NAME],
+        verbose=False,
     )
     proto = program.model_proto
     onnx.helper.set_model_props(proto, metadata)
@@ -109,7 +116,9 @@ def export(cfg: DictConfig) -> Path:
     path, info = export_model(str(cfg.ckpt_path), fmt, output, list(cfg.trusted_targets))
     size, n = info.image_size, len(info.classes)
     print(path)
-    print(f"{fmt}: uint8 {INPUT_NAME} (N, 3, {size}, {size}) -> float32 {OUTPUT_NAME} (N, {n}) over "
-          f"{info.classes}; {path.stat().st_size / 1e6:.1f} MB")
+    print(
+        f"{fmt}: uint8 {INPUT_NAME} (N, 3, {size}, {size}) -> float32 {OUTPUT_NAME} (N, {n}) over "
+        f"{info.classes}; {path.stat().st_size / 1e6:.1f} MB"
+    )
     log.info("exported %s to %s", cfg.ckpt_path, path)
     return path

@@ -81,8 +81,10 @@ class DiskFull(UserError):
         sizes = [p.stat().st_size for p in like if p.is_file()]
         need = f"about {_size(max(sizes))}" if sizes else f"more than {_size(written)}"
         free = _size(shutil.disk_usage(mount).free)
-        super().__init__(f"the disk is full: could not write {path} ({mount} has {free} free; the file needs {need}); "
-                         f"the files already written are intact: {rundir.after_full_disk(path)}")
+        super().__init__(
+            f"the disk is full: could not write {path} ({mount} has {free} free; the file needs {need}); "
+            f"the files already written are intact: {rundir.after_full_disk(path)}"
+        )
 
 
 def _size(n: int) -> str:

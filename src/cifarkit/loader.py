@@ -48,7 +48,7 @@ class DeviceLoader:
         batch_size: int,
         train: bool,
         seed: int = 0,
-        augment: Augment = Augment(),
+        augment: Augment = Augment(),  # noqa: B008  a frozen dataclass: one shared default is safe
         epoch: Callable[[], int] = lambda: 0,
         position: Callable[[], int] = lambda: 0,
         fixed_order: bool = False,
@@ -131,7 +131,9 @@ class PILDataset(Dataset):
         return self.transform(img), int(self.labels[i])
 
 
-def pil_transform(augment: Augment, image_size: int, mean: Sequence[float], std: Sequence[float], train: bool) -> T.Compose:
+def pil_transform(
+    augment: Augment, image_size: int, mean: Sequence[float], std: Sequence[float], train: bool
+) -> T.Compose:
     """The per-sample torchvision transforms of the same augmentation steps (training) and normalization."""
     steps = augment.pil_steps(image_size) if train else []
     return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])

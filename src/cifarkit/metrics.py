@@ -43,7 +43,9 @@ class Throughput(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t0, self._n0, self._epoch_seconds = self._now(pl_module), self.images, 0.0
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.images += len(batch[1]) * trainer.world_size
 
     def _in_fit(self, trainer: L.Trainer) -> bool:
@@ -74,7 +76,9 @@ class ProgressBar(RichProgressBar):
     every ``refresh_rate`` steps and at an epoch's last one: Lightning's reads the metrics at
     every step, which costs the host about as much as all of the project's callbacks together."""
 
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         done = batch_idx + 1
         if self.refresh_rate and (done % self.refresh_rate == 0 or done >= trainer.num_training_batches):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
@@ -100,7 +104,7 @@ def final_metrics(trainer: L.Trainer) -> dict[str, Any]:
 
 def per_class(metrics: dict[str, Any], prefix: str = "test/acc_class/") -> dict[str, Any]:
     """Fold ``test/acc_class/<name>`` scalars into one ``test/acc_class: {name: acc}`` entry."""
-    classes = {k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}
+    classes = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
     out = {k: v for k, v in metrics.items() if not k.startswith(prefix)}
     if classes:
         out[prefix.rstrip("/")] = classes
@@ -111,12 +115,18 @@ def tested_metrics(trainer: L.Trainer, model: L.LightningModule) -> dict[str, An
     """After ``trainer.test``: the scalars, per-class accuracy as one dict, and the confusion matrix."""
     metrics = per_class(final_metrics(trainer))
     if model.test_confusion.update_called:  # every rank: the sum over ranks is a collective
-        metrics["test/confusion_matrix"] = model.test_confusion.compute().cpu().tolist()  # rows: true, columns: predicted
+        metrics["test/confusion_matrix"] = (
+            model.test_confusion.compute().cpu().tolist()
+        )  # rows: true, columns: predicted
     return metrics
 
 
 def log_hyperparams(
-    trainer: L.Trainer, model: L.LightningModule, datamodule: L.LightningDataModule, metrics: dict[str, Any], budget_s: float | None
+    trainer: L.Trainer,
+    model: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    metrics: dict[str, Any],
+    budget_s: float | None,
 ) -> None:
     """The run's configuration (``model/...``, ``data/...``, ``trainer/...``, flattened by
     Lightning) beside its ``SUMMARY`` metrics in TensorBoard's HPARAMS tab (rank 0 writes).
@@ -127,8 +137,13 @@ def log_hyperparams(
     params = {
         "model": dict(model.hparams),
         "data": dict(datamodule.hparams),
-        "trainer": {"precision": trainer.precision, "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps,
-                    "world_size": trainer.world_size, "budget_s": budget_s},
+        "trainer": {
+            "precision": trainer.precision,
+            "max_epochs": trainer.max_epochs,
+            "max_steps": trainer.max_steps,
+            "world_size": trainer.world_size,
+            "budget_s": budget_s,
+        },
     }
     summary = {k: metrics[k] for k in SUMMARY if isinstance(metrics.get(k), float)}
     for logger in trainer.loggers:

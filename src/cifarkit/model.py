@@ -159,7 +159,9 @@ class AirbenchNet(nn.Module):
         count, total, products = 0, torch.zeros(size, dtype=torch.float64), torch.zeros(size, size, dtype=torch.float64)
         for batch in images.detach().split(chunk):
             # (B, 12, L) -> (B*L, 12), each row one patch in the conv weight's (channel, row, column) order.
-            patches = F.unfold(batch.to("cpu", torch.float64), self.whiten.kernel_size).transpose(1, 2).reshape(-1, size)
+            patches = (
+                F.unfold(batch.to("cpu", torch.float64), self.whiten.kernel_size).transpose(1, 2).reshape(-1, size)
+            )
             count += len(patches)
             total += patches.sum(0)
             products += patches.T @ patches
@@ -281,16 +283,31 @@ class TimmNet(nn.Module):
     """
 
     def __init__(
-        self, name: str, num_classes: int, image_size: int, cifar_stem: bool, input_size: int | None = None, **kwargs: Any
+        self,
+        name: str,
+        num_classes: int,
+        image_size: int,
+        cifar_stem: bool,
+        input_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__()
         timm = _timm()
         if not isinstance(name, str) or name not in timm.list_models():
-            raise UserError(f"model.net.name={name!r} is not a timm model; list them with python -c 'import timm; print(timm.list_models())'")
-        factory = {*inspect.signature(timm.create_model).parameters, *inspect.signature(timm.models.build_model_with_cfg).parameters}
+            raise UserError(
+                f"model.net.name={name!r} is not a timm model; list them with python -c 'import timm; "
+                "print(timm.list_models())'"
+            )
+        factory = {
+            *inspect.signature(timm.create_model).parameters,
+            *inspect.signature(timm.models.build_model_with_cfg).parameters,
+        }
         refused = sorted(k for k in kwargs if k in factory or k.startswith("pretrained"))
         if refused:
-            raise UserError(f"model.net.{refused[0]} is an option of timm's factory, not of the net; TimmNet loads no weights or files (remove it)")
+            raise UserError(
+                f"model.net.{refused[0]} is an option of timm's factory, not of the net; TimmNet loads no weights or "
+                "files (remove it)"
+            )
         vit = timm.models.is_model_in_modules(name, VIT_MODULES)
         if cifar_stem and vit:
             kwargs = {"img_size": image_size, "patch_size": 4, **kwargs}
@@ -299,19 +316,25 @@ class TimmNet(nn.Module):
         self.model = timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs)
         if cifar_stem and not vit:
             if not isinstance(self.model, timm.models.resnet.ResNet):
-                raise UserError(f"model.net.cifar_stem=true: {name} ({type(self.model).__name__}) has no CIFAR stem here "
-                                "(timm's ResNets and ViTs do); set model.net.cifar_stem=false")
+                raise UserError(
+                    f"model.net.cifar_stem=true: {name} ({type(self.model).__name__}) has no CIFAR stem here "
+                    "(timm's ResNets and ViTs do); set model.net.cifar_stem=false"
+                )
             width = self.model.bn1.num_features  # the stem's output width, deep stems included
             self.model.conv1 = nn.Conv2d(3, width, kernel_size=3, padding=1, bias=False)
-            nn.init.kaiming_normal_(self.model.conv1.weight, mode="fan_out", nonlinearity="relu")  # as timm starts its convs
+            nn.init.kaiming_normal_(
+                self.model.conv1.weight, mode="fan_out", nonlinearity="relu"
+            )  # as timm starts its convs
             self.model.maxpool = nn.Identity()
         size = input_size or image_size
         try:  # one image through, so a net that cannot take the data's images says so now, in one line
             with torch.no_grad():
                 self.model.eval()(torch.zeros(1, 3, size, size))
         except Exception as e:
-            raise UserError(f"timm's {name} does not take {size}x{size} images ({str(e).splitlines()[0]}); "
-                            "set model.net.cifar_stem=true for a ViT, or pass the size it needs, e.g. +model.net.img_size=...") from e
+            raise UserError(
+                f"timm's {name} does not take {size}x{size} images ({str(e).splitlines()[0]}); "
+                "set model.net.cifar_stem=true for a ViT, or pass the size it needs, e.g. +model.net.img_size=..."
+            ) from e
         self.model.train()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

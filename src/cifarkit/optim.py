@@ -53,7 +53,13 @@ def param_groups(
         if not p.requires_grad:
             continue
         is_bias = name.rpartition(".")[2] == "bias"
-        kind = "norm_bias" if id(p) in norm_params and is_bias else "norm_and_bias" if id(p) in norm_params or is_bias else "weights"
+        kind = (
+            "norm_bias"
+            if id(p) in norm_params and is_bias
+            else "norm_and_bias"
+            if id(p) in norm_params or is_bias
+            else "weights"
+        )
         part = "body" if split and name not in head else ""
         groups.setdefault((kind, part), []).append(p)
     other_decay = weight_decay if decay_norm_and_bias else 0.0
@@ -133,7 +139,11 @@ class Lookahead(WeightAveraging):
         self.weight = 0.0  # the average's share in the update being made
 
     def _fold(self, average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
-        return torch.lerp(average, current.to(average.dtype), 1.0 - self.weight) if average.is_floating_point() else current
+        return (
+            torch.lerp(average, current.to(average.dtype), 1.0 - self.weight)
+            if average.is_floating_point()
+            else current
+        )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.total_steps = run_steps(trainer, "callbacks.lookahead's decay ramp")
@@ -174,10 +184,14 @@ class FreezeParameters(L.Callback):
         named = dict(pl_module.named_parameters())
         unknown = [n for n in self.names if n not in named]
         if unknown:
-            raise UserError(f"FreezeParameters: no parameter named {', '.join(unknown)}; names look like {next(iter(named), '?')}")
+            raise UserError(
+                f"FreezeParameters: no parameter named {', '.join(unknown)}; names look like {next(iter(named), '?')}"
+            )
         self.params = [named[n] for n in self.names]
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if trainer.global_step >= self.from_step:
             for p in self.params:
                 p.grad = None
@@ -203,7 +217,9 @@ class HeadFirst(L.Callback):
         head = pl_module.head_names
         self.body = [p for name, p in pl_module.net.named_parameters() if name not in head]
 
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer) -> None:
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
         if trainer.global_step < self.to_step:
             for p in self.body:
                 p.grad = None

@@ -75,7 +75,9 @@ def confusion_figure(counts: torch.Tensor, classes: list[str]) -> Figure:
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of the true class")
     ticks = range(0, n, step)
     names = [classes[i] for i in ticks]
-    ax.set_xticks(ticks, names, rotation=45 if with_counts else 90, ha="right" if with_counts else "center", fontsize=font)
+    ax.set_xticks(
+        ticks, names, rotation=45 if with_counts else 90, ha="right" if with_counts else "center", fontsize=font
+    )
     ax.set_yticks(ticks, names, fontsize=font)
     ax.set_xlabel("predicted" + (f" (one class in {step} named)" if step > 1 else ""))
     ax.set_ylabel("true")

@@ -76,7 +76,10 @@ def onnx_scorer(path: str, threads: int | None) -> tuple[Scorer, list[str], int]
         meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
         inputs = session.get_inputs()
     except Exception as e:  # not ONNX, or ONNX without export.py's metadata
-        raise UserError(f"ckpt_path={path} is not an ONNX model written by export.py ({e.__class__.__name__}); export one with export.py") from e
+        raise UserError(
+            f"ckpt_path={path} is not an ONNX model written by export.py ({e.__class__.__name__}); export one with "
+            "export.py"
+        ) from e
     info = DataInfo.check(meta, f"ckpt_path={path}")
     size = info.image_size
     if not (len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and inputs[0].shape[1:] == [3, size, size]):
@@ -89,10 +92,14 @@ def onnx_scorer(path: str, threads: int | None) -> tuple[Scorer, list[str], int]
     try:  # one blank batch at its own size before any door says it is ready
         probs = score(np.zeros((2, size, size, 3), np.uint8))
     except Exception as e:
-        raise UserError(f"ckpt_path={path} cannot classify a {size}x{size} image ({_first_line(e)}); export it again with export.py") from e
+        raise UserError(
+            f"ckpt_path={path} cannot classify a {size}x{size} image ({_first_line(e)}); export it again with export.py"
+        ) from e
     if tuple(probs.shape) != (2, len(info.classes)) or not bool(torch.isfinite(probs).all()):
-        raise UserError(f"ckpt_path={path} gives {tuple(probs.shape)} outputs, or not finite ones, for 2 blank images of its "
-                        f"{len(info.classes)} classes; export it again with export.py")
+        raise UserError(
+            f"ckpt_path={path} gives {tuple(probs.shape)} outputs, or not finite ones, for 2 blank images of its "
+            f"{len(info.classes)} classes; export it again with export.py"
+        )
     return score, info.classes, size
 
 
@@ -114,8 +121,10 @@ def top_classes(probs: torch.Tensor, classes: list[str], k: int) -> list[list[li
     None for a row that is not all finite (a net can overflow on one image): no NaN is ever reported."""
     p, idx = probs.topk(min(k, len(classes)), dim=1)
     ok = torch.isfinite(probs).all(dim=1).tolist()
-    return [[[classes[i], round(v, 6)] for v, i in zip(p_row, i_row)] if good else None
-            for p_row, i_row, good in zip(p.tolist(), idx.tolist(), ok)]
+    return [
+        [[classes[i], round(v, 6)] for v, i in zip(p_row, i_row)] if good else None
+        for p_row, i_row, good in zip(p.tolist(), idx.tolist(), ok)
+    ]
 
 
 @torch.inference_mode()

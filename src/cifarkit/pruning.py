@@ -3,7 +3,8 @@ monitored metric to its Optuna trial after every validation, and stops when the 
 prunes it there.
 
 The step reported is the number of epochs trained, so trials compare at the same epoch whatever
-their batch size. The last validation of a run is reported but never pruned: the trial is complete. Under DDP only global rank 0 talks to the study; its verdict is broadcast, so
+their batch size. The last validation of a run is reported but never pruned: the trial is complete.
+Under DDP only global rank 0 talks to the study; its verdict is broadcast, so
 every rank stops after the same validation. Lightning then ends ``fit`` as after early stopping:
 the checkpoints of that validation are written as usual, and train.py records the run as
 ``status: pruned`` and returns ``cifarkit.study.Pruned``, which the sweeper tells the study.
@@ -23,7 +24,9 @@ log = logging.getLogger(__name__)
 
 
 class OptunaPruning(Callback):
-    def __init__(self, trial: int | None, storage: Any, study_name: str | None, pruner: Any = None, monitor: str = "val/acc") -> None:
+    def __init__(
+        self, trial: int | None, storage: Any, study_name: str | None, pruner: Any = None, monitor: str = "val/acc"
+    ) -> None:
         """``trial``: the trial's number in the study ``study_name`` at ``storage`` (both the
         sweeper's); ``pruner``: the sweeper's (it is not stored in the study); ``monitor``: the
         logged metric reported."""
@@ -57,7 +60,9 @@ class OptunaPruning(Callback):
         if trainer.is_global_zero and step not in self._reported:
             value = trainer.callback_metrics.get(self.monitor)
             if value is None:
-                log.warning("optuna_pruning: %s was not logged; nothing reported to trial %s", self.monitor, self.number)
+                log.warning(
+                    "optuna_pruning: %s was not logged; nothing reported to trial %s", self.monitor, self.number
+                )
             elif math.isfinite(value := float(value)) and (trial := self._get_trial()) is not None:
                 trial.report(value, step)
                 self._reported.add(step)
@@ -67,14 +72,21 @@ class OptunaPruning(Callback):
             self.pruned = True
             trainer.should_stop = True
             if trainer.is_global_zero:
-                log.info("trial %s pruned after epoch %d (%s = %.4f)", self.number, step, self.monitor, float(trainer.callback_metrics[self.monitor]))
+                log.info(
+                    "trial %s pruned after epoch %d (%s = %.4f)",
+                    self.number,
+                    step,
+                    self.monitor,
+                    float(trainer.callback_metrics[self.monitor]),
+                )
 
 
 def last_validation(trainer: L.Trainer, epochs: int) -> bool:
     """Whether training ends after this validation anyway: stopping there would save nothing, and
     the trial is complete, whatever the pruner would say."""
     return (trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs) or (
-        trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps)
+        trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+    )
 
 
 def was_pruned(trainer: L.Trainer) -> bool:

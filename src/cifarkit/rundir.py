@@ -111,8 +111,10 @@ def hold_run(run_dir: str | Path) -> IO[str] | None:
 
 
 def in_use(run_dir: str | Path) -> RunInUse:
-    return RunInUse(f"another process is still training in {run_dir}; let it finish or stop it first, "
-                    "or start a separate run (without hydra.run.dir)")
+    return RunInUse(
+        f"another process is still training in {run_dir}; let it finish or stop it first, "
+        "or start a separate run (without hydra.run.dir)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -65,7 +65,10 @@ from cifarkit.untrusted import ImageTooLarge, decode_image, shown, to_json
 
 log = logging.getLogger(__name__)
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
-ROUTES = ("/predict", "/health")  # LitServe's routes that are kept: not /info, /docs, /redoc, /openapi.json (docs/trust.md)
+ROUTES = (
+    "/predict",
+    "/health",
+)  # LitServe's routes that are kept: not /info, /docs, /redoc, /openapi.json (docs/trust.md)
 MAX_FIELDS = 16  # text fields of a multipart upload; its parts past this are not parsed
 
 
@@ -86,8 +89,11 @@ async def upload(request: Request) -> np.ndarray:
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
     if not (kind in ("", "application/octet-stream", "multipart/form-data") or kind.startswith("image/")):
-        raise HTTPException(415, f"Content-Type {shown(kind)[:100]} is not an image; send the image file as the body "
-                                 "(image/png, image/jpeg) or as a multipart/form-data upload")
+        raise HTTPException(
+            415,
+            f"Content-Type {shown(kind)[:100]} is not an image; send the image file as the body "
+            "(image/png, image/jpeg) or as a multipart/form-data upload",
+        )
     try:
         if int(request.headers.get("content-length") or 0) > limits.max_body:
             raise HTTPException(413, too_large(limits))
@@ -101,7 +107,14 @@ async def upload(request: Request) -> np.ndarray:
         raise HTTPException(400, "the request carries no image; send a PNG or JPEG file")
     try:
         return await asyncio.get_running_loop().run_in_executor(
-            limits.decoder, decode_image, data, limits.image_size, "the image", "send a PNG or JPEG file", limits.max_megapixels)
+            limits.decoder,
+            decode_image,
+            data,
+            limits.image_size,
+            "the image",
+            "send a PNG or JPEG file",
+            limits.max_megapixels,
+        )
     except UserError as e:
         raise HTTPException(413 if isinstance(e, ImageTooLarge) else 400, str(e)) from None
 
@@ -127,13 +140,17 @@ async def body(request: Request, limits: Limits) -> bytes:
 async def file_part(request: Request, limits: Limits) -> bytes:
     """The one file of a multipart/form-data body (RFC 7578), parsed by Starlette's parser
     (python-multipart) as it streams in: a few text fields at most, two files at most (to say how many)."""
-    parser = MultiPartParser(request.headers, limited(request, limits), max_files=2, max_fields=MAX_FIELDS,
-                             max_part_size=limits.max_body)
+    parser = MultiPartParser(
+        request.headers, limited(request, limits), max_files=2, max_fields=MAX_FIELDS, max_part_size=limits.max_body
+    )
     try:
         form = await parser.parse()
     except MultiPartException as e:
-        raise HTTPException(400, f"the multipart/form-data upload cannot be read ({shown(e.message)[:200]}); "
-                                 "send one file, or the image itself as the body") from None
+        raise HTTPException(
+            400,
+            f"the multipart/form-data upload cannot be read ({shown(e.message)[:200]}); "
+            "send one file, or the image itself as the body",
+        ) from None
     try:
         files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
         if len(files) != 1:
@@ -196,14 +213,25 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("cifarkit_requests", "HTTP requests answered", ["path", "status"], registry=self.registry)
-        self.latency = Histogram("cifarkit_request_seconds", "Time from a request's arrival to its answer's start",
-                                 ["path"], registry=self.registry)
-        self.batch = Histogram("cifarkit_batch_size", "Images in the forward pass that answered a /predict request",
-                               buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)
+        self.requests = Counter(
+            "cifarkit_requests", "HTTP requests answered", ["path", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "cifarkit_request_seconds",
+            "Time from a request's arrival to its answer's start",
+            ["path"],
+            registry=self.registry,
+        )
+        self.batch = Histogram(
+            "cifarkit_batch_size",
+            "Images in the forward pass that answered a /predict request",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=self.registry,
+        )
 
     def middleware(self, app: ASGIApp) -> ASGIApp:
         """A pure ASGI middleware (nothing buffered) that counts every answer, 4xx and 5xx included."""
+
         async def counted(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["type"] != "http":
                 return await app(scope, receive, send)
@@ -256,15 +284,26 @@ class Classifier(ls.LitAPI):
         """One forward pass: a stack of images when batching (LitServe's ``batch``), else one image."""
         batch = images if self.max_batch_size > 1 else images[None]
         self.passes += 1
-        answers = [Answer(top, self.passes, len(batch)) for top in top_classes(self.score(batch), self.classes, int(self.cfg.top_k))]
+        answers = [
+            Answer(top, self.passes, len(batch))
+            for top in top_classes(self.score(batch), self.classes, int(self.cfg.top_k))
+        ]
         return answers if self.max_batch_size > 1 else answers[0]
 
     def encode_response(self, answer: Answer) -> Response:
         headers = {"X-Batch-Size": str(answer.batch_size), "X-Forward-Pass": str(answer.forward_pass)}
         if answer.top is None:  # never NaN in an answer: it is not JSON
-            return Response(to_json({"error": "the model's output for this image is not a number (NaN/inf); "
-                                              "the checkpoint's net overflows on it"}),
-                            status_code=500, media_type="application/json", headers=headers)
+            return Response(
+                to_json(
+                    {
+                        "error": "the model's output for this image is not a number (NaN/inf); "
+                        "the checkpoint's net overflows on it"
+                    }
+                ),
+                status_code=500,
+                media_type="application/json",
+                headers=headers,
+            )
         return Response(to_json({"top": answer.top}), media_type="application/json", headers=headers)
 
 
@@ -293,7 +332,10 @@ def check_options(cfg: DictConfig) -> None:
         if not ok:
             raise UserError(f"{key}={cfg[key]} must be {want}")
     if cfg.host not in HOSTS:
-        raise UserError(f"host={cfg.host} cannot be served by LitServe; use 127.0.0.1 (this machine), or 0.0.0.0 or :: (every interface)")
+        raise UserError(
+            f"host={cfg.host} cannot be served by LitServe; use 127.0.0.1 (this machine), or 0.0.0.0 or :: (every "
+            "interface)"
+        )
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -370,7 +412,9 @@ def serve(cfg: DictConfig) -> None:
         server = Server(Classifier(cfg), accelerator=device, devices=1)
     except ValueError as e:  # LitServe's own checks (batch_timeout must stay under its request timeout...)
         raise UserError(str(e).splitlines()[0]) from e
-    decoder = ThreadPoolExecutor(int(cfg.decode_threads), thread_name_prefix="decode")  # threads start in the API process
+    decoder = ThreadPoolExecutor(
+        int(cfg.decode_threads), thread_name_prefix="decode"
+    )  # threads start in the API process
     server.app.state.limits = Limits(size, int(float(cfg.max_body_mb) * 2**20), float(cfg.max_megapixels), decoder)
     server.app.add_exception_handler(HTTPException, json_error)
     # LitServe's own pages go: "/" (a "litserve running" line), /info (the server's settings), and
@@ -381,12 +425,22 @@ def serve(cfg: DictConfig) -> None:
     server.app.add_api_route("/metrics", metrics.page, methods=["GET"], include_in_schema=False)
     server.app.add_middleware(metrics.middleware)
     url = f"http://{'[::1]' if cfg.host == '::' else cfg.host}:{cfg.port}/"
-    log.info(f"serving {cfg.ckpt_path} ({len(classes)} classes, {size}x{size}) on {device} at {url} "
-             f"(POST /predict, GET /health, GET /metrics); batches of up to {cfg.max_batch_size}")
+    log.info(
+        f"serving {cfg.ckpt_path} ({len(classes)} classes, {size}x{size}) on {device} at {url} "
+        f"(POST /predict, GET /health, GET /metrics); batches of up to {cfg.max_batch_size}"
+    )
     server.stop_on_signals()
-    server.run(host=cfg.host, port=int(cfg.port), generate_client_file=False, http=deadline_protocol(float(cfg.read_timeout)),
-               limit_concurrency=int(cfg.max_connections))
+    server.run(
+        host=cfg.host,
+        port=int(cfg.port),
+        generate_client_file=False,
+        http=deadline_protocol(float(cfg.read_timeout)),
+        limit_concurrency=int(cfg.max_connections),
+    )
     if server.stopped_by is None:
         codes = [w.exitcode for w in server.inference_workers]
-        raise UserError(f"the inference worker stopped (exit code {', '.join(map(str, codes))}; its log is above), so the server did")
+        raise UserError(
+            f"the inference worker stopped (exit code {', '.join(map(str, codes))}; its log is above), so the server "
+            "did"
+        )
     log.info("server stopped")

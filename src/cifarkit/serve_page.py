@@ -65,7 +65,8 @@ async function classify(file) {
     hint.textContent = file.name;
     for (const [name, p] of answer.top) {
       const row = document.createElement("div"), label = document.createElement("span");
-      const track = document.createElement("div"), bar = document.createElement("div"), pct = document.createElement("span");
+      const track = document.createElement("div"), bar = document.createElement("div");
+      const pct = document.createElement("span");
       row.className = "row"; row.dataset.name = name; row.dataset.p = p;
       label.className = "name"; label.textContent = name; label.title = name;
       track.className = "track"; bar.className = "bar"; bar.style.width = (100 * p).toFixed(1) + "%";

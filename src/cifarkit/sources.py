@@ -29,13 +29,13 @@ from cifarkit.untrusted import DECODER, shown
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # CIFAR-100's names as its meta file lists them (checked against it when decoding). They are
 # written out because the model is built from the classes before any file is fetched.
-CIFAR100_FINE = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel
-can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant
-flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree
-motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy
-porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel
-streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale
-willow_tree wolf woman worm""".split()
+CIFAR100_FINE = """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly
+camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
+elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man
+maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain
+plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake
+spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip
+turtle wardrobe whale willow_tree wolf woman worm""".split()
 CIFAR100_COARSE = """aquatic_mammals fish flowers food_containers fruit_and_vegetables household_electrical_devices
 household_furniture insects large_carnivores large_man-made_outdoor_things large_natural_outdoor_scenes
 large_omnivores_and_herbivores medium_mammals non-insect_invertebrates people reptiles small_mammals trees vehicles_1
@@ -53,7 +53,10 @@ class DownloadedDataModule(ImageDataModule):
 
     def __init__(self, data_dir: str, download: bool, **kwargs: Any) -> None:
         if kwargs["image_size"] != 32:
-            raise UserError(f"{self.title} images are 32x32, not data.image_size={kwargs['image_size']}; use data=image_folder to resize")
+            raise UserError(
+                f"{self.title} images are 32x32, not data.image_size={kwargs['image_size']}; use data=image_folder "
+                "to resize"
+            )
         super().__init__(**kwargs)
         self.data_dir, self.download = Path(data_dir), download
 
@@ -72,8 +75,12 @@ class DownloadedDataModule(ImageDataModule):
         try:
             return self._open(split)
         except RuntimeError as e:  # torchvision: "Dataset not found or corrupted" / "File not found or corrupted"
-            fix = (f"delete the corrupt files to download them again, or put {self.files} there and run with data.download=false"
-                   if self.download else f"put {self.files} there, or run with data.download=true")
+            fix = (
+                f"delete the corrupt files to download them again, or put {self.files} there and run with "
+                "data.download=false"
+                if self.download
+                else f"put {self.files} there, or run with data.download=true"
+            )
             raise UserError(f"{self.title} in data.data_dir={self.data_dir} is missing or corrupt ({e}); {fix}") from e
         except OSError as e:  # no network, DNS failure, HTTP error
             raise UserError(
@@ -127,7 +134,10 @@ class CIFAR100DataModule(CIFAR10DataModule):
 
     def __init__(self, labels: str, **kwargs: Any) -> None:
         if labels not in ("fine", "coarse"):
-            raise UserError(f"unknown data.labels={labels!r}; use data.labels=fine (100 classes) or data.labels=coarse (20 superclasses)")
+            raise UserError(
+                f"unknown data.labels={labels!r}; use data.labels=fine (100 classes) or data.labels=coarse (20 "
+                "superclasses)"
+            )
         super().__init__(**kwargs)
         self.labels = labels
 
@@ -150,7 +160,9 @@ class CIFAR100DataModule(CIFAR10DataModule):
         folder = self.data_dir / CIFAR100.base_folder
         names = _unpickle(folder / CIFAR100.meta["filename"])[f"{self.labels}_label_names"]
         if names != self.source_classes:
-            raise UserError(f"{folder} lists other {self.labels} class names than CIFAR-100's; delete it to download it again")
+            raise UserError(
+                f"{folder} lists other {self.labels} class names than CIFAR-100's; delete it to download it again"
+            )
         if self.labels == "coarse":
             for split, files in (("train", CIFAR100.train_list), ("test", CIFAR100.test_list)):
                 coarse = [label for name, _ in files for label in _unpickle(folder / name)["coarse_labels"]]
@@ -168,7 +180,9 @@ class SVHNDataModule(DownloadedDataModule):
     def __init__(self, extra: bool, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.extra = extra
-        self.files = "train_32x32.mat, test_32x32.mat and extra_32x32.mat" if extra else "train_32x32.mat and test_32x32.mat"
+        self.files = (
+            "train_32x32.mat, test_32x32.mat and extra_32x32.mat" if extra else "train_32x32.mat and test_32x32.mat"
+        )
 
     @property
     def source_classes(self) -> list[str]:
@@ -221,7 +235,9 @@ class ImageFolderDataModule(ImageDataModule):
     def _class_dirs(self, split: str) -> list[str]:
         d = self.root / split
         if not d.is_dir():
-            raise UserError(f"image folder {d} does not exist; set data.root to a folder with train/<class>/ and test/<class>/")
+            raise UserError(
+                f"image folder {d} does not exist; set data.root to a folder with train/<class>/ and test/<class>/"
+            )
         try:
             found, _ = find_classes(d)
         except FileNotFoundError:  # no class folder at all
@@ -232,14 +248,21 @@ class ImageFolderDataModule(ImageDataModule):
     def source_classes(self) -> list[str]:
         train, test = self._class_dirs("train"), self._class_dirs("test")
         if len(train) < 2:
-            raise UserError(f"{self.root / 'train'} has {len(train)} class folder(s); a classifier needs at least 2 (train/<class>/<image>)")
+            raise UserError(
+                f"{self.root / 'train'} has {len(train)} class folder(s); a classifier needs at least 2 "
+                "(train/<class>/<image>)"
+            )
         odd = next((name for name in train if not name.isprintable()), None)
         if odd is not None:
-            raise UserError(f"class folder {shown(self.root / 'train' / odd)} has a character in its name that a terminal "
-                            "would act on (a control character, a newline, a tab); rename it")
+            raise UserError(
+                f"class folder {shown(self.root / 'train' / odd)} has a character in its name that a terminal "
+                "would act on (a control character, a newline, a tab); rename it"
+            )
         if train != test:
             diff = sorted(set(train) ^ set(test))
-            raise UserError(f"train and test classes differ in {self.root} (only in one: {', '.join(diff)}); make them match")
+            raise UserError(
+                f"train and test classes differ in {self.root} (only in one: {', '.join(diff)}); make them match"
+            )
         return train
 
     def _files(self) -> dict[str, list[tuple[Path, int]]]:
@@ -249,7 +272,7 @@ class ImageFolderDataModule(ImageDataModule):
         for split in ("train", "test"):
             d = self.root / split
 
-            def is_image(path: str) -> bool:
+            def is_image(path: str, d: Path = d) -> bool:
                 p = Path(path)
                 return p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, d)
 

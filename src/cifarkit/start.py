@@ -76,10 +76,14 @@ def split_timm_start(net: dict[str, Any]) -> tuple[dict[str, Any], TimmWeights |
         try:
             cfg = timm.models.get_pretrained_cfg(name, allow_unregistered=False)
         except RuntimeError as e:  # an unknown tag, or an architecture without pretrained weights
-            raise UserError(f"timm has no pretrained config for model.net.name={name} ({e}); "
-                            "list them with python -c 'import timm; print(timm.list_pretrained())'") from e
+            raise UserError(
+                f"timm has no pretrained config for model.net.name={name} ({e}); "
+                "list them with python -c 'import timm; print(timm.list_pretrained())'"
+            ) from e
         if file is not None and not Path(file).is_file():
-            raise UserError(f"model.net.weights={file} does not exist; pass a .safetensors or .pth file of {name}'s weights")
+            raise UserError(
+                f"model.net.weights={file} does not exist; pass a .safetensors or .pth file of {name}'s weights"
+            )
         net["name"] = timm.models.split_model_name_tag(name)[0]  # the architecture: the tag picks weights
         weights = TimmWeights(name, None if file is None else str(file), cfg.num_classes, list(cfg.mean), list(cfg.std))
         if net.get("cifar_stem") is None:
@@ -104,8 +108,10 @@ def judge_weights_file(path: str) -> None:
         else:
             torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"model.net.weights={path} is not a safetensors file or a PyTorch state dict that loads "
-                        f"with weights_only=True ({e.__class__.__name__}); nothing in it was run") from e
+        raise UserError(
+            f"model.net.weights={path} is not a safetensors file or a PyTorch state dict that loads "
+            f"with weights_only=True ({e.__class__.__name__}); nothing in it was run"
+        ) from e
 
 
 def timm_start(weights: TimmWeights, net: nn.Module, num_classes: int) -> Start:
@@ -116,18 +122,29 @@ def timm_start(weights: TimmWeights, net: nn.Module, num_classes: int) -> Start:
         judge_weights_file(weights.file)
         overlay = {"file": weights.file}
     try:
-        source = timm.create_model(weights.name, pretrained=True, num_classes=num_classes,
-                                   pretrained_cfg_overlay=overlay, **net.timm_kwargs)
+        source = timm.create_model(
+            weights.name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **net.timm_kwargs
+        )
     except Exception as e:
         why = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if weights.file is not None:
-            raise UserError(f"model.net.weights={weights.file} does not load into timm's {weights.name} ({why}); "
-                            "pass a file of that net's weights") from e
-        raise UserError(f"timm could not load {weights.name}'s pretrained weights ({why}); without a network, "
-                        f"download them elsewhere and pass model.net.weights=<file> (.safetensors or .pth)") from e
+            raise UserError(
+                f"model.net.weights={weights.file} does not load into timm's {weights.name} ({why}); "
+                "pass a file of that net's weights"
+            ) from e
+        raise UserError(
+            f"timm could not load {weights.name}'s pretrained weights ({why}); without a network, "
+            f"download them elsewhere and pass model.net.weights=<file> (.safetensors or .pth)"
+        ) from e
     where = weights.file or "timm's hub"
-    return Start(f"timm's {weights.name} ({where})", {f"model.{k}": v for k, v in source.state_dict().items()},
-                 same_classes=num_classes == weights.num_classes, strict=False, mean=weights.mean, std=weights.std)
+    return Start(
+        f"timm's {weights.name} ({where})",
+        {f"model.{k}": v for k, v in source.state_dict().items()},
+        same_classes=num_classes == weights.num_classes,
+        strict=False,
+        mean=weights.mean,
+        std=weights.std,
+    )
 
 
 def checkpoint_start(path: str, net: dict[str, Any], classes: list[str]) -> Start:
@@ -137,10 +154,18 @@ def checkpoint_start(path: str, net: dict[str, Any], classes: list[str]) -> Star
     except UserError as e:  # its lines name ckpt_path, the option of the other entry points
         raise UserError(str(e).replace(f"ckpt_path={path}", f"model.init_from={path}")) from e
     if saved.net_config["_target_"] != net["_target_"]:
-        raise UserError(f"model.init_from={path} holds a {saved.net_config['_target_']}, this run's net is a "
-                        f"{net['_target_']}; pick the same model as that run")
-    return Start(f"model.init_from={path}", saved.weights, same_classes=saved.data.classes == list(classes),
-                 strict=True, mean=saved.data.mean, std=saved.data.std)
+        raise UserError(
+            f"model.init_from={path} holds a {saved.net_config['_target_']}, this run's net is a "
+            f"{net['_target_']}; pick the same model as that run"
+        )
+    return Start(
+        f"model.init_from={path}",
+        saved.weights,
+        same_classes=saved.data.classes == list(classes),
+        strict=True,
+        mean=saved.data.mean,
+        std=saved.data.std,
+    )
 
 
 def head_names(build: Callable[[int], nn.Module], num_classes: int) -> set[str]:
@@ -159,6 +184,7 @@ def load_start(net: nn.Module, start: Start, head: set[str]) -> None:
     misfit = [k for k in state if k not in new and (k not in start.weights or start.weights[k].shape != state[k].shape)]
     extra = sorted(k for k in start.weights if k not in state)
     if start.strict and (misfit or extra):
+
         def why(k: str) -> str:
             if k not in start.weights:
                 return f"{k} is not in it"
@@ -166,11 +192,18 @@ def load_start(net: nn.Module, start: Start, head: set[str]) -> None:
                 return f"{k} is not in this net"
             return f"{k} is {tuple(start.weights[k].shape)} there, {tuple(state[k].shape)} here"
 
-        raise UserError(f"{start.source} does not fit this net ({len(misfit) + len(extra)} tensors differ: "
-                        f"{'; '.join(why(k) for k in (misfit + extra)[:3])}); start from a run of the same net "
-                        "(its model.net options as in that run)")
+        raise UserError(
+            f"{start.source} does not fit this net ({len(misfit) + len(extra)} tensors differ: "
+            f"{'; '.join(why(k) for k in (misfit + extra)[:3])}); start from a run of the same net "
+            "(its model.net options as in that run)"
+        )
     new += misfit
     loaded = {k: v for k, v in start.weights.items() if k in state and k not in new}
     net.load_state_dict({**state, **loaded})
-    log.info("started from %s: %d of %d tensors loaded; new: %s", start.source, len(loaded), len(state),
-             ", ".join(sorted(new)) or "none")
+    log.info(
+        "started from %s: %d of %d tensors loaded; new: %s",
+        start.source,
+        len(loaded),
+        len(state),
+        ", ".join(sorted(new)) or "none",
+    )

@@ -80,7 +80,8 @@ class GracefulStop(L.Callback):
         print(
             f"stopped by {signal.Signals(signum).name}: no training step ended within {self.grace_s:g} s "
             f"(a stalled run?); exiting without a new checkpoint, those in {self.dirpath} are intact",
-            file=sys.stderr, flush=True,
+            file=sys.stderr,
+            flush=True,
         )
         os._exit(128 + signum)
 
@@ -103,14 +104,18 @@ class GracefulStop(L.Callback):
         name = signal.Signals(self.signum or signal.SIGTERM).name
         where = f"epoch {trainer.current_epoch}, step {trainer.global_step}"
         if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
-            raise TrainingStopped(f"stopped by {name} at {where}; the weights are NaN/inf, so no checkpoint was saved", 1)
+            raise TrainingStopped(
+                f"stopped by {name} at {where}; the weights are NaN/inf, so no checkpoint was saved", 1
+            )
         path = self.dirpath / rundir.INTERRUPTED
         trainer.save_checkpoint(path, weights_only=False)
         self._restore()
         then = f"continue with ckpt_path={path}"
         if self.signum in REQUEUE_SIGNALS and trainer.is_global_zero:
             then = self._requeue()
-        raise TrainingStopped(f"stopped by {name} at {where}; checkpoint saved, {then}", exit_code=128 + (self.signum or signal.SIGTERM))
+        raise TrainingStopped(
+            f"stopped by {name} at {where}; checkpoint saved, {then}", exit_code=128 + (self.signum or signal.SIGTERM)
+        )
 
     def _requeue(self) -> str:
         """Put this SLURM job back in the queue; what the stop's line says next."""
@@ -124,7 +129,8 @@ class GracefulStop(L.Callback):
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"but scontrol requeue {job} failed ({e}); requeue it and continue with ckpt_path=auto"
         if done.returncode:
-            return f"but scontrol requeue {job} failed ({done.stderr.strip()[:200]}); requeue it and continue with ckpt_path=auto"
+            why = done.stderr.strip()[:200]
+            return f"but scontrol requeue {job} failed ({why}); requeue it and continue with ckpt_path=auto"
         return f"SLURM job {job} requeued: it continues with ckpt_path=auto"
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 ROUND = "cifarkit:round_end"  # the study's user attribute: the trial number the current round stops before
-TRIAL_KEY = "optuna_trial"    # the config key a job reads its trial number from
+TRIAL_KEY = "optuna_trial"  # the config key a job reads its trial number from
 _IN_MEMORY: dict[str, Any] = {}  # storage: null: the studies of this process, for its in-process jobs
 
 
@@ -66,14 +66,17 @@ def open_storage(storage: Any) -> Any:
     if storage.startswith("sqlite:///"):  # SQLite creates its file but not the folder it lives in
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     try:
-        return RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None)
+        return RDBStorage(
+            storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
+        )
     except RuntimeError as e:  # an older Optuna's schema
         if "optuna storage upgrade" not in str(e):
             raise
         old = str(e).split("(set up by optuna ", 1)[-1].split(")", 1)[0]
         raise UserError(
             f"the Optuna study storage {storage} was written by Optuna {old} and this is Optuna {optuna.__version__}: "
-            f"upgrade it once with `optuna storage upgrade --storage {storage}` (back the file up first), then run again"
+            f"upgrade it once with `optuna storage upgrade --storage {storage}` (back the file up first), then run "
+            "again"
         ) from None
 
 
@@ -84,7 +87,10 @@ def load_trial(storage: Any, study_name: str | None, number: int, pruner: Any = 
     if storage is None:
         study = _IN_MEMORY.get(study_name or "")
         if study is None:
-            raise UserError(f"optuna_trial={number}: the study {study_name!r} is in another process's memory; give the sweeper a storage")
+            raise UserError(
+                f"optuna_trial={number}: the study {study_name!r} is in another process's memory; give the sweeper a "
+                "storage"
+            )
         if pruner is not None:
             study.pruner = pruner
     else:
@@ -123,7 +129,9 @@ def distribution(override: Any) -> Any:
         choices = list(override.sweep_iterator(transformer=Transformer.encode))
         bad = [c for c in choices if not isinstance(c, (str, int, float, bool, type(None)))]
         if bad:
-            raise UserError(f"{override.input_line}: a choice takes str, int, float, bool or null values, not {bad[0]!r}")
+            raise UserError(
+                f"{override.input_line}: a choice takes str, int, float, bool or null values, not {bad[0]!r}"
+            )
         return CategoricalDistribution(choices)
     if isinstance(value, RangeSweep):  # both ends included, as hydra-optuna-sweeper had it
         if any(isinstance(x, float) for x in (value.start, value.stop, value.step)):
@@ -194,7 +202,9 @@ class Search:
             from hydra.utils import get_method
 
             self.extend = get_method(sweeper.custom_search_space)
-        self.directions = [sweeper.direction] if isinstance(sweeper.direction, str) else [str(d) for d in sweeper.direction]
+        self.directions = (
+            [sweeper.direction] if isinstance(sweeper.direction, str) else [str(d) for d in sweeper.direction]
+        )
         self.trial_key = TRIAL_KEY if _has_key(config, TRIAL_KEY) else f"+{TRIAL_KEY}"
 
     def study(self) -> optuna.Study:
@@ -211,8 +221,14 @@ class Search:
             study = _IN_MEMORY[self.s.study_name or ""]
             study.sampler, study.pruner = sampler or study.sampler, pruner or study.pruner
         else:
-            study = optuna.create_study(study_name=self.s.study_name, storage=storage, sampler=sampler, pruner=pruner,
-                                        directions=self.directions, load_if_exists=True)
+            study = optuna.create_study(
+                study_name=self.s.study_name,
+                storage=storage,
+                sampler=sampler,
+                pruner=pruner,
+                directions=self.directions,
+                load_if_exists=True,
+            )
         if storage is None:
             _IN_MEMORY[self.s.study_name or ""] = study
         self.n_trials = n_trials
@@ -229,9 +245,19 @@ class Search:
             study.set_user_attr(ROUND, end)
             log.info("study %s (%s): trials %d to %d", study.study_name, self.s.storage, len(trials), end - 1)
         else:
-            log.info("study %s (%s): joining its unfinished round, trials up to %d (%d started)",
-                     study.study_name, self.s.storage, end - 1, len(trials))
-        log.info("sampler %s, pruner %s, directions %s", type(study.sampler).__name__, type(study.pruner).__name__, self.directions)
+            log.info(
+                "study %s (%s): joining its unfinished round, trials up to %d (%d started)",
+                study.study_name,
+                self.s.storage,
+                end - 1,
+                len(trials),
+            )
+        log.info(
+            "sampler %s, pruner %s, directions %s",
+            type(study.sampler).__name__,
+            type(study.pruner).__name__,
+            self.directions,
+        )
 
         next_number, reseeded = len(trials), False
         while True:
@@ -265,7 +291,12 @@ class Search:
             failures = [self.tell(study, t, r) for t, r in zip(batch, returns)]
             failures = [f for f in failures if f is not None]
             if len(failures) / len(returns) > self.s.max_failure_rate:
-                log.error("%d of %d trials failed, more than max_failure_rate=%s", len(failures), len(returns), self.s.max_failure_rate)
+                log.error(
+                    "%d of %d trials failed, more than max_failure_rate=%s",
+                    len(failures),
+                    len(returns),
+                    self.s.max_failure_rate,
+                )
                 for r in returns:
                     r.return_value  # raises the job's own error  # noqa: B018
         self.report(study)
@@ -320,10 +351,18 @@ class Search:
             return
         if len(self.directions) == 1:
             best = study.best_trial
-            results = {"name": "optuna", "best_params": best.params, "best_value": best.value, "best_trial": best.number}
+            results = {
+                "name": "optuna",
+                "best_params": best.params,
+                "best_value": best.value,
+                "best_trial": best.number,
+            }
             log.info("best trial %d: %s = %s", best.number, best.params, best.value)
         else:
-            results = {"name": "optuna", "solutions": [{"params": t.params, "values": t.values} for t in study.best_trials]}
+            results = {
+                "name": "optuna",
+                "solutions": [{"params": t.params, "values": t.values} for t in study.best_trials],
+            }
         results["trials"] = counts
         OmegaConf.save(OmegaConf.create(results), Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
 

@@ -89,7 +89,11 @@ def by_config(rows: list[Row], varying: list[str], metrics: list[str], x_key: st
         pruned = sum(r["status"] == "pruned" for r in members)
         rest = "pruned" if pruned == len(members) - len(done) and pruned else "failed"
         status = "completed" if len(done) == len(members) else f"partly {rest}" if done else rest
-        row: Row = dict(zip(keys, key)) | {"status": status, "n": len(done), "failed": len(members) - len(done) - pruned}
+        row: Row = dict(zip(keys, key)) | {
+            "status": status,
+            "n": len(done),
+            "failed": len(members) - len(done) - pruned,
+        }
         if any_pruned:
             row["pruned"] = pruned
         for m in metrics:
@@ -136,7 +140,9 @@ def plot(configs: list[Row], metrics: list[str], x_key: str, path: Path) -> None
         failed, pruned = [], []
         ax.set_xticks(where, [_config_label(c, x_key) for c in done], rotation=20, ha="right", fontsize=7)
     for i, m in enumerate(metrics):
-        pts = [(x, _number(c[m]), _number(c[f"{m}_std"]) or 0.0) for x, c in zip(where, done) if _number(c[m]) is not None]
+        pts = [
+            (x, _number(c[m]), _number(c[f"{m}_std"]) or 0.0) for x, c in zip(where, done) if _number(c[m]) is not None
+        ]
         if not pts:
             continue
         xs, ys, errs = zip(*pts)
@@ -148,7 +154,10 @@ def plot(configs: list[Row], metrics: list[str], x_key: str, path: Path) -> None
     if pruned:
         ax.plot(pruned, [0.0] * len(pruned), "x", color="grey", markersize=9, label="pruned")
     n = sorted({c["n"] for c in done})
-    ax.set(ylabel="metric (mean, bars: std)", title=f"sweep {path.parent.name} (n = {'/'.join(map(str, n)) or 0} per point)")
+    ax.set(
+        ylabel="metric (mean, bars: std)",
+        title=f"sweep {path.parent.name} (n = {'/'.join(map(str, n)) or 0} per point)",
+    )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -157,7 +166,11 @@ def plot(configs: list[Row], metrics: list[str], x_key: str, path: Path) -> None
 
 
 def _config_label(config: Row, x_key: str) -> str:
-    keys = [k for k in config if k not in ("status", "n", "failed", "pruned", "jobs") and not k.endswith("_std") and "/" not in k]
+    keys = [
+        k
+        for k in config
+        if k not in ("status", "n", "failed", "pruned", "jobs") and not k.endswith("_std") and "/" not in k
+    ]
     return " ".join(f"{k}={config[k]}" for k in keys if config[k] != "") or "all jobs"
 
 
@@ -209,7 +222,11 @@ class SweepSummary(Callback):
         columns = ["job", "status", *dict.fromkeys([*varying, self.x]), *self.metrics, "epochs"]
         completed = sum(r["status"] == "completed" for r in rows)
         pruned = sum(r["status"] == "pruned" for r in rows)
-        print_table(rows, columns, f"sweep {sweep_dir.name}: {completed}/{len(rows)} completed" + (f", {pruned} pruned" if pruned else ""))
+        print_table(
+            rows,
+            columns,
+            f"sweep {sweep_dir.name}: {completed}/{len(rows)} completed" + (f", {pruned} pruned" if pruned else ""),
+        )
         if len(configs) < len(rows):  # seeds grouped: the statistics per configuration too
             stats = [c | {m: _mean_std(c, m) for m in self.metrics} for c in configs]
             columns = [k for k in configs[0] if k not in self.metrics and not k.endswith("_std") and k != "jobs"]
@@ -229,8 +246,10 @@ def check_sweeper(cfg: DictConfig) -> None:
     (a database written by Optuna 2 says how to upgrade it); a ``UserError`` otherwise."""
     target = OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or ""
     if target.startswith("hydra_plugins.hydra_optuna_sweeper"):
-        raise UserError("hydra-optuna-sweeper (Optuna 2 only) is still installed and shadows cifarkit's Optuna sweeper: "
-                        "pip uninstall hydra-optuna-sweeper")
+        raise UserError(
+            "hydra-optuna-sweeper (Optuna 2 only) is still installed and shadows cifarkit's Optuna sweeper: "
+            "pip uninstall hydra-optuna-sweeper"
+        )
     storage = OmegaConf.select(cfg, "hydra.sweeper.storage", default=None)
     if target.startswith("hydra_plugins.cifarkit_optuna_sweeper") and isinstance(storage, str):
         from cifarkit.study import open_storage

@@ -37,10 +37,17 @@ def build(cfg: DictConfig, with_loggers: bool = True, **data_overrides: Any) -> 
     quiet_lightning()
     device = resolve_accelerator(cfg.trainer.accelerator)
     if cfg.trainer.get("sync_batchnorm") and device not in ("cuda", "xpu", "hpu"):
-        raise UserError(f"trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm does not run on {device}); set trainer.sync_batchnorm=false")
+        raise UserError(
+            f"trainer.sync_batchnorm=true needs GPUs (PyTorch's SyncBatchNorm does not run on {device}); set "
+            "trainer.sync_batchnorm=false"
+        )
     datamodule: ImageDataModule = instantiate(cfg.data, _convert_="all", **data_overrides)  # plain hparams
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
-    loggers = [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg and "_target_" in lg] if with_loggers else []
+    loggers = (
+        [instantiate(lg) for lg in (cfg.get("logger") or {}).values() if lg and "_target_" in lg]
+        if with_loggers
+        else []
+    )
     trainer: L.Trainer = instantiate(
         cfg.trainer,
         precision=resolve_precision(cfg.trainer.precision, device),
@@ -123,7 +130,10 @@ def _train(cfg: DictConfig) -> float:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if cfg.test and not pruned:
             if not best:
-                log.info("no best checkpoint was kept (no validation split, or no checkpoint callback); testing the final weights")
+                log.info(
+                    "no best checkpoint was kept (no validation split, or no checkpoint callback); testing the final "
+                    "weights"
+                )
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
             metrics.update(tested_metrics(trainer, model))
     finally:  # the HPARAMS tab gets a row for a run that stopped early too
@@ -152,10 +162,18 @@ def optimized_value(name: str, metrics: dict[str, Any], has_validation: bool) ->
     nan; each with a warning."""
     if name not in metrics and name.startswith("val/") and not any(k.startswith("val/") for k in metrics):
         if not has_validation and "test/acc" in metrics:
-            log.warning("data.val_size=0 leaves no validation split, so %s was not measured; returning test/acc instead", name)
+            log.warning(
+                "data.val_size=0 leaves no validation split, so %s was not measured; returning test/acc instead", name
+            )
             return float(metrics["test/acc"])
-        why = "data.val_size=0 leaves no validation split" if not has_validation else "the run ended before its first validation"
-        log.warning("%s%s, so %s was not measured; returning nan", why, "" if has_validation else " and test=false", name)
+        why = (
+            "data.val_size=0 leaves no validation split"
+            if not has_validation
+            else "the run ended before its first validation"
+        )
+        log.warning(
+            "%s%s, so %s was not measured; returning nan", why, "" if has_validation else " and test=false", name
+        )
         return math.nan
     if name not in metrics:
         raise UserError(f"optimized_metric={name} was not logged; use one of: {', '.join(sorted(metrics))}")
@@ -170,14 +188,28 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         check_tta(cfg.tta, "tta")
     saved = SavedNet.read(cfg.ckpt_path)
     net = saved.rebuild(list(cfg.trusted_targets))  # the whole net config is judged before anything is built
-    model = ImageClassifier(net, saved.data.classes, optimizer=None, scheduler=None, param_groups=None,
-                            label_smoothing=saved.label_smoothing, tta=cfg.tta or saved.tta,
-                            channels_last=saved.channels_last, compile=False)
+    model = ImageClassifier(
+        net,
+        saved.data.classes,
+        optimizer=None,
+        scheduler=None,
+        param_groups=None,
+        label_smoothing=saved.label_smoothing,
+        tta=cfg.tta or saved.tta,
+        channels_last=saved.channels_last,
+        compile=False,
+    )
     info = saved.data
-    datamodule, trainer = build(cfg, with_loggers=False, image_size=info.image_size, normalize=True, mean=info.mean, std=info.std)
+    datamodule, trainer = build(
+        cfg, with_loggers=False, image_size=info.image_size, normalize=True, mean=info.mean, std=info.std
+    )
     check_same_classes(info.classes, datamodule.classes)
     trainer.test(model, datamodule=datamodule)
-    metrics = tested_metrics(trainer, model) | {"ckpt_path": str(cfg.ckpt_path), "tta": model.hparams.tta, "status": "completed"}
+    metrics = tested_metrics(trainer, model) | {
+        "ckpt_path": str(cfg.ckpt_path),
+        "tta": model.hparams.tta,
+        "status": "completed",
+    }
     if trainer.is_global_zero:
         write_metrics(cfg.paths.output_dir, metrics)
     return metrics

@@ -45,8 +45,9 @@ class ImageTooLarge(UserError):
     """An image over the pixel limit, refused before it was decoded (serve.py: 413)."""
 
 
-def decode_image(source: Path | bytes, size: int, name: str, fix: str,
-                 max_megapixels: float = MAX_MEGAPIXELS) -> np.ndarray:
+def decode_image(
+    source: Path | bytes, size: int, name: str, fix: str, max_megapixels: float = MAX_MEGAPIXELS
+) -> np.ndarray:
     """A PNG or JPEG file, or its bytes (an upload), as RGB uint8 (size, size, 3): upright (EXIF
     orientation), resized when it is another size; else a ``UserError`` "cannot read <name> (why); <fix>".
 
@@ -57,8 +58,10 @@ def decode_image(source: Path | bytes, size: int, name: str, fix: str,
             im.draft("RGB", (size, size))  # a JPEG: decode at 1/2, 1/4 or 1/8 scale when that still covers size
             width, height = im.size
             if width * height > max_megapixels * 1e6:
-                raise ImageTooLarge(f"cannot read {name}: too large to decode safely ({width}x{height} pixels is over "
-                                    f"max_megapixels={max_megapixels:g}); {fix}")
+                raise ImageTooLarge(
+                    f"cannot read {name}: too large to decode safely ({width}x{height} pixels is over "
+                    f"max_megapixels={max_megapixels:g}); {fix}"
+                )
             rgb = _as_rgb(ImageOps.exif_transpose(im))
             if rgb.size != (size, size):
                 rgb = rgb.resize((size, size), Image.BILINEAR)
@@ -68,7 +71,11 @@ def decode_image(source: Path | bytes, size: int, name: str, fix: str,
     except Image.DecompressionBombError as e:  # Pillow's own limit, met while reading the header
         raise ImageTooLarge(f"cannot read {name}: too large to decode safely ({e}); {fix}") from e
     except Exception as e:
-        why = "not an image file of a format read here: PNG or JPEG" if e.__class__.__name__ == "UnidentifiedImageError" else _why(e)
+        why = (
+            "not an image file of a format read here: PNG or JPEG"
+            if e.__class__.__name__ == "UnidentifiedImageError"
+            else _why(e)
+        )
         raise UserError(f"cannot read {name} ({why}); {fix}") from e
 
 

@@ -10,7 +10,7 @@ given the same way.
 # No ``from __future__ import annotations``: Hydra's plugin scanner runs this module before it is in
 # sys.modules, where dataclasses cannot resolve string annotations.
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -21,7 +21,7 @@ class TPESamplerConfig:
     """optuna.samplers.TPESampler (Optuna's default)."""
 
     _target_: str = "optuna.samplers.TPESampler"
-    seed: Optional[int] = None
+    seed: int | None = None
     n_startup_trials: int = 10
     n_ei_candidates: int = 24
     multivariate: bool = False
@@ -31,22 +31,22 @@ class TPESamplerConfig:
 @dataclass
 class RandomSamplerConfig:
     _target_: str = "optuna.samplers.RandomSampler"
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 @dataclass
 class CmaEsSamplerConfig:
     _target_: str = "optuna.samplers.CmaEsSampler"
-    seed: Optional[int] = None
+    seed: int | None = None
     n_startup_trials: int = 1
-    sigma0: Optional[float] = None
+    sigma0: float | None = None
     consider_pruned_trials: bool = False
 
 
 @dataclass
 class NSGAIISamplerConfig:
     _target_: str = "optuna.samplers.NSGAIISampler"
-    seed: Optional[int] = None
+    seed: int | None = None
     population_size: int = 50
 
 
@@ -57,7 +57,7 @@ class GridSamplerConfig:
 
     _target_: str = "optuna.samplers.GridSampler"
     _partial_: bool = True  # the grid comes from hydra.sweeper.params when the sweep starts
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 @dataclass
@@ -73,8 +73,8 @@ class MedianPrunerConfig:
     the same epoch."""
 
     _target_: str = "optuna.pruners.MedianPruner"
-    n_startup_trials: int = 5   # trials that run to their end before any is pruned
-    n_warmup_steps: int = 0     # epochs a trial trains before it can be pruned
+    n_startup_trials: int = 5  # trials that run to their end before any is pruned
+    n_warmup_steps: int = 0  # epochs a trial trains before it can be pruned
     interval_steps: int = 1
     n_min_trials: int = 1
 
@@ -97,7 +97,7 @@ class SuccessiveHalvingPrunerConfig:
     on only if it is in the best 1/reduction_factor of the trials that got there."""
 
     _target_: str = "optuna.pruners.SuccessiveHalvingPruner"
-    min_resource: Any = 1       # epochs; "auto": a hundredth of the first finished trial's
+    min_resource: Any = 1  # epochs; "auto": a hundredth of the first finished trial's
     reduction_factor: int = 3
     min_early_stopping_rate: int = 0
     bootstrap_count: int = 0
@@ -117,7 +117,7 @@ class HyperbandPrunerConfig:
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.cifarkit_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "none"}])
 
     sampler: Any = MISSING
     # Stops losing trials after a validation (the job's callbacks.optuna_pruning reports to it).
@@ -126,8 +126,8 @@ class OptunaSweeperConf:
     direction: Any = "minimize"
     # sqlite:///path.db, any SQLAlchemy URL (postgresql://..., mysql://...), a path to an Optuna
     # journal file (many processes on a shared disk), or null (in memory, this process only)
-    storage: Optional[Any] = None
-    study_name: Optional[str] = None
+    storage: Any | None = None
+    study_name: str | None = None
     # trials this command adds to the study; processes started on the same storage share them
     n_trials: int = 20
     # trials asked for, and launched, at a time (a SLURM array of this many jobs with hydra/launcher=slurm)
@@ -135,16 +135,26 @@ class OptunaSweeperConf:
     # failed trials allowed in a batch of n_jobs before the sweep stops
     max_failure_rate: float = 0.0
     # the search space in Hydra's override syntax: interval(), tag(log, interval()), choice(), range()
-    params: Optional[Dict[str, str]] = None
+    params: dict[str, str] | None = None
     # a function (config, optuna.trial.Trial) -> None that suggests more parameters, as a dotted path
-    custom_search_space: Optional[str] = None
+    custom_search_space: str | None = None
 
 
 store = ConfigStore.instance()
 store.store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="cifarkit")
-for name, node in [("tpe", TPESamplerConfig), ("random", RandomSamplerConfig), ("cmaes", CmaEsSamplerConfig),
-                   ("nsgaii", NSGAIISamplerConfig), ("grid", GridSamplerConfig)]:
+for name, node in [
+    ("tpe", TPESamplerConfig),
+    ("random", RandomSamplerConfig),
+    ("cmaes", CmaEsSamplerConfig),
+    ("nsgaii", NSGAIISamplerConfig),
+    ("grid", GridSamplerConfig),
+]:
     store.store(group="hydra/sweeper/sampler", name=name, node=node, provider="cifarkit")
-for name, node in [("none", NopPrunerConfig), ("median", MedianPrunerConfig), ("percentile", PercentilePrunerConfig),
-                   ("successive_halving", SuccessiveHalvingPrunerConfig), ("hyperband", HyperbandPrunerConfig)]:
+for name, node in [
+    ("none", NopPrunerConfig),
+    ("median", MedianPrunerConfig),
+    ("percentile", PercentilePrunerConfig),
+    ("successive_halving", SuccessiveHalvingPrunerConfig),
+    ("hyperband", HyperbandPrunerConfig),
+]:
     store.store(group="hydra/sweeper/pruner", name=name, node=node, provider="cifarkit")

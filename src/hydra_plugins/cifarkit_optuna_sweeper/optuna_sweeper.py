@@ -13,9 +13,19 @@ from omegaconf import DictConfig
 class OptunaSweeper(Sweeper):
     """Ask the study for trials, launch them as jobs (any Hydra launcher), tell it how each went."""
 
-    def __init__(self, sampler: Any, direction: Any, storage: Any, study_name: str | None, n_trials: int, n_jobs: int,
-                 max_failure_rate: float, params: DictConfig | None, custom_search_space: str | None = None,
-                 pruner: Any = None) -> None:
+    def __init__(
+        self,
+        sampler: Any,
+        direction: Any,
+        storage: Any,
+        study_name: str | None,
+        n_trials: int,
+        n_jobs: int,
+        max_failure_rate: float,
+        params: DictConfig | None,
+        custom_search_space: str | None = None,
+        pruner: Any = None,
+    ) -> None:
         if not 0.0 <= max_failure_rate <= 1.0:
             raise ValueError(f"hydra.sweeper.max_failure_rate={max_failure_rate}: a rate from 0.0 to 1.0")
         self.sampler, self.pruner, self.direction = sampler, pruner, direction
@@ -26,7 +36,9 @@ class OptunaSweeper(Sweeper):
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context, task_function=task_function)
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function
+        )
 
     def sweep(self, arguments: list[str]) -> None:
         from cifarkit.study import Search
