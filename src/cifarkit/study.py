@@ -84,15 +84,14 @@ def load_trial(storage: Any, study_name: str | None, number: int, pruner: Any = 
     """Trial ``number`` of the stored study, to report to (a job's side)."""
     import optuna
 
+    pruner = pruner if pruner is not None else optuna.pruners.NopPruner()  # null: none (Optuna's own default is median)
     if storage is None:
         study = _IN_MEMORY.get(study_name or "")
         if study is None:
             raise UserError(
-                f"optuna_trial={number}: the study {study_name!r} is in another process's memory; give the sweeper a "
-                "storage"
+                f"optuna_trial={number}: the study {study_name!r} is in another process's memory; give the sweeper a storage"
             )
-        if pruner is not None:
-            study.pruner = pruner
+        study.pruner = pruner
     else:
         study = optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=pruner)
     # Optuna has no public lookup of a trial by number short of loading every trial
@@ -215,11 +214,13 @@ class Search:
             values = {name: grid(dist) for name, dist in self.space.items()}
             sampler = sampler(values)
             n_trials = min(n_trials, math.prod(len(v) for v in values.values()))
-        pruner = self.s.pruner if len(self.directions) == 1 else None
+        pruner = (
+            self.s.pruner if len(self.directions) == 1 and self.s.pruner is not None else optuna.pruners.NopPruner()
+        )
         storage = open_storage(self.s.storage)
         if storage is None and (self.s.study_name or "") in _IN_MEMORY:
             study = _IN_MEMORY[self.s.study_name or ""]
-            study.sampler, study.pruner = sampler or study.sampler, pruner or study.pruner
+            study.sampler, study.pruner = sampler or study.sampler, pruner
         else:
             study = optuna.create_study(
                 study_name=self.s.study_name,
