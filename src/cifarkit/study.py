@@ -89,7 +89,8 @@ def load_trial(storage: Any, study_name: str | None, number: int, pruner: Any = 
         study = _IN_MEMORY.get(study_name or "")
         if study is None:
             raise UserError(
-                f"optuna_trial={number}: the study {study_name!r} is in another process's memory; give the sweeper a storage"
+                f"optuna_trial={number}: the study {study_name!r} is in another process's memory; give the sweeper a "
+                "storage"
             )
         study.pruner = pruner
     else:
