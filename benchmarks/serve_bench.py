@@ -42,21 +42,11 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
+from cifarkit.serve_page import CHROMIUM, CHROMIUM_ARGS
 from results import add_argument, machine, save
 
 ROOT = Path(__file__).resolve().parents[1]
 WARMUP = 20
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 
 
 def parse_args() -> argparse.Namespace:

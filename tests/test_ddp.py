@@ -54,19 +54,25 @@ DDP = ["trainer=ddp_sim", "trainer.max_epochs=2", "data.batch_size=8", "data.eva
 PYTHONPATH = {"PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
 
 
-def test_ddp_sim_trains_one_run_on_split_data(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
-    logs, probe = tmp_path / "logs", tmp_path / "probe"
-    args = (
+def probed_ddp(image_folder: Path, tmp_path: Path) -> list[str]:
+    """DDP on the tiny folder, logs under tmp_path/logs, unaugmented (so each rank's share can be
+    checked from the pixels), and RankProbe writing what each rank saw to tmp_path/probe."""
+    return (
         DDP
         + folder_overrides(image_folder, tmp_path)
         + [
             "data.augment.crop=null",
             "data.augment.flip=null",
-            f"paths.log_dir={logs}",
+            f"paths.log_dir={tmp_path / 'logs'}",
             "+callbacks.rank_probe._target_=test_ddp.RankProbe",
-            f"+callbacks.rank_probe.out={probe}",
+            f"+callbacks.rank_probe.out={tmp_path / 'probe'}",
         ]
     )
+
+
+def test_ddp_sim_trains_one_run_on_split_data(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
+    logs, probe = tmp_path / "logs", tmp_path / "probe"
+    args = probed_ddp(image_folder, tmp_path)
     r = run_cli("train.py", args, cwd=tmp_path, env=PYTHONPATH, timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
 
@@ -245,17 +251,7 @@ def start_nodes(args: list[str], run_dir: Path, cwd: Path) -> list[subprocess.Po
 
 def test_two_nodes_train_one_run(image_folder: Path, tmp_path: Path) -> None:
     run, probe = tmp_path / "logs" / "train" / "runs" / "two_nodes", tmp_path / "probe"
-    args = (
-        DDP
-        + folder_overrides(image_folder, tmp_path)
-        + [
-            "data.augment.crop=null",
-            "data.augment.flip=null",
-            f"paths.log_dir={tmp_path / 'logs'}",
-            "+callbacks.rank_probe._target_=test_ddp.RankProbe",
-            f"+callbacks.rank_probe.out={probe}",
-        ]
-    )
+    args = probed_ddp(image_folder, tmp_path)
     nodes = start_nodes(args, run, tmp_path)
     outs = [node.communicate(timeout=240) for node in nodes]
     assert [node.returncode for node in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]

@@ -36,22 +36,12 @@ from PIL import Image
 from cifarkit.errors import UserError
 from cifarkit.export import export_model
 from cifarkit.serve import serve
+from cifarkit.serve_page import CHROMIUM, CHROMIUM_ARGS
 from cifarkit.train import train
 from conftest import FAST, ROOT, compose, folder_overrides, free_port
 from test_data import bomb_png
 from untrusted_files import EPS, fake_gs, mutants, seeds
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 MAX_BODY_MB = 1
 
 
@@ -356,7 +346,7 @@ def test_page_health_and_address(setup: Setup) -> None:
 
 
 @pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"
+    not Path(CHROMIUM).exists(), reason="needs Debian's Chromium at /usr/bin/chromium (apt-get install chromium)"
 )
 def test_page_shows_the_top_classes(setup: Setup) -> None:
     """In a real browser: choose a file, see it and its top classes as bars, as the API answers."""
@@ -365,7 +355,7 @@ def test_page_shows_the_top_classes(setup: Setup) -> None:
     image = setup.images[-1]
     expected = setup.batched.top(image)
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page()
             page.goto(setup.batched.url + "/")

@@ -5,6 +5,20 @@ as a string so that it ships inside the package. It posts the file's bytes to ``
 draws the answer; class names are set as text, never as HTML.
 """
 
+# How the tests and benchmarks/serve_bench.py open the page: Debian's Chromium through Playwright,
+# headless and offline (never a browser Playwright downloads).
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
 PAGE = """<!doctype html>
 <html lang="en">
 <head>
