@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -28,6 +29,7 @@ def test_every_group_option_composes(group: str, option: str, tmp_path: Path) ->
         tmp_path, [f"{group}={option}", *(["data.root=/x"] if option == "image_folder" else [])], with_hydra=True
     )
     assert cfg.hydra.runtime.choices[group] == option
+    HydraConfig.instance().set_config(cfg)  # as at run time: ${hydra:...} (the Optuna search's callback) resolves
     for key in (
         "data",
         "model",

@@ -25,7 +25,7 @@ def fenced_lines(text: str) -> list[str]:
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         joined = re.sub(r"\\\n\s*", " ", block)
         lines += [
-            line.split("  #")[0].strip()
+            re.split(r"\s#", line)[0].strip().removesuffix(" &")
             for line in joined.splitlines()
             if line.strip() and not line.lstrip().startswith("#")
         ]
