@@ -7,7 +7,7 @@ A training run's directory (``${paths.output_dir}``)::
     checkpoints/         epoch_NNN.ckpt (the best by val/acc), last.ckpt (after every epoch),
                          interrupted.ckpt (a signal), hpc_ckpt_N.ckpt (Lightning's own SLURM requeue)
     metrics.json         how the run ended ("status") and its metrics
-    budget.json          the step count a ``budget_s`` run was sized to (cifarkit/budget.py)
+    budget.json          the net and step count a ``budget_s`` run was sized to (cifarkit/budget.py)
     run.lock             held by the run's rank 0 while it trains
     train.log, tensorboard/, samples.png, ...
 

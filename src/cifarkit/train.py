@@ -10,7 +10,7 @@ from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from cifarkit import rundir
 from cifarkit.augment import check_tta
@@ -113,8 +113,10 @@ def _train(cfg: DictConfig) -> float:
             log.info(why)
         else:
             budget = size_to_budget(cfg, build)
-            with open_dict(cfg):  # from here the run is one with this step count, as the log line says
+            with open_dict(cfg):  # from here the run is one with this net and step count, as the log line says
                 cfg.trainer.max_steps, cfg.trainer.max_epochs = budget["steps"], -1
+                if "net" in budget:
+                    cfg.model.net = OmegaConf.merge(cfg.model.net, budget["net"])
             L.seed_everything(cfg.seed, workers=True)  # the run starts as one with trainer.max_steps set would
     datamodule, trainer = build(cfg)
     model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
