@@ -50,6 +50,10 @@ from tiny_files import CLASSES3, write_cifar10_tarball, write_cifar100_tarball, 
 
 register_resolvers()  # the configs' ${lr_for_batch:...}, as the entry points register it
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pyproject's -n 2: the workers share the cores, a thread each,
+    os.environ["OMP_NUM_THREADS"] = "1"  # and so do the processes a test starts
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "configs"
 ZERO, ONE = torch.zeros(3), torch.ones(3)

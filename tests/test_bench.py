@@ -77,6 +77,7 @@ def check_figures(res: dict[str, Any]) -> None:
     )
 
 
+@pytest.mark.slow  # the benchmark script end to end
 def test_bench_without_data_uses_synthetic_images(tmp_path: Path) -> None:
     """--tiny: one round of each contender; run where no ./data is, with no --root."""
     res = last_json(bench(["--tiny", "--data-dir", str(tmp_path / "cache")], tmp_path, timeout=300))

@@ -249,6 +249,7 @@ def start_nodes(args: list[str], run_dir: Path, cwd: Path) -> list[subprocess.Po
     ]
 
 
+@pytest.mark.slow  # two nodes of two processes
 def test_two_nodes_train_one_run(image_folder: Path, tmp_path: Path) -> None:
     run, probe = tmp_path / "logs" / "train" / "runs" / "two_nodes", tmp_path / "probe"
     args = probed_ddp(image_folder, tmp_path)

@@ -132,6 +132,7 @@ for args in json.loads(sys.argv[1]):
 """
 
 
+@pytest.mark.slow  # a fresh interpreter importing predict.py alone
 def test_predict_runs_without_lightning(exported: Exported, tmp_path: Path, main) -> None:
     """Both model files need torch, onnxruntime and Hydra only: the same output as with Lightning,
     and the same one-line errors."""

@@ -59,7 +59,8 @@ def resume_to_completion(
     return json.loads((run_dirs(tmp_path / "resumed")[0] / "metrics.json").read_text())
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)])
+@pytest.mark.slow  # a process stopped by a signal, then resumed; test_sigterm_mid_epoch stays in the default suite
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_saves_stops_in_one_line_and_resumes(sig, image_folder, tmp_path):
     p = start_train(long_run(image_folder, tmp_path), tmp_path)
     wait_for(p, tmp_path / "logs", "train/runs/*/checkpoints/last.ckpt")  # epoch 0 done: it is training now
@@ -123,6 +124,7 @@ def run_in_process(
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # three runs to compare
 def test_resume_at_epoch_boundary_gives_the_same_metrics(compose_cfg, image_folder, tmp_path):
     whole = run_in_process(compose_cfg, image_folder, tmp_path, "whole", 2)
     run_in_process(compose_cfg, image_folder, tmp_path, "first", 1)

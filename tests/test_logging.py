@@ -85,6 +85,7 @@ def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path
         assert acc.Scalars(tag)[-1].value == pytest.approx(metrics[tag], rel=1e-6), tag
 
 
+@pytest.mark.slow  # a run
 def test_no_test_no_confusion_matrix(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
     out = tmp_path / "out"
@@ -102,6 +103,7 @@ def test_fast_dev_run_draws_both(image_folder: Path, tmp_path: Path, compose_cfg
     assert np.array_equal(png_pixels(out / "confusion_matrix.png"), render(confusion_figure(counts, CLASSES3)))
 
 
+@pytest.mark.slow  # a run; test_run_leaves_pictures stays in the default suite
 def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: Path, compose_cfg, monkeypatch) -> None:
     """Without augmentation each image in the grid is a training image, with its label, back in [0, 1]."""
     cfg = compose_cfg(

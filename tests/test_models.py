@@ -209,6 +209,7 @@ def test_timm_missing_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
         TimmNet("resnet18", num_classes=3, image_size=32, cifar_stem=True)
 
 
+@pytest.mark.slow  # a timm run and its rebuilds; test_finetune's timm weights test stays in the default suite
 @needs_timm
 def test_timm_trains_and_its_checkpoint_rebuilds_in_eval_and_predict(image_folder: Path, tmp_path: Path, main) -> None:
     """One batch of model=timm, then eval.py and predict.py rebuild the net from the checkpoint

@@ -55,6 +55,7 @@ def finished(tmp_path: Path, logs: str) -> dict:
     return json.loads((run / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # three runs; test_faults' mid-epoch resume stays in the default suite
 def test_auto_continues_an_interrupted_run_in_its_directory_exactly(
     image_folder: Path, tmp_path: Path, main, monkeypatch, recwarn
 ) -> None:
@@ -132,6 +133,7 @@ def hold_in_another_process(run: Path) -> subprocess.Popen:
     return holder
 
 
+@pytest.mark.slow  # waits for a training process to hold its directory
 def test_auto_leaves_a_run_that_is_still_training_alone(image_folder: Path, tmp_path: Path, main, monkeypatch) -> None:
     """While another process holds an interrupted run's lock (as its rank 0 does while it trains),
     ckpt_path=auto starts a new run beside it and names it, and a command aimed at its directory
@@ -191,6 +193,7 @@ echo "$@" >> "{log}"
 """
 
 
+@pytest.mark.slow  # a run stopped, requeued and continued in processes
 def test_slurm_requeue_signal_saves_requeues_and_the_job_continues(image_folder: Path, tmp_path: Path, main) -> None:
     """SLURM's warning signal to a real run: it saves, calls ``scontrol requeue <job>`` and stops in
     one line; the requeued job's same command continues it."""
@@ -253,6 +256,7 @@ class FillAtEpoch(L.Callback):
             fill(self.disk, self.leave)
 
 
+@pytest.mark.slow  # a run filling a disk, then its resume, in processes
 def test_a_full_disk_stops_in_one_line_and_auto_resumes_once_freed(
     image_folder: Path, tmp_path: Path, small_disk: Path, main, monkeypatch
 ) -> None:
@@ -347,6 +351,7 @@ def disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
+@pytest.mark.slow  # a run filling a disk, then its resume
 def test_auto_continues_a_run_that_failed_on_a_full_disk_from_its_newest_good_checkpoint(
     image_folder: Path, tmp_path: Path, main, monkeypatch
 ) -> None:

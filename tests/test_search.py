@@ -54,6 +54,7 @@ def load(tmp_path: Path, storage: str | None = None, name: str = "lr_optuna") ->
     return optuna.load_study(study_name=name, storage=storage or f"sqlite:///{tmp_path}/logs/optuna/lr_optuna.db")
 
 
+@pytest.mark.slow  # a whole search through the command line
 def test_a_pruned_trial_ends_cleanly_and_the_search_goes_on(image_folder: Path, tmp_path: Path, main) -> None:
     r = main(
         "train.py",
@@ -123,6 +124,7 @@ def job_trials(log_dir: Path) -> dict[Path, int]:
     return found
 
 
+@pytest.mark.slow  # two sweep processes at once, for each storage
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 def test_two_sweep_processes_share_one_study(kind: str, image_folder: Path, tmp_path: Path) -> None:
     """Two terminals, one storage: together they run n_trials, each trial number once."""
@@ -168,6 +170,7 @@ def test_two_sweep_processes_share_one_study(kind: str, image_folder: Path, tmp_
         assert metrics["val/acc_best"] == pytest.approx(study.trials[number].value)
 
 
+@pytest.mark.slow  # a search killed and started again: several sweep processes
 def test_an_interrupted_search_is_finished_by_running_it_again(image_folder: Path, tmp_path: Path, main) -> None:
     args = search(
         image_folder,
@@ -228,6 +231,7 @@ class EndProbe:
         return Probe()
 
 
+@pytest.mark.slow  # DDP trials inside a sweep process
 def test_a_pruned_ddp_trial_stops_on_every_rank(image_folder: Path, tmp_path: Path) -> None:
     """trainer=ddp_sim as a trial (as a SLURM job of a sweep runs it): rank 0 reports once per epoch,
     and every rank stops after the epoch its pruner pruned it at."""
@@ -265,6 +269,7 @@ def test_a_pruned_ddp_trial_stops_on_every_rank(image_folder: Path, tmp_path: Pa
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow  # a search continued through the command line
 def test_a_study_of_optuna_2_says_how_to_upgrade_it_then_continues(image_folder: Path, tmp_path: Path, main) -> None:
     db = tmp_path / "old.db"
     with sqlite3.connect(db) as con:
@@ -293,6 +298,7 @@ def test_a_study_of_optuna_2_says_how_to_upgrade_it_then_continues(image_folder:
     assert [t.value for t in study.trials[:2]] == [0.31, 0.42] and study.trials[2].state == TrialState.COMPLETE
 
 
+@pytest.mark.slow  # a whole search through the command line
 def test_the_readme_search_with_more_dimensions(image_folder: Path, tmp_path: Path, main) -> None:
     """The README's command line, unchanged but for the tiny run: choice() and tag(log, interval())."""
     dims = ["data.batch_size=choice(32,64,128)", "model.optimizer.weight_decay=tag(log,interval(1e-6,1e-2))"]

@@ -168,6 +168,7 @@ def test_offline_without_the_files_says_where_to_put_them(name: str, tmp_path: P
     assert str(tmp_path / folder) in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.slow  # every door on a second source; cifar10's are in the default suite
 def test_cifar100_trains_and_its_checkpoint_evaluates_predicts_and_exports(
     tiny_cifar100: dict, tmp_path: Path, main
 ) -> None:

@@ -148,6 +148,7 @@ def test_one_configuration_over_seeds_still_gets_a_plot(tmp_path: Path) -> None:
     assert_plot(sweep / "summary.png")
 
 
+@pytest.mark.slow  # a sweep of several jobs through the command line
 def test_grid_sweep_summary_with_a_failed_job(image_folder: Path, tmp_path: Path, main) -> None:
     logs = tmp_path / "logs"
     lrs = "model.optimizer.lr=1e-2,1e-3,-1"  # Adam rejects -1: that job fails
@@ -199,6 +200,7 @@ def test_local_sweep_with_ddp_script_launcher_is_refused(image_folder: Path, tmp
         assert "cannot run inside a local sweep" in error and "+trainer.strategy.start_method=spawn" in error
 
 
+@pytest.mark.slow  # two sweeps through the command line
 def test_optuna_study_resumes_across_commands(image_folder: Path, tmp_path: Path, main) -> None:
     import optuna
 

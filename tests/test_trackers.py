@@ -138,6 +138,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # starts MLflow's server
 def test_mlflow_ui_serves_the_runs_of_the_projects_store(mlflow_run) -> None:
     """`mlflow ui` as the README starts it, on the run's SQLite store (127.0.0.1, a free port): its
     page, and the runs search its experiment page makes, name the run; then it is stopped, every
@@ -259,6 +260,7 @@ def no_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     server.shutdown()
 
 
+@pytest.mark.slow  # a run with W&B offline
 def test_wandb_offline_run_lives_in_the_run_directory(image_folder: Path, tmp_path: Path, no_network) -> None:
     pytest.importorskip("wandb")
     import wandb

@@ -34,6 +34,7 @@ def test_fast_dev_run_on_both_sources(source: str, request, compose_cfg, tmp_pat
     assert value == metrics["val/acc_best"]
 
 
+@pytest.mark.slow  # two runs to compare; the resume-equality tests also need determinism
 def test_same_seed_same_metrics(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     results = []
     for _ in range(2):
@@ -49,6 +50,7 @@ def test_same_seed_same_metrics(image_folder: Path, compose_cfg, tmp_path: Path)
     assert other["train/loss"] != results[0]["train/loss"]
 
 
+@pytest.mark.slow  # a run for each option
 def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg(
         FAST
@@ -127,6 +129,7 @@ def overfit_run(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch, ep
     return probe
 
 
+@pytest.mark.slow  # several epochs of debug=overfit
 def test_debug_overfit_repeats_the_same_batches(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch) -> None:
     overfit_run(image_folder, compose_cfg, tmp_path, monkeypatch, epochs=3)
 
@@ -204,6 +207,7 @@ def test_a_run_that_stops_before_its_first_validation_ends_well(image_folder: Pa
     )
 
 
+@pytest.mark.slow  # a run and three evaluations
 def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
