@@ -53,7 +53,7 @@ TARGET = 0.95  # of the budget: where a run's training should end
 RUN_OVER_PROBE = 1.02
 WARMUP_STEPS = 3  # untimed: memory allocation, kernel selection, compilation
 MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 10, 2.0, 100
-MIN_EPOCHS = 5  # with budget_nets: the widest net that still trains this many epochs (docs/accuracy.md)
+MIN_EPOCHS = 3  # with budget_nets: the widest net that still trains this many epochs (measured: docs/accuracy.md)
 # Lightning's callbacks that write the run's files, need a logger or draw the progress: left out of the
 # probe. The project's own callbacks say so themselves (``in_budget_probe = False``).
 LIGHTNING_NOT_PROBED = (ModelCheckpoint, LearningRateMonitor, ProgressBar)
