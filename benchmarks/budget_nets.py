@@ -40,9 +40,9 @@ def run(root: str, budget: int, net: dict[str, Any] | None, logs: Path, extra: l
     before is read, not repeated, so an interrupted benchmark continues where it stopped."""
     log_dir = logs / f"{budget}s" / name
     done = sorted(log_dir.glob("train/runs/*/metrics.json"))
-    if done and json.loads(done[-1].read_text()).get("status") == "completed":
+    if done and (metrics := json.loads(done[-1].read_text())).get("status") == "completed":
         print(f"reusing {done[-1]}", file=sys.stderr)
-        return json.loads(done[-1].read_text())
+        return metrics
     args = ["experiment=cpu10", "data=image_folder", f"data.root={root}", f"budget_s={budget}"]
     given = net_options(net).split() if net else []
     command = [sys.executable, "train.py", *args, f"paths.log_dir={log_dir}", *given, *extra]
@@ -65,11 +65,12 @@ def recorded_rates(path: str | None) -> dict[str, dict[str, float]]:
 
 def row(metrics: dict[str, Any], net: dict[str, Any], chosen: bool, rate: dict[str, Any] | None) -> dict[str, Any]:
     """A candidate's figures: its rate from its own probe (``rate``: from the rule's probe or a results file)."""
+    steps_from = "its probe" if rate is None else "a recorded rate"
     rate = rate or metrics["budget"]
     return {
         "net": net,
         "chosen": chosen,
-        "steps_from": "its probe" if rate is metrics.get("budget") else "a recorded rate",
+        "steps_from": steps_from,
         "steps": metrics["steps"],
         "epochs": round(metrics["steps"] / rate["steps_per_epoch"], 2),
         **{k: rate[k] for k in RATE},

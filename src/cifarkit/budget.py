@@ -13,9 +13,9 @@ DDP every rank takes rank 0's count. The run itself is then an ordinary run with
 as from any step count, and ``trainer.max_steps=<count> trainer.max_epochs=-1`` reproduces it
 exactly on any machine. The probe's steps train a copy of the model that is thrown away; the run
 starts from the seed like any other. The decision is kept in the run directory (``budget.json``),
-so a resumed run continues with the same count. A run
-that Lightning cuts short by design (``trainer.fast_dev_run``) has nothing to size: ``skipped``
-says so in one line and the budget steps aside.
+so a resumed run continues with the same count. A run that Lightning cuts short by design
+(``trainer.fast_dev_run``) has nothing to size: ``skipped`` says so in one line and the budget
+steps aside.
 
 A budget may also choose the net (``budget_nets``, a ladder of ``model.net`` options from narrowest
 to widest, as ``experiment=cpu10`` sets): the probe times the candidates in that order and keeps the
