@@ -5,10 +5,11 @@
 ROOT is an image-folder tree (ROOT/train/<class>/*, ROOT/test/<class>/*). For each budget it runs
 ``python train.py experiment=cpu10 data=image_folder data.root=ROOT budget_s=B``, which chooses
 among the preset's ``budget_nets``, then every other candidate with its net given on the command
-line, which the budget then sizes alone: each a real run of that budget on this machine, so the
-runs go one after another (at once they would share the cores). With ``--rates`` (an earlier
-results file of this machine) the other candidates train instead for the steps their recorded
-rate buys (``trainer.max_steps``): their accuracy does not depend on the machine being quiet.
+line. A candidate the rule probed trains for the steps that probe's rate buys
+(``trainer.max_steps``), so every row comes from one measurement of the machine; one it did not
+probe (wider than the first that fell short) takes its rate from ``--rates`` (an earlier results
+file of this machine) or, without it, is sized by a budget probe of its own. Runs go one after
+another (at once they would share the cores).
 Prints a markdown table and saves docs/results/budget-nets-<B>s-<machine>.json (benchmarks/results.py).
 """
 
@@ -63,9 +64,10 @@ def recorded_rates(path: str | None) -> dict[str, dict[str, float]]:
     return {net_options(r["net"]): {k: r[k] for k in RATE} for r in runs}
 
 
-def row(metrics: dict[str, Any], net: dict[str, Any], chosen: bool, rate: dict[str, Any] | None) -> dict[str, Any]:
+def row(
+    metrics: dict[str, Any], net: dict[str, Any], chosen: bool, rate: dict[str, Any] | None, steps_from: str
+) -> dict[str, Any]:
     """A candidate's figures: its rate from its own probe (``rate``: from the rule's probe or a results file)."""
-    steps_from = "its probe" if rate is None else "a recorded rate"
     rate = rate or metrics["budget"]
     return {
         "net": net,
@@ -97,17 +99,18 @@ def main() -> None:
         probed = {net_options(c["net"]): c for c in ruled["budget"]["candidates"]}
         table = []
         for net in ladder()[: args.narrowest]:
-            rate = None
+            rate, steps_from = None, "its probe"
             if net == chosen:
                 metrics = ruled
-            elif recorded:
+            elif net_options(net) in probed or recorded:
                 rate = probed.get(net_options(net)) or recorded[net_options(net)]
+                steps_from = "the rule's probe" if net_options(net) in probed else "a recorded rate"
                 steps = steps_for(budget, rate["seconds_per_step"], rate["warmup_extra_s"])
                 given = [f"trainer.max_steps={steps}", "trainer.max_epochs=-1", *args.extra]
                 metrics = run(args.root, budget, net, logs, given, f"{widths(net)}-{steps}-steps")
             else:
                 metrics = run(args.root, budget, net, logs, args.extra, widths(net))
-            table.append({"budget_s": budget, **row(metrics, net, net == chosen, rate)})
+            table.append({"budget_s": budget, **row(metrics, net, net == chosen, rate, steps_from)})
         print("| budget | widths | steps (epochs) | s/step: probe, run | training s (of the budget) | test accuracy |")
         print("| --- | --- | --- | --- | --- | --- |")
         for r in table:
