@@ -99,12 +99,13 @@ def main() -> None:
         probed = {net_options(c["net"]): c for c in ruled["budget"]["candidates"]}
         table = []
         for net in ladder()[: args.narrowest]:
-            rate, steps_from = None, "its probe"
+            key, rate, steps_from = net_options(net), None, "its probe"
             if net == chosen:
                 metrics = ruled
-            elif net_options(net) in probed or recorded:
-                rate = probed.get(net_options(net)) or recorded[net_options(net)]
-                steps_from = "the rule's probe" if net_options(net) in probed else "a recorded rate"
+            elif key in probed or recorded:
+                rate, steps_from = (
+                    (probed[key], "the rule's probe") if key in probed else (recorded[key], "a recorded rate")
+                )
                 steps = steps_for(budget, rate["seconds_per_step"], rate["warmup_extra_s"])
                 given = [f"trainer.max_steps={steps}", "trainer.max_epochs=-1", *args.extra]
                 metrics = run(args.root, budget, net, logs, given, f"{widths(net)}-{steps}-steps")
