@@ -122,7 +122,9 @@ def main() -> None:
                 f"{r['run_seconds_per_step']:.3f} | {r['train_seconds']:.0f} ({share:.0%}) "
                 f"| {r['test_acc']:.2%} |"
             )
-        save(args.results, f"budget-nets-{budget}s", {"root": args.root, "runs": table})
+        need = ruled["budget"]["required_epochs"]
+        print(f"The rule asked for {need:g} epochs (the square root of the narrowest net's).")
+        save(args.results, f"budget-nets-{budget}s", {"root": args.root, "required_epochs": need, "runs": table})
 
 
 if __name__ == "__main__":

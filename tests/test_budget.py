@@ -66,7 +66,7 @@ class WidthClock(L.Callback):
 
 
 # 72 training images at batch 8: 9 steps an epoch. budget_s=5 buys 18 steps (2 epochs) of the
-# narrowest, 9 (1 epoch) of the next: with MIN_EPOCHS 2 the narrowest is the widest that gets them.
+# narrowest, 9 (1 epoch) of the next: fewer than the rule asks for, so the narrowest trains.
 LADDER = "budget_nets=[{widths:[16,16]},{widths:[16,32]},{widths:[16,64]}]"
 
 
@@ -75,7 +75,6 @@ def test_a_budget_chooses_the_net_and_sizes_every_step_sized_piece_and_its_repla
 ) -> None:
     clock, sized = WidthClock(), Sized()
     monkeypatch.setattr(budget, "perf_counter", clock)
-    monkeypatch.setattr(budget, "MIN_EPOCHS", 2)
     add_callback(monkeypatch, clock)
     add_callback(monkeypatch, sized)
     with caplog.at_level(logging.INFO, logger="cifarkit.budget"):
@@ -93,10 +92,12 @@ def test_a_budget_chooses_the_net_and_sizes_every_step_sized_piece_and_its_repla
     assert metrics["budget"] == {
         "seconds": 5.0,
         **chosen,
+        "required_epochs": budget.required_epochs([chosen]),
         "candidates": [chosen, {"net": {"widths": [16, 32]}, **wider, "epochs": round(wider["steps"] / 9, 2)}],
     }  # the widest was not probed: the one before it fell short
     replay = f"model.net.widths=[16,16] trainer.max_steps={expected} trainer.max_epochs=-1"
     assert f"{replay} reproduces this run" in caplog.text
+    assert f"(asked for {budget.required_epochs([chosen]):g} epochs; " in caplog.text
     assert metrics["steps"] == expected and sized.seen == {"lookahead": expected, "freeze": round(0.3 * expected)}
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
     assert ckpt["state_dict"]["net.head.weight"].shape == (3, 16)  # the chosen net was trained
@@ -120,14 +121,17 @@ def test_a_budget_chooses_the_net_and_sizes_every_step_sized_piece_and_its_repla
     assert continued["budget"] == metrics["budget"] and continued["steps"] == expected
 
 
-def test_the_rule_takes_the_widest_net_that_gets_its_epochs() -> None:
+def test_the_rule_takes_the_widest_net_that_trains_the_epochs_the_budget_asks_for() -> None:
     def measured(*epochs: float) -> list[dict]:
         return [{"net": {"widths": [i]}, "epochs": e} for i, e in enumerate(epochs)]
 
-    enough = budget.MIN_EPOCHS
-    assert budget.choose(measured(3 * enough, 2 * enough, enough))["net"] == {"widths": [2]}
-    assert budget.choose(measured(2 * enough, enough - 0.01))["net"] == {"widths": [0]}
-    assert budget.choose(measured(enough - 1, enough - 2))["net"] == {"widths": [0]}  # none does: the narrowest
+    need = 4  # the square root of the narrowest net's epochs
+    assert budget.required_epochs(measured(16, 1)) == need
+    assert budget.choose(measured(16, need + 0.01, need - 0.01))["net"] == {"widths": [1]}
+    assert budget.choose(measured(16, need - 0.01))["net"] == {"widths": [0]}  # none does: the narrowest
+    # Four times the budget (or a machine four times as fast): every net trains four times the epochs and
+    # the rule asks for twice as many, so the net that fell short is chosen.
+    assert budget.choose(measured(64, 4 * (need + 0.01), 4 * (need - 0.01)))["net"] == {"widths": [2]}
 
 
 def test_a_net_on_the_command_line_turns_the_choice_off(image_folder: Path, tmp_path: Path, main, monkeypatch) -> None:

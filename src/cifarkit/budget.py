@@ -19,11 +19,12 @@ steps aside.
 
 A budget may also choose the net (``budget_nets``, a ladder of ``model.net`` options from narrowest
 to widest, as ``experiment=cpu10`` sets): the probe times the candidates in that order and keeps the
-widest that still trains ``MIN_EPOCHS`` epochs in the budget (the narrowest when none does), so a
-fast machine gets a wider net and a slow one a narrower net rather than too few epochs. A wider
-candidate is slower, so probing stops at the first that falls short. Every candidate's rate is
-recorded, and the replay command names the net beside the step count. A net given on the command
-line (``model=...`` or ``model.net...``) turns the choice off.
+widest that still trains the square root of the narrowest one's epochs in the budget (the narrowest
+when none does), so a fast machine or a long budget gets a wider net and a slow one a narrower net
+rather than too few epochs. A wider candidate is slower, so probing stops at the first that falls
+short. Every candidate's rate and the epochs the rule asked for are recorded, and the replay command
+names the net beside the step count. A net given on the command line (``model=...`` or
+``model.net...``) turns the choice off.
 """
 
 from __future__ import annotations
@@ -53,7 +54,6 @@ TARGET = 0.95  # of the budget: where a run's training should end
 RUN_OVER_PROBE = 1.02
 WARMUP_STEPS = 3  # untimed: memory allocation, kernel selection, compilation
 MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 10, 2.0, 100
-MIN_EPOCHS = 3  # with budget_nets: the widest net that still trains this many epochs (measured: docs/accuracy.md)
 # Lightning's callbacks that write the run's files, need a logger or draw the progress: left out of the
 # probe. The project's own callbacks say so themselves (``in_budget_probe = False``).
 LIGHTNING_NOT_PROBED = (ModelCheckpoint, LearningRateMonitor, ProgressBar)
@@ -131,11 +131,12 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
     for net in nets:
         datamodule, rate = _probe(cfg, build, net, datamodule)
         measured.append({**({"net": net} if net is not None else {}), **rate, **planned(budget, **rate)})
-        if measured[-1]["epochs"] < MIN_EPOCHS:  # every wider candidate is slower still
+        if measured[-1]["epochs"] < required_epochs(measured):  # every wider candidate is slower still
             break
     chosen = choose(measured)
     decision = {"seconds": budget, **chosen}
     if nets != [None]:
+        decision["required_epochs"] = required_epochs(measured)
         decision["candidates"] = measured
     if global_zero():
         write_json(rundir.budget_file(cfg.paths.output_dir), decision)
@@ -143,7 +144,9 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
         "budget %g s: %s%d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
         "%s reproduces this run",
         budget,
-        f"the net {net_options(chosen['net'])} ({_rates(measured)}), " if "net" in decision else "",
+        f"the net {net_options(chosen['net'])} (asked for {decision['required_epochs']:g} epochs; {_rates(measured)}), "
+        if "net" in decision
+        else "",
         chosen["steps"],
         chosen["seconds_per_step"],
         WARMUP_STEPS,
@@ -190,9 +193,18 @@ def planned(budget_s: float, seconds_per_step: float, warmup_extra_s: float, ste
     return {"steps": steps, "epochs": round(steps / steps_per_epoch, 2)}
 
 
+def required_epochs(measured: list[dict[str, Any]]) -> float:
+    """The epochs the chosen net must train: the square root of the narrowest net's epochs, which measure
+    what the budget buys on this machine. More compute is best spent on a wider net and more steps
+    together, so the best net's epochs grow, but more slowly than the compute (docs/accuracy.md: the
+    tables this was fitted to)."""
+    return round(math.sqrt(measured[0]["epochs"]), 2)
+
+
 def choose(measured: list[dict[str, Any]]) -> dict[str, Any]:
-    """The widest candidate (the last) that trains at least ``MIN_EPOCHS`` epochs; the narrowest when none does."""
-    return next((m for m in reversed(measured) if m["epochs"] >= MIN_EPOCHS), measured[0])
+    """The widest candidate (the last) that trains the ``required_epochs``; the narrowest when none does."""
+    need = required_epochs(measured)
+    return next((m for m in reversed(measured) if m["epochs"] >= need), measured[0])
 
 
 def replay(decision: dict[str, Any]) -> str:
