@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cifarkit.budget import net_options, steps_for
+from cifarkit.budget import net_options, required_epochs, steps_for
 from results import ROOT, add_argument, save
 
 RATE = ("seconds_per_step", "warmup_extra_s", "steps_per_epoch")
@@ -122,8 +122,8 @@ def main() -> None:
                 f"{r['run_seconds_per_step']:.3f} | {r['train_seconds']:.0f} ({share:.0%}) "
                 f"| {r['test_acc']:.2%} |"
             )
-        need = ruled["budget"]["required_epochs"]
-        print(f"The rule asked for {need:g} epochs (the square root of the narrowest net's).")
+        need = required_epochs(ruled["budget"]["candidates"])  # also for a reused run made before it was recorded
+        print(f"The rule asks for {need:g} epochs here.")
         save(args.results, f"budget-nets-{budget}s", {"root": args.root, "required_epochs": need, "runs": table})
 
 
