@@ -1,6 +1,6 @@
 """Serve a trained model over HTTP: ``python serve.py ckpt_path=CKPT [port=8000] [host=127.0.0.1]``.
 
-The config lives in configs/serve.yaml; what runs is cifarkit.serve.serve. It needs the serve
+The config lives in configs/serve.yaml; what runs is cifarkit.infer.serve.serve. It needs the serve
 extra (LitServe): ``pip install -e ".[serve]"``.
 """
 
@@ -13,8 +13,8 @@ except ImportError:
     print('error: serve.py needs the serve extra: pip install -e ".[serve]"', file=sys.stderr)
     raise SystemExit(1) from None
 
-from cifarkit.cli import run
-from cifarkit.serve import serve
+from cifarkit.infer.serve import serve
+from cifarkit.run.cli import run
 
 if __name__ == "__main__":
     run(serve, Path(__file__).resolve().parent / "configs", "serve")

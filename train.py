@@ -1,12 +1,12 @@
 """Train the CIFAR-10 classifier: ``python train.py [group=option] [key=value] [-m sweep]``.
 
-The config lives in configs/train.yaml; what runs is cifarkit.train.train.
+The config lives in configs/train.yaml; what runs is cifarkit.run.train.train.
 """
 
 from pathlib import Path
 
-from cifarkit.cli import run
-from cifarkit.train import train
+from cifarkit.run.cli import run
+from cifarkit.run.train import train
 
 if __name__ == "__main__":
     run(train, Path(__file__).resolve().parent / "configs", "train")

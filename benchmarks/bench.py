@@ -60,13 +60,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
-from cifarkit.datamodule import ImageDataModule
-from cifarkit.devices import resolve_accelerator
-from cifarkit.errors import UserError
-from cifarkit.loader import PILDataset, pil_transform
-from cifarkit.model import BasicCNN
-from cifarkit.resolvers import register_resolvers
-from cifarkit.train import build
+from cifarkit.core.devices import resolve_accelerator
+from cifarkit.core.errors import UserError
+from cifarkit.data.datamodule import ImageDataModule
+from cifarkit.data.loader import PILDataset, pil_transform
+from cifarkit.nets.models import BasicCNN
+from cifarkit.run.resolvers import register_resolvers
+from cifarkit.run.train import build
 from loops import (
     COMPUTE_DTYPE,
     epoch_images_per_s,

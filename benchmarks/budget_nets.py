@@ -24,7 +24,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cifarkit.budget import net_options, required_epochs, steps_for
+from cifarkit.run.budget import net_options, required_epochs, steps_for
 from results import ROOT, add_argument, save
 
 RATE = ("seconds_per_step", "warmup_extra_s", "steps_per_epoch")

@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 from omegaconf import open_dict
 
 from bench import SYNTHETIC, compose_cfg
-from cifarkit.devices import resolve_accelerator, resolve_precision
+from cifarkit.core.devices import resolve_accelerator, resolve_precision
 from loops import raw_loop, sync, timed
 from results import add_argument, machine, save
 

@@ -25,11 +25,11 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 from torch.utils.data import DataLoader
 
-from cifarkit.classifier import ImageClassifier, compiled
-from cifarkit.datamodule import ImageDataModule
-from cifarkit.loader import CHUNK_IMAGES, DeviceLoader, PILDataset, pil_transform
-from cifarkit.model import BasicCNN
-from cifarkit.train import build
+from cifarkit.data.datamodule import ImageDataModule
+from cifarkit.data.loader import CHUNK_IMAGES, DeviceLoader, PILDataset, pil_transform
+from cifarkit.fit.classifier import ImageClassifier, compiled
+from cifarkit.nets.models import BasicCNN
+from cifarkit.run.train import build
 
 # The dtype the default path's matrix work runs in, per Lightning precision (anything else: fp32).
 COMPUTE_DTYPE = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}

@@ -42,7 +42,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from PIL import Image
 
-from cifarkit.serve_page import CHROMIUM, CHROMIUM_ARGS
+from cifarkit.infer.serve_page import CHROMIUM, CHROMIUM_ARGS
 from results import add_argument, machine, save
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from cifarkit.datamodule import channel_stats
-from cifarkit.sources import CIFAR10_CLASSES, CIFAR10DataModule
+from cifarkit.data.datamodule import channel_stats
+from cifarkit.data.sources import CIFAR10_CLASSES, CIFAR10DataModule
 
 
 class SyntheticCIFAR10(CIFAR10DataModule):

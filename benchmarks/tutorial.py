@@ -3,7 +3,7 @@
     python benchmarks/tutorial.py ROOT [--epochs 1] [--batch-size 32] [--seed 0] [--workers 0] [--results DIR]
 
 ROOT is an image-folder tree (ROOT/train/<class>/*, ROOT/test/<class>/*). The recipe, nothing
-added: the BasicBlock CNN (cifarkit.model.BasicCNN, 9,457,962 parameters), torchvision's
+added: the BasicBlock CNN (cifarkit.nets.models.BasicCNN, 9,457,962 parameters), torchvision's
 per-sample transforms in a DataLoader (RandomCrop(32, padding=4), RandomHorizontalFlip,
 ToTensor, Normalize by the training images' per-channel mean and std), Adam (lr 1e-3),
 cross-entropy, fp32, all training images, no validation split. After each epoch it tests on the
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from cifarkit.model import BasicCNN
+from cifarkit.nets.models import BasicCNN
 from results import add_argument, save
 
 

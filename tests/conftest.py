@@ -43,9 +43,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
-from cifarkit.cli import run
-from cifarkit.loader import DeviceLoader
-from cifarkit.resolvers import register_resolvers
+from cifarkit.data.loader import DeviceLoader
+from cifarkit.run.cli import run
+from cifarkit.run.resolvers import register_resolvers
 from tiny_files import CLASSES3, write_cifar10_tarball, write_cifar100_tarball, write_image_folder, write_svhn_mats
 
 register_resolvers()  # the configs' ${lr_for_batch:...}, as the entry points register it
@@ -209,18 +209,18 @@ class Ran:
 
 
 ENTRY_POINTS = {  # script: (module, task, config name)
-    "train.py": ("cifarkit.train", "train", "train"),
-    "eval.py": ("cifarkit.train", "evaluate", "eval"),
-    "predict.py": ("cifarkit.predict", "predict", "predict"),
-    "export.py": ("cifarkit.export", "export", "export"),
-    "serve.py": ("cifarkit.serve", "serve", "serve"),
+    "train.py": ("cifarkit.run.train", "train", "train"),
+    "eval.py": ("cifarkit.run.train", "evaluate", "eval"),
+    "predict.py": ("cifarkit.infer.predict", "predict", "predict"),
+    "export.py": ("cifarkit.infer.export", "export", "export"),
+    "serve.py": ("cifarkit.infer.serve", "serve", "serve"),
 }
 
 
 @pytest.fixture
 def main(capfd: pytest.CaptureFixture):
     """main(script, args) -> Ran: ``python <script> <args>`` run in this process through the same
-    ``cifarkit.cli.run`` (Hydra's main, the command-line check, one-line errors)."""
+    ``cifarkit.run.cli.run`` (Hydra's main, the command-line check, one-line errors)."""
 
     def call(script: str, args: list[str]) -> Ran:
         module, task, config = ENTRY_POINTS[script]
@@ -330,8 +330,8 @@ def run_dirs(log_dir: Path, task: str = "train") -> list[Path]:
 
 
 def add_callback(monkeypatch: pytest.MonkeyPatch, callback) -> None:
-    """Every trainer that cifarkit.train.build makes gets ``callback`` too (for probes in tests)."""
-    import cifarkit.train as ct
+    """Every trainer that cifarkit.run.train.build makes gets ``callback`` too (for probes in tests)."""
+    import cifarkit.run.train as ct
 
     real_build = ct.build
 

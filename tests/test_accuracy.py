@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarkit.train import train
+from cifarkit.run.train import train
 
 MINI_ROOT = os.environ.get("CIFARKIT_MINI_ROOT", "")
 # Measured on a 2-core CPU (about 2 minutes when idle): these 6 epochs reach 0.51 test accuracy

@@ -11,10 +11,10 @@ import lightning as L
 import pytest
 import torch
 
-from cifarkit import budget
-from cifarkit.errors import UserError
-from cifarkit.optim import FreezeParameters, Lookahead
-from cifarkit.train import train
+from cifarkit.core.errors import UserError
+from cifarkit.fit.optim import FreezeParameters, Lookahead
+from cifarkit.run import budget
+from cifarkit.run.train import train
 from conftest import FAST, add_callback, folder_overrides
 
 STEP_S = 0.25  # the fake clock's seconds per reading
@@ -77,7 +77,7 @@ def test_a_budget_chooses_the_net_and_sizes_every_step_sized_piece_and_its_repla
     monkeypatch.setattr(budget, "perf_counter", clock)
     add_callback(monkeypatch, clock)
     add_callback(monkeypatch, sized)
-    with caplog.at_level(logging.INFO, logger="cifarkit.budget"):
+    with caplog.at_level(logging.INFO, logger="cifarkit.run.budget"):
         train(compose_cfg(cpu10(image_folder, tmp_path, "sized", "budget_s=5", LADDER)))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     expected = budget.steps_for(5, STEP_S, 0.0)

@@ -4,7 +4,7 @@ export.py and serve.py build nothing from it but trusted ``nn.Module`` classes.
 The entry points rebuild the net from the checkpoint's ``hyper_parameters["net"]`` Hydra config.
 Each case below is a crafted checkpoint whose net config carries a payload: if any part of it
 ran, it would create a canary under the test's tmp_path (a file, a folder, or, for
-``cifarkit.cli.fail``, its own ``error:`` line). Each goes through all four entry points, as
+``cifarkit.run.cli.fail``, its own ``error:`` line). Each goes through all four entry points, as
 their command lines run them, and must be refused in one line before anything is called:
 
 * exit code 1, no Traceback, the last stderr line starts with ``error: `` and names the offending
@@ -44,9 +44,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarkit.checkpoints import check_net_config, read_checkpoint
-from cifarkit.errors import UserError
-from cifarkit.model import BasicCNN
+from cifarkit.core.errors import UserError
+from cifarkit.nets.models import BasicCNN
+from cifarkit.nets.saved import check_net_config, read_checkpoint
 from conftest import (
     DATA_INFO3,
     FAST,
@@ -81,7 +81,7 @@ class Case:
     live: bool = False  # instantiate(net) creates the canary (test_payload_is_live)
     evil_module: bool = False  # write evilmod.py beside the checkpoint and put it on PYTHONPATH
     pickle_payload: bool = False  # write payload.pt, whose unpickling would create the canary
-    printed: bool = False  # the canary is cifarkit.cli.fail's own "error: <canary>" line
+    printed: bool = False  # the canary is cifarkit.run.cli.fail's own "error: <canary>" line
 
     def __str__(self) -> str:
         return self.id
@@ -101,10 +101,10 @@ CASES = [
     Case(
         "nested_module_attribute",
         lambda c: {
-            "_target_": "cifarkit.model.BasicCNN",
-            "image_size": {"_target_": "cifarkit.sources.np.savetxt", "_args_": savetxt_args(c)},
+            "_target_": "cifarkit.nets.models.BasicCNN",
+            "image_size": {"_target_": "cifarkit.data.sources.np.savetxt", "_args_": savetxt_args(c)},
         },
-        ("cifarkit.sources.np.savetxt", "_args_"),
+        ("cifarkit.data.sources.np.savetxt", "_args_"),
         real_weights=True,
         live=True,
     ),
@@ -150,27 +150,32 @@ CASES = [
     # 8. Hydra keys on a valid class
     Case(
         "partial_key",
-        lambda c: {"_target_": "cifarkit.model.BasicCNN", "_partial_": True, "image_size": 32},
+        lambda c: {"_target_": "cifarkit.nets.models.BasicCNN", "_partial_": True, "image_size": 32},
         ("_partial_",),
         real_weights=True,
     ),
-    Case("args_key", lambda c: {"_target_": "cifarkit.model.BasicCNN", "_args_": [3]}, ("_args_",), real_weights=True),
+    Case(
+        "args_key",
+        lambda c: {"_target_": "cifarkit.nets.models.BasicCNN", "_args_": [3]},
+        ("_args_",),
+        real_weights=True,
+    ),
     # 9. interpolations: a resolver in a value, one in a key
     Case(
         "interpolation_in_value",
-        lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": oc_create(c)},
+        lambda c: {"_target_": "cifarkit.nets.models.BasicCNN", "image_size": oc_create(c)},
         ("${oc.create",),
         real_weights=True,
         live=True,
     ),
     Case(
         "interpolation_in_key",
-        lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": 32, oc_create(c): 1},
+        lambda c: {"_target_": "cifarkit.nets.models.BasicCNN", "image_size": 32, oc_create(c): 1},
         ("${oc.create",),
         real_weights=True,
     ),
     # 10. an nn.Module class outside the trusted modules (importable: evilmod.py is on sys.path),
-    # whose import and __init__ both write a canary; and torch's class reached through cifarkit.model
+    # whose import and __init__ both write a canary; and torch's class reached through cifarkit.nets.models
     Case(
         "untrusted_module_class",
         lambda c: {"_target_": "evilmod.Evil"},
@@ -181,23 +186,23 @@ CASES = [
     ),
     Case(
         "torch_class_via_trusted_module",
-        lambda c: {"_target_": "cifarkit.model.torch.nn.Linear", "in_features": 3072, "out_features": 3},
-        ("cifarkit.model.torch.nn.Linear",),
+        lambda c: {"_target_": "cifarkit.nets.models.torch.nn.Linear", "in_features": 3072, "out_features": 3},
+        ("cifarkit.nets.models.torch.nn.Linear",),
     ),
     # 11. trusted functions that are not nn.Module classes: at the top, and nested in a valid net
     Case(
         "trusted_function",
-        lambda c: {"_target_": "cifarkit.cli.fail", "message": str(c)},
-        ("cifarkit.cli.fail",),
+        lambda c: {"_target_": "cifarkit.run.cli.fail", "message": str(c)},
+        ("cifarkit.run.cli.fail",),
         printed=True,
     ),
     Case(
         "trusted_function_nested",
         lambda c: {
-            "_target_": "cifarkit.model.BasicCNN",
-            "image_size": {"_target_": "cifarkit.train.write_metrics", "output_dir": str(c), "metrics": 1},
+            "_target_": "cifarkit.nets.models.BasicCNN",
+            "image_size": {"_target_": "cifarkit.run.train.write_metrics", "output_dir": str(c), "metrics": 1},
         },
-        ("cifarkit.train.write_metrics",),
+        ("cifarkit.run.train.write_metrics",),
         real_weights=True,
         live=True,
     ),
@@ -253,7 +258,7 @@ def assert_refused(case: Case, r, tmp_path: Path) -> None:
     made = [p.name for p in canaries(case, tmp_path) if p.exists()]
     assert not made, f"the payload ran: {made} exist\n{report}"
     if case.printed:
-        assert f"error: {canary(case, tmp_path)}" not in r.err, f"cifarkit.cli.fail ran\n{report}"
+        assert f"error: {canary(case, tmp_path)}" not in r.err, f"cifarkit.run.cli.fail ran\n{report}"
     assert r.code == 1, report
     last = error_line(r.err).replace(str(tmp_path), "<tmp>")  # tmp_path's name holds the test id: never a match
     assert any(p in last for p in case.pieces), f"the refusal names none of {case.pieces}: {last}"
@@ -299,7 +304,9 @@ def test_payload_is_live(case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyP
 
 def test_crafted_valid_checkpoint_is_accepted(tmp_path: Path, main, image_folder: Path, monkeypatch) -> None:
     """The crafted layout itself passes: with a valid net config the same file predicts."""
-    valid = Case("valid", lambda c: {"_target_": "cifarkit.model.BasicCNN", "image_size": 32}, (), real_weights=True)
+    valid = Case(
+        "valid", lambda c: {"_target_": "cifarkit.nets.models.BasicCNN", "image_size": 32}, (), real_weights=True
+    )
     ckpt = prepare(valid, tmp_path, monkeypatch)
     r = main("predict.py", entry_args("predict.py", ckpt, tmp_path, image_folder))
     assert r.code == 0, r.err[-3000:]
@@ -308,22 +315,26 @@ def test_crafted_valid_checkpoint_is_accepted(tmp_path: Path, main, image_folder
 
 
 def test_nested_targets_are_checked() -> None:
-    check_net_config({"_target_": "cifarkit.model.BasicCNN", "image_size": 32}, ["cifarkit."])
+    check_net_config({"_target_": "cifarkit.nets.models.BasicCNN", "image_size": 32}, ["cifarkit."])
     with pytest.raises(UserError, match=r"net.block .*subprocess.run"):
         check_net_config(
-            {"_target_": "cifarkit.model.BasicCNN", "block": {"_target_": "subprocess.run"}}, ["cifarkit."]
+            {"_target_": "cifarkit.nets.models.BasicCNN", "block": {"_target_": "subprocess.run"}}, ["cifarkit."]
         )
     with pytest.raises(UserError, match=r"net.layers\[0\] .*builtins.eval"):
         check_net_config(
-            {"_target_": "cifarkit.model.BasicCNN", "layers": [{"_target_": "builtins.eval"}]}, ["cifarkit."]
+            {"_target_": "cifarkit.nets.models.BasicCNN", "layers": [{"_target_": "builtins.eval"}]}, ["cifarkit."]
         )
     # judged on the resolved object: numpy and torch reached through a trusted module's attributes
-    for target in ("cifarkit.sources.np.savetxt", "cifarkit.model.nn.Linear", "cifarkit.model.torch.nn.Linear"):
+    for target in (
+        "cifarkit.data.sources.np.savetxt",
+        "cifarkit.nets.models.nn.Linear",
+        "cifarkit.nets.models.torch.nn.Linear",
+    ):
         with pytest.raises(UserError, match="only nn.Module classes defined under"):
             check_net_config({"_target_": target}, ["cifarkit."])
     for key in ("_partial_", "_args_", "_recursive_", "_convert_"):
         with pytest.raises(UserError, match=key):
-            check_net_config({"_target_": "cifarkit.model.BasicCNN", key: True}, ["cifarkit."])
+            check_net_config({"_target_": "cifarkit.nets.models.BasicCNN", key: True}, ["cifarkit."])
 
 
 def bad_files(tmp_path: Path) -> dict[str, Path]:
@@ -389,7 +400,7 @@ def info(**changes: Any) -> dict:
     return {**DATA_INFO3, **changes}
 
 
-BASIC = {"_target_": "cifarkit.model.BasicCNN"}
+BASIC = {"_target_": "cifarkit.nets.models.BasicCNN"}
 # (id, net config, top-level entries to set, weights changed by, a phrase of the refusal)
 CRAFTED = [
     (
@@ -470,14 +481,14 @@ CRAFTED = [
     ("tta_unknown", BASIC, {"hyper_parameters": {"net": BASIC, "tta": "rot90"}}, None, "tta: Input should be"),
     (
         "width_negative",
-        {"_target_": "cifarkit.model.AirbenchNet", "widths": [-1]},
+        {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [-1]},
         {},
         None,
-        "net config does not fit cifarkit.model.AirbenchNet (RuntimeError",
+        "net config does not fit cifarkit.nets.models.AirbenchNet (RuntimeError",
     ),
     (
         "width_million",
-        {"_target_": "cifarkit.model.AirbenchNet", "widths": [1_000_000]},
+        {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [1_000_000]},
         {},
         None,
         "net.widths[0] is 1000000",
@@ -542,8 +553,8 @@ def test_every_door_refuses_crafted_metadata(
 
 INFLATER = """
 import resource, sys
-from cifarkit.checkpoints import read_checkpoint
-from cifarkit.errors import UserError
+from cifarkit.nets.saved import read_checkpoint
+from cifarkit.core.errors import UserError
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 try:
     read_checkpoint(sys.argv[1])

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarkit.checkpoints import SavedNet
+from cifarkit.nets.saved import SavedNet
 from conftest import FAST, error_line, folder_overrides, run_cli, run_dirs
 from tiny_files import write_image_folder
 

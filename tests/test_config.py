@@ -11,8 +11,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from cifarkit.augment import Augment
-from cifarkit.train import build
+from cifarkit.data.augment import Augment
+from cifarkit.run.train import build
 from conftest import CONFIG_DIR, compose
 
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"]

@@ -14,10 +14,10 @@ import torch
 from hydra.errors import InstantiationException
 from PIL import Image
 
-from cifarkit import datamodule as datamodule_module
-from cifarkit.errors import UserError
-from cifarkit.images import load_image
-from cifarkit.sources import CIFAR10_CLASSES
+from cifarkit.core.errors import UserError
+from cifarkit.data import datamodule as datamodule_module
+from cifarkit.data.images import load_image
+from cifarkit.data.sources import CIFAR10_CLASSES
 from conftest import FAST, datamodule, error_line, folder_overrides
 from tiny_files import APPLEDOUBLE, CLASSES3, class_images, hide_metadata_beside, write_image_folder
 

@@ -22,8 +22,8 @@ import lightning as L
 import pytest
 import torch
 
-from cifarkit.checkpoints import read_checkpoint
-from cifarkit.train import evaluate
+from cifarkit.nets.saved import read_checkpoint
+from cifarkit.run.train import evaluate
 from conftest import ROOT, folder_overrides, free_port, run_cli, run_dirs, start_train, wait_for
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cifarkit.cli import check_command_line
-from cifarkit.resolvers import register_resolvers
+from cifarkit.run.cli import check_command_line
+from cifarkit.run.resolvers import register_resolvers
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]

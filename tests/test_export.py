@@ -21,11 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarkit.checkpoints import SavedNet
-from cifarkit.errors import UserError
-from cifarkit.export import PT2_EXTRA_FILE, export, export_model
-from cifarkit.images import load_image, normalize
-from cifarkit.train import train
+from cifarkit.core.errors import UserError
+from cifarkit.data.images import load_image, normalize
+from cifarkit.infer.export import PT2_EXTRA_FILE, export, export_model
+from cifarkit.nets.saved import SavedNet
+from cifarkit.run.train import train
 from conftest import FAST, ROOT, compose, folder_overrides, run_dirs
 from tiny_files import CLASSES3, class_images
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from cifarkit.checkpoint_io import AtomicCheckpointIO
-from cifarkit.checkpoints import read_checkpoint
-from cifarkit.errors import TrainingStopped
-from cifarkit.train import train
+from cifarkit.core.errors import TrainingStopped
+from cifarkit.fit.checkpoint_io import AtomicCheckpointIO
+from cifarkit.nets.saved import read_checkpoint
+from cifarkit.run.train import train
 from conftest import (
     FAST,
     RESUME_KEYS,
@@ -264,7 +264,7 @@ def test_interrupted_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_sigterm_before_training_is_one_line_not_exit_0(compose_cfg, image_folder, tmp_path, monkeypatch, capsys):
     """Lightning's own SIGTERM path (here: during the sanity check) is a SystemExit with code 0."""
-    from cifarkit.cli import guarded
+    from cifarkit.run.cli import guarded
 
     class Term(L.Callback):
         def on_validation_batch_start(self, trainer, *args):

@@ -16,11 +16,11 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
-from cifarkit.checkpoints import SavedNet
-from cifarkit.errors import UserError
-from cifarkit.images import normalize
-from cifarkit.model import AirbenchNet, TimmNet, resize_batch
-from cifarkit.sources import CIFAR10_CLASSES, CIFAR100_FINE
+from cifarkit.core.errors import UserError
+from cifarkit.data.images import normalize
+from cifarkit.data.sources import CIFAR10_CLASSES, CIFAR100_FINE
+from cifarkit.nets.models import AirbenchNet, TimmNet, resize_batch
+from cifarkit.nets.saved import SavedNet
 from conftest import FAST, Payload, add_callback, craft_checkpoint, datamodule, error_line, folder_overrides, run_dirs
 
 needs_timm = pytest.mark.skipif(
@@ -95,7 +95,7 @@ def test_a_weights_file_gives_that_nets_outputs_and_its_checkpoint_needs_no_file
     (tmp_path / "weights.safetensors").unlink()  # the checkpoint is the net's weights: no file, no download
     saved = SavedNet.read(run / "checkpoints" / "last.ckpt")
     assert saved.net_config == {
-        "_target_": "cifarkit.model.TimmNet",
+        "_target_": "cifarkit.nets.models.TimmNet",
         "name": TIMM_NET,
         "cifar_stem": False,
         "image_size": 32,
@@ -142,7 +142,7 @@ def test_init_from_100_classes_to_10_loads_every_tensor_but_the_head(tmp_path: P
     head, which is new (10 rows, untouched by the 100-class one); the log says which."""
     weights = airbench_weights(100, seed=0)
     info = {"classes": CIFAR100_FINE, "mean": [0.5] * 3, "std": [0.25] * 3, "image_size": 32}
-    net_cfg = {"_target_": "cifarkit.model.AirbenchNet", "widths": [8, 16, 16]}
+    net_cfg = {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [8, 16, 16]}
     ckpt = craft_checkpoint(
         tmp_path / "c100.ckpt",
         net_cfg,
@@ -153,7 +153,7 @@ def test_init_from_100_classes_to_10_loads_every_tensor_but_the_head(tmp_path: P
     cfg = compose_cfg(["model=airbench", "model.net.widths=[8,16,16]", f"model.init_from={ckpt}"])
     model = instantiate(cfg.model, classes=CIFAR10_CLASSES)
     fresh_head = model.net.head.weight.detach().clone()
-    with caplog.at_level(logging.INFO, logger="cifarkit.start"):
+    with caplog.at_level(logging.INFO, logger="cifarkit.nets.start"):
         model.setup("fit")
     state = model.net.state_dict()
     assert state.keys() == weights.keys()
@@ -169,7 +169,7 @@ def test_init_from_100_classes_to_10_loads_every_tensor_but_the_head(tmp_path: P
 
 def test_init_from_the_same_classes_keeps_the_head_and_another_net_is_one_line(tmp_path: Path, compose_cfg) -> None:
     weights = airbench_weights(3, seed=1)
-    net_cfg = {"_target_": "cifarkit.model.AirbenchNet", "widths": [8, 16, 16]}
+    net_cfg = {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [8, 16, 16]}
     ckpt = craft_checkpoint(tmp_path / "c3.ckpt", net_cfg, weights)
     model = instantiate(
         compose_cfg(["model=airbench", "model.net.widths=[8,16,16]", f"model.init_from={ckpt}"]).model,
@@ -274,9 +274,9 @@ def test_finetune_trains_the_head_alone_first_then_the_body_slower(
     head moves, then the body too, in its own param groups at a tenth of the head's lr."""
     import lightning as L
 
-    from cifarkit.train import train
+    from cifarkit.run.train import train
 
-    net_cfg = {"_target_": "cifarkit.model.AirbenchNet", "widths": [8, 16, 16]}
+    net_cfg = {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [8, 16, 16]}
     ckpt = craft_checkpoint(
         tmp_path / "start.ckpt",
         net_cfg,

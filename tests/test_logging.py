@@ -15,11 +15,11 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
 
-from cifarkit import pictures
-from cifarkit.metrics import per_class
-from cifarkit.pictures import confusion_figure, render
-from cifarkit.sources import CIFAR100_FINE
-from cifarkit.train import train
+from cifarkit.data.sources import CIFAR100_FINE
+from cifarkit.fit import pictures
+from cifarkit.fit.metrics import per_class
+from cifarkit.fit.pictures import confusion_figure, render
+from cifarkit.run.train import train
 from conftest import FAST, folder_overrides
 from tiny_files import CLASSES3
 

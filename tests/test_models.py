@@ -17,11 +17,11 @@ from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 
-from cifarkit.checkpoints import SavedNet, build_net
-from cifarkit.errors import UserError
-from cifarkit.images import load_image, normalize
-from cifarkit.model import AirbenchNet, ResNet18, TimmNet
-from cifarkit.train import train
+from cifarkit.core.errors import UserError
+from cifarkit.data.images import load_image, normalize
+from cifarkit.nets.models import AirbenchNet, ResNet18, TimmNet
+from cifarkit.nets.saved import SavedNet, build_net
+from cifarkit.run.train import train
 from conftest import FAST, Payload, add_callback, craft_checkpoint, error_line, folder_overrides, run_dirs
 
 NETS = [AirbenchNet, ResNet18]
@@ -147,7 +147,7 @@ def test_train_whitens_airbench_from_the_training_split(
 
 
 # ---------------------------------------------------------------------------------------------
-# Nets from timm (cifarkit.model.TimmNet).
+# Nets from timm (cifarkit.nets.models.TimmNet).
 
 needs_timm = pytest.mark.skipif(
     importlib.util.find_spec("timm") is None, reason='timm is an optional extra: pip install -e ".[timm]"'
@@ -233,7 +233,7 @@ def test_timm_trains_and_its_checkpoint_rebuilds_in_eval_and_predict(image_folde
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = SavedNet.read(ckpt)
     assert saved.net_config == {
-        "_target_": "cifarkit.model.TimmNet",
+        "_target_": "cifarkit.nets.models.TimmNet",
         "name": "resnet10t",
         "cifar_stem": True,
         "image_size": 32,
@@ -297,7 +297,7 @@ def test_crafted_timm_checkpoint_is_refused_before_timm_builds_anything(
     monkeypatch.setattr(timm, "create_model", spy)
     write_foreign_config(tmp_path / "evil")
     torch.save(Payload(tmp_path / "canary"), tmp_path / "payload.pt")  # what checkpoint_path would load
-    net = {"_target_": "cifarkit.model.TimmNet", "name": "resnet18", "image_size": 32, "cifar_stem": True}
+    net = {"_target_": "cifarkit.nets.models.TimmNet", "name": "resnet18", "image_size": 32, "cifar_stem": True}
     if case == "factory_option":
         net["checkpoint_path"] = str(tmp_path / "payload.pt")
     else:

@@ -14,10 +14,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from cifarkit.errors import UserError
-from cifarkit.model import AirbenchNet
-from cifarkit.optim import FreezeParameters, Lookahead, param_groups, warmup_then_decay
-from cifarkit.train import train
+from cifarkit.core.errors import UserError
+from cifarkit.fit.optim import FreezeParameters, Lookahead, param_groups, warmup_then_decay
+from cifarkit.nets.models import AirbenchNet
+from cifarkit.run.train import train
 from conftest import FAST, folder_overrides
 
 

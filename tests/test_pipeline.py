@@ -12,11 +12,11 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
-from cifarkit import loader as loader_module
-from cifarkit.augment import Augment, crop_flip, tta_logits
-from cifarkit.errors import UserError
-from cifarkit.images import normalize
-from cifarkit.loader import DeviceLoader, pil_transform
+from cifarkit.core.errors import UserError
+from cifarkit.data import loader as loader_module
+from cifarkit.data.augment import Augment, crop_flip, tta_logits
+from cifarkit.data.images import normalize
+from cifarkit.data.loader import DeviceLoader, pil_transform
 from conftest import CHI2_CRITICAL, chi_square, datamodule, device_loader, folder_overrides, random_images
 
 MODES = {"zeros": ("constant", 4), "reflect": ("reflect", 2)}  # ours -> torchvision's padding_mode, a padding to test

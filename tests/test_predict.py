@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarkit.checkpoints import SavedNet
-from cifarkit.errors import UserError
-from cifarkit.images import image_files, load_image, normalize
-from cifarkit.model import BasicCNN
-from cifarkit.predict import predict
-from cifarkit.train import train
+from cifarkit.core.errors import UserError
+from cifarkit.data.images import image_files, load_image, normalize
+from cifarkit.infer.predict import predict
+from cifarkit.nets.models import BasicCNN
+from cifarkit.nets.saved import SavedNet
+from cifarkit.run.train import train
 from conftest import FAST, craft_checkpoint, folder_overrides
 from tiny_files import CLASSES3, hide_metadata_beside
 
@@ -73,7 +73,7 @@ def test_hidden_files_in_a_folder_are_not_read(tmp_path: Path) -> None:
 
 
 def test_bad_inputs_and_options(tmp_path: Path, compose_cfg) -> None:
-    net = {"_target_": "cifarkit.model.BasicCNN"}
+    net = {"_target_": "cifarkit.nets.models.BasicCNN"}
     ckpt = craft_checkpoint(tmp_path / "c.ckpt", net, BasicCNN(num_classes=3).state_dict())
     craft_checkpoint(tmp_path / "empty.ckpt", net)
     for overrides, message in (

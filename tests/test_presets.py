@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarkit.train import evaluate, train
+from cifarkit.run.train import evaluate, train
 from conftest import CONFIG_DIR, FAST, compose, folder_overrides, run_dirs
 
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cifarkit.checkpoints import read_checkpoint
-from cifarkit.files import DiskFull, atomic_write, write_metrics
-from cifarkit.rundir import find_unfinished, is_running, resolve_auto, runs_dir
+from cifarkit.core.files import DiskFull, atomic_write, write_metrics
+from cifarkit.core.rundir import find_unfinished, is_running, resolve_auto, runs_dir
+from cifarkit.nets.saved import read_checkpoint
 from conftest import (
     FAST,
     RESUME_KEYS,
@@ -125,7 +125,7 @@ def test_auto_reports_a_run_whose_checkpoints_cannot_be_read(tmp_path: Path) -> 
 def hold_in_another_process(run: Path) -> subprocess.Popen:
     """A process that holds ``run``'s lock as a training run's rank 0 does, until it is killed."""
     code = (
-        "import sys, time; from cifarkit.rundir import hold_run; f = hold_run(sys.argv[1]); "
+        "import sys, time; from cifarkit.core.rundir import hold_run; f = hold_run(sys.argv[1]); "
         "print('held', flush=True); time.sleep(600)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
@@ -287,9 +287,9 @@ def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(
     image_folder: Path, tmp_path: Path, small_disk: Path
 ) -> None:
     """metrics.json, a checkpoint, a picture, the dataset cache and an export: one line each, old file intact."""
-    from cifarkit.checkpoint_io import AtomicCheckpointIO
-    from cifarkit.export import export_model
-    from cifarkit.model import BasicCNN
+    from cifarkit.fit.checkpoint_io import AtomicCheckpointIO
+    from cifarkit.infer.export import export_model
+    from cifarkit.nets.models import BasicCNN
     from conftest import craft_checkpoint, datamodule
 
     write_metrics(small_disk, {"status": "completed", "test/acc": 0.5})
@@ -310,7 +310,9 @@ def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(
         "model.onnx": lambda: export_model(
             str(
                 craft_checkpoint(
-                    tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"}, BasicCNN(num_classes=3).state_dict()
+                    tmp_path / "c.ckpt",
+                    {"_target_": "cifarkit.nets.models.BasicCNN"},
+                    BasicCNN(num_classes=3).state_dict(),
                 )
             ),
             "onnx",
@@ -331,7 +333,7 @@ def test_every_writer_reports_a_full_disk_and_keeps_the_old_file(
 
 def disk_full_at(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Writing checkpoint ``name`` fails as on a full disk: part of it reaches the file, then ENOSPC."""
-    from cifarkit.checkpoint_io import AtomicCheckpointIO
+    from cifarkit.fit.checkpoint_io import AtomicCheckpointIO
 
     real_io_save, real_save, writing = AtomicCheckpointIO.save_checkpoint, torch.save, [""]
 

@@ -33,11 +33,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from cifarkit.errors import UserError
-from cifarkit.export import export_model
-from cifarkit.serve import serve
-from cifarkit.serve_page import CHROMIUM, CHROMIUM_ARGS
-from cifarkit.train import train
+from cifarkit.core.errors import UserError
+from cifarkit.infer.export import export_model
+from cifarkit.infer.serve import serve
+from cifarkit.infer.serve_page import CHROMIUM, CHROMIUM_ARGS
+from cifarkit.run.train import train
 from conftest import FAST, ROOT, compose, folder_overrides, free_port
 from test_data import bomb_png
 from untrusted_files import EPS, fake_gs, mutants, seeds

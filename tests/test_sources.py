@@ -13,8 +13,8 @@ import torch
 from hydra.errors import InstantiationException
 from PIL import Image
 
-from cifarkit.errors import UserError
-from cifarkit.sources import CIFAR100_COARSE, CIFAR100_FINE, SVHN_CLASSES
+from cifarkit.core.errors import UserError
+from cifarkit.data.sources import CIFAR100_COARSE, CIFAR100_FINE, SVHN_CLASSES
 from conftest import FAST, datamodule, error_line, run_dirs
 from tiny_files import CIFAR100_SPLITS, SVHN_SPLITS, cifar100_split, svhn_split
 

@@ -254,4 +254,4 @@ def test_sweep_and_slurm_presets_compose(tmp_path: Path) -> None:
     assert sweeper.params["model.optimizer.lr"] == "tag(log, interval(1e-5, 1e-1))"
     assert launcher._target_.endswith("SlurmLauncher") and launcher.partition == "gpu"
     assert launcher.tasks_per_node == 4 and launcher.timeout_min > 0
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "cifarkit.sweep.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "cifarkit.run.sweep.SweepSummary"

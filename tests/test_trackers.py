@@ -21,8 +21,8 @@ import torch
 import yaml
 from lightning.fabric.utilities.logger import _flatten_dict
 
-from cifarkit.trackers import run_name
-from cifarkit.train import train
+from cifarkit.fit.trackers import run_name
+from cifarkit.run.train import train
 from conftest import FAST, compose, error_line, folder_overrides
 
 TINY = ["data.image_size=8"]  # a 1.6M-parameter BasicCNN: small checkpoints to write and upload

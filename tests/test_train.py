@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from cifarkit.devices import resolve_precision
-from cifarkit.errors import UserError
-from cifarkit.train import evaluate, optimized_value, train
+from cifarkit.core.devices import resolve_precision
+from cifarkit.core.errors import UserError
+from cifarkit.run.train import evaluate, optimized_value, train
 from conftest import FAST, add_callback, folder_overrides, run_dirs
 from tiny_files import write_image_folder
 
@@ -246,7 +246,7 @@ def test_compiled_training_checkpoints_resumes_and_exports(image_folder: Path, c
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 2 and metrics["steps"] == 2 * 8
 
-    from cifarkit.export import export_model
+    from cifarkit.infer.export import export_model
 
     onnx_path, _ = export_model(metrics["best_ckpt"], "onnx", None, ["cifarkit."])
     evaluated = evaluate(

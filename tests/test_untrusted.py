@@ -1,4 +1,4 @@
-"""The one boundary (cifarkit/untrusted.py): what a stranger's image, file name, folder or run
+"""The one boundary (cifarkit/core/untrusted.py): what a stranger's image, file name, folder or run
 folder can make the project do. Each test is an input crafted as an attacker would make it.
 
 * Images: only PNG and JPEG are decoded (no other decoder, Ghostscript included, is reached: a
@@ -26,12 +26,9 @@ import pytest
 import torch
 from PIL import Image
 
-from cifarkit.checkpoint_io import CarryCheckpoints
-from cifarkit.errors import UserError
-from cifarkit.images import load_image
-from cifarkit.model import BasicCNN
-from cifarkit.rundir import completed, find_unfinished
-from cifarkit.untrusted import (
+from cifarkit.core.errors import UserError
+from cifarkit.core.rundir import completed, find_unfinished
+from cifarkit.core.untrusted import (
     BACKGROUND,
     ImageTooLarge,
     check_tree,
@@ -40,6 +37,9 @@ from cifarkit.untrusted import (
     shown,
     to_json,
 )
+from cifarkit.data.images import load_image
+from cifarkit.fit.checkpoint_io import CarryCheckpoints
+from cifarkit.nets.models import BasicCNN
 from conftest import (
     DATA_INFO3,
     ROOT,
@@ -96,7 +96,7 @@ def test_ghostscript_is_never_run(tmp_path: Path) -> None:
     (images / "b.eps").write_bytes(EPS)
     Image.new("RGB", (32, 32), "red").save(images / "c.png")
     code = (
-        "import sys; from PIL import Image; from cifarkit.untrusted import decode_image\n"
+        "import sys; from PIL import Image; from cifarkit.core.untrusted import decode_image\n"
         "for f in sys.argv[1:]:\n"
         "    try: decode_image(open(f, 'rb').read(), 32, f, 'x')\n"
         "    except Exception as e: print(type(e).__name__, e)\n"
@@ -199,7 +199,7 @@ def test_predict_output_cannot_be_steered(tmp_path: Path, main) -> None:
     line per image, the right number of columns, no control character on stdout or stderr."""
     torch.manual_seed(0)
     ckpt = craft_checkpoint(
-        tmp_path / "c.ckpt", {"_target_": "cifarkit.model.BasicCNN"}, BasicCNN(num_classes=3).state_dict()
+        tmp_path / "c.ckpt", {"_target_": "cifarkit.nets.models.BasicCNN"}, BasicCNN(num_classes=3).state_dict()
     )
     images = tmp_path / "images"
     images.mkdir()
@@ -240,8 +240,8 @@ def test_an_error_line_quotes_a_name_escaped(name: str, quoted: str, tmp_path: P
 def test_nan_is_never_written_as_json(tmp_path: Path, main, monkeypatch: pytest.MonkeyPatch) -> None:
     """A net that overflows on one image: predict.py skips it in one line, serve.py answers a JSON
     error; ``to_json`` refuses NaN rather than write it."""
-    import cifarkit.predict as cp
-    from cifarkit.serve import Answer, Classifier  # the serve extra's LitServe
+    import cifarkit.infer.predict as cp
+    from cifarkit.infer.serve import Answer, Classifier  # the serve extra's LitServe
 
     with pytest.raises(ValueError):
         to_json({"p": math.nan})

@@ -73,7 +73,7 @@ def write_cifar_tarball(
 
 def write_cifar10_tarball(dest: Path, url: str, per_batch: int = 40, n_test: int = 100) -> dict:
     """cifar-10-python.tar.gz as the official one is laid out; returns the MD5 tables."""
-    from cifarkit.sources import CIFAR10_CLASSES
+    from cifarkit.data.sources import CIFAR10_CLASSES
 
     def batch(name: str, n: int, seed: int) -> dict:
         x, y = class_images(n, 10, 32, seed)
@@ -105,7 +105,7 @@ def cifar100_split(split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def write_cifar100_tarball(dest: Path, url: str) -> dict:
     """cifar-100-python.tar.gz as the official one is laid out; returns the MD5 tables."""
-    from cifarkit.sources import CIFAR100_COARSE, CIFAR100_FINE
+    from cifarkit.data.sources import CIFAR100_COARSE, CIFAR100_FINE
 
     def batch(split: str) -> dict:
         x, fine, coarse = cifar100_split(split)

@@ -1,4 +1,4 @@
-"""The sweeper Hydra instantiates for ``hydra/sweeper=optuna``; the work is cifarkit.study.Search."""
+"""The sweeper Hydra instantiates for ``hydra/sweeper=optuna``; the work is study.Search (beside it)."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from cifarkit.study import Search
+        from hydra_plugins.cifarkit_optuna_sweeper.study import Search
 
         assert self.config is not None
         Search(self, self.launcher, self.config, arguments).run()

@@ -1,0 +1,60 @@
+"""Bad input ends a run with one line that names the problem and the fix, not a traceback.
+
+The project's own errors, and the classification cifarkit/run/cli.py's wrapper applies to any other:
+bad input (one line), lost DDP ranks, or a bug (a traceback). Lightning-free, so that cli.py
+catches these without loading the training stack.
+"""
+
+from __future__ import annotations
+
+from hydra.errors import HydraException
+from omegaconf.errors import OmegaConfBaseException
+
+from cifarkit.core.ranks import from_lightning
+
+
+class UserError(Exception):
+    """A problem with the user's input (data, paths, config); its message says how to fix it."""
+
+
+class RunInUse(UserError):
+    """Another live process trains in the run directory: this command writes nothing there."""
+
+
+class TrainingStopped(Exception):
+    """Raised to end fit() early; cli.guarded turns it into one line and an exit code."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# What counts as bad input (one line) rather than a bug (a traceback): these, and Lightning's
+# configuration error (``misconfiguration``).
+USER_ERRORS = (UserError, HydraException, OmegaConfBaseException)
+
+
+def misconfiguration() -> tuple[type[Exception], ...]:
+    """Lightning's configuration error, bad input like Hydra's and OmegaConf's."""
+    return from_lightning("lightning.fabric.utilities.exceptions", "MisconfigurationException")
+
+
+def one_line(e: BaseException) -> str:
+    """An exception (and the config error that caused it) as a single line; a ``UserError``
+    raised while Hydra instantiated a class speaks for itself."""
+    if isinstance(e.__cause__, UserError):
+        e = e.__cause__
+    parts = [str(e)]
+    if isinstance(e.__cause__, (OmegaConfBaseException, *misconfiguration())):
+        parts.append(str(e.__cause__).splitlines()[0])
+    text = " ".join(part.strip() for p in parts for part in p.splitlines() if part.strip())
+    return text.replace("\t", " ")
+
+
+def lost_ranks(e: BaseException) -> bool:
+    """Whether ``e`` is a distributed collective or rendezvous that failed (a timeout, a dead peer)."""
+    import torch.distributed as dist
+
+    text = str(e).lower()
+    words = ("timed out", "timeout", "pair closure", "connection closed by peer", "connection reset by peer")
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(w in text for w in words))

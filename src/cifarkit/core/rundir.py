@@ -1,0 +1,252 @@
+"""The run directory: what a run leaves where, which runs are unfinished, and what ``ckpt_path=auto``
+continues. Every other module and config asks here for these names.
+
+A training run's directory (``${paths.output_dir}``)::
+
+    .hydra/config.yaml   the configuration as composed (Hydra writes it)
+    checkpoints/         epoch_NNN.ckpt (the best by val/acc), last.ckpt (after every epoch),
+                         interrupted.ckpt (a signal), hpc_ckpt_N.ckpt (Lightning's own SLURM requeue)
+    metrics.json         how the run ended ("status") and its metrics
+    budget.json          the net and step count a ``budget_s`` run was sized to (cifarkit/run/budget.py)
+    run.lock             held by the run's rank 0 while it trains
+    train.log, tensorboard/, samples.png, ...
+
+A run is unfinished when its ``metrics.json`` says it was interrupted (a signal) or failed (a full
+disk, a NaN loss, lost DDP ranks...), or there is no readable one (killed before writing it); and
+it left a checkpoint. It continues from its newest good checkpoint, by the step saved in it,
+whatever the file's name (``epoch_000.ckpt`` when the disk filled before ``last.ckpt``).
+
+``ckpt_path=auto`` resolves here, once (``resolve_auto``): before Hydra creates a run directory,
+a single run looks for the newest unfinished run of the same task and configuration, compared as
+composed (interpolations unresolved, ``ckpt_path`` left out), and continues it in its own
+directory (its checkpoints, logs and TensorBoard version); a run given a directory
+(``hydra.run.dir``) or a sweep's job (a requeued SLURM job) continues what its own directory holds.
+A finished run is never resumed.
+
+A run still training is not unfinished: its rank 0 holds an OS lock on ``run.lock`` for as long as
+the process lives (``hold_run``; released however the process ends, even by SIGKILL), and
+``ckpt_path=auto`` leaves a locked run alone (``is_running``), so two commands never write one run
+directory. Where the OS has no ``fcntl`` (Windows) there is no lock. Lightning-free.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from cifarkit.core.errors import RunInUse
+from cifarkit.core.untrusted import read_json_object
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+
+AUTO = "auto"
+CONFIG = Path(".hydra") / "config.yaml"
+CHECKPOINTS = "checkpoints"
+LAST = "last.ckpt"
+INTERRUPTED = "interrupted.ckpt"
+METRICS = "metrics.json"
+BUDGET = "budget.json"
+LOCK = "run.lock"
+UNFINISHED = ("interrupted", "failed")  # metrics.json's statuses of a run to continue; none at all: killed
+
+
+def checkpoint_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def metrics_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / METRICS
+
+
+def budget_file(run_dir: str | Path) -> Path:
+    return Path(run_dir) / BUDGET
+
+
+def of_checkpoint(ckpt: str | Path) -> Path:
+    """The run directory a checkpoint of its ``checkpoints/`` belongs to."""
+    return Path(ckpt).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock of a run that is training.
+
+
+def _try_lock(f: IO[str]) -> bool:
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def is_running(run_dir: Path) -> bool:
+    """Whether another process holds ``run_dir``'s lock: a run training there now."""
+    if fcntl is None or not (run_dir / LOCK).is_file():
+        return False
+    with open(run_dir / LOCK, "a") as f:  # closing releases the probe's own lock
+        return not _try_lock(f)
+
+
+def hold_run(run_dir: str | Path) -> IO[str] | None:
+    """Lock ``run_dir`` for as long as the returned file stays open (close it when the run
+    ends; the OS drops it if the process dies). Another process holding it: ``RunInUse``."""
+    if fcntl is None:
+        return None
+    path = Path(run_dir) / LOCK
+    path.parent.mkdir(parents=True, exist_ok=True)
+    f = open(path, "a")
+    for _ in range(20):  # another command's is_running may hold it for an instant
+        if _try_lock(f):
+            return f
+        time.sleep(0.05)
+    f.close()
+    raise in_use(run_dir)
+
+
+def in_use(run_dir: str | Path) -> RunInUse:
+    return RunInUse(
+        f"another process is still training in {run_dir}; let it finish or stop it first, "
+        "or start a separate run (without hydra.run.dir)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished or not, and where an unfinished run continues from.
+
+
+def status(run_dir: Path) -> str | None:
+    """What the run's ``metrics.json`` says of its end; None without one (or a half-written one from a killed run,
+    or one edited into something else: a run folder is read as untrusted)."""
+    metrics = read_json_object(metrics_file(run_dir))
+    return metrics.get("status") if metrics is not None else None
+
+
+def completed(run_dir: Path) -> bool:
+    """Whether the run's ``metrics.json`` says it finished: completed, or ended by an Optuna pruner
+    (nothing to continue either way)."""
+    return status(run_dir) in ("completed", "pruned")
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The training step a checkpoint was saved at, or None when it cannot be read (cut short, not a
+    checkpoint). Memory-mapped and ``weights_only``: no tensor is read, no pickled code runs."""
+    import torch  # only here: cifarkit/run/cli.py imports this module before anything heavy
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) else None
+    return step if isinstance(step, int) else None
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """An unfinished run and the checkpoint it continues from; ``step`` None: none of ``ckpts`` is readable."""
+
+    run_dir: Path
+    ckpt: Path
+    step: int | None
+    ckpts: tuple[Path, ...]
+
+    def continues(self) -> str:
+        """Which file and step the run continues from, or that its checkpoints cannot be read (one line)."""
+        if self.step is None:
+            names = ", ".join(p.name for p in self.ckpts)
+            return f"{self.run_dir} did not finish, but none of its checkpoints can be read ({names})"
+        return f"{self.run_dir} from {self.ckpt.name} (step {self.step})"
+
+
+def resume_point(run_dir: Path) -> ResumePoint | None:
+    """Where an unfinished run continues: its newest good checkpoint by step (the newer file of two
+    at one step); None when it finished or saved nothing."""
+    if status(run_dir) not in (*UNFINISHED, None):
+        return None
+    ckpts = tuple(sorted(p for p in checkpoint_dir(run_dir).glob("*.ckpt") if p.is_file()))
+    if not ckpts:
+        return None
+    steps = {p: checkpoint_step(p) for p in ckpts}
+    good = [p for p in ckpts if steps[p] is not None]
+    newest = max(good or ckpts, key=lambda p: (steps[p] or 0, p.stat().st_mtime_ns))
+    return ResumePoint(run_dir, newest, steps[newest], ckpts)
+
+
+def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    plain = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else dict(cfg)
+    plain.pop("ckpt_path", None)
+    plain.pop("hydra", None)
+    return plain
+
+
+def _saved_config(run_dir: Path) -> dict[str, Any] | None:
+    """The run's composed config, or None when it has none, or one cut short or not a mapping."""
+    try:
+        saved = OmegaConf.load(run_dir / CONFIG)
+    except Exception:  # noqa: BLE001  a missing file, or YAML's and OmegaConf's errors on one edited by hand
+        return None
+    return _comparable(saved) if isinstance(saved, DictConfig) else None
+
+
+def find_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[tuple[Path, Path] | None, list[Path]]:
+    """The unfinished run under ``runs_dir`` composed from the same configuration as ``cfg`` whose
+    checkpoint is the newest, with that checkpoint (or None); and the runs of that configuration
+    still training, which are left alone. A run with a readable checkpoint goes before one without."""
+    point, running = _newest_unfinished(runs_dir, cfg)
+    return ((point.run_dir, point.ckpt) if point else None), running
+
+
+def _newest_unfinished(runs_dir: Path, cfg: DictConfig) -> tuple[ResumePoint | None, list[Path]]:
+    wanted = _comparable(cfg)
+    found, running = [], []
+    for run_dir in runs_dir.glob("*"):
+        if _saved_config(run_dir) != wanted:
+            continue
+        point = resume_point(run_dir)
+        if point is not None:
+            (running if is_running(run_dir) else found).append(point)
+    newest = max(found, key=lambda p: (p.step is not None, p.ckpt.stat().st_mtime_ns), default=None)
+    return newest, sorted(p.run_dir for p in running)
+
+
+def runs_dir(cfg: DictConfig) -> Path:
+    """Where a task's single runs are: ``${paths.log_dir}/<task>/runs`` (configs/hydra/default.yaml)."""
+    return Path(cfg.paths.log_dir) / cfg.task_name / "runs"
+
+
+def resolve_auto(cfg: DictConfig, run_dir: Path | None) -> tuple[ResumePoint | None, str]:
+    """``ckpt_path=auto``: what to continue and the one line that says so. In ``run_dir`` (a run
+    given its directory, a sweep's job) its own unfinished run; without, the newest unfinished run
+    of ``cfg``'s configuration among the task's runs, before Hydra creates a new directory."""
+    if run_dir is not None:
+        point, where = resume_point(run_dir), f"nothing unfinished in {run_dir}"
+        busy = ""
+    else:
+        point, running = _newest_unfinished(runs_dir(cfg), cfg)
+        where = f"no unfinished run of this configuration under {runs_dir(cfg)}"
+        busy = f" ({len(running)} still training, left alone: {', '.join(map(str, running))})" if running else ""
+    if point is None:
+        return None, f"ckpt_path=auto: {where}{busy}; starting a new one"
+    if point.step is None:
+        return None, f"ckpt_path=auto: {point.continues()}{busy}; starting a new one"
+    return point, f"ckpt_path=auto: continuing {point.continues()}{busy}"
+
+
+def after_full_disk(path: Path) -> str:
+    """What to do once a write of ``path`` found the disk full. For a file of a run directory (its
+    own or a checkpoint), exactly what ``ckpt_path=auto`` will do with that run."""
+    run_dir = next((d for d in (path.parent, path.parent.parent) if (d / CONFIG).is_file()), None)
+    if run_dir is None:
+        return "free space there and run again (training continues with ckpt_path=auto)"
+    point = resume_point(run_dir)
+    if point is None or point.step is None:
+        does = f"starts a new run, as {run_dir} holds no checkpoint to continue from"
+    else:
+        does = f"continues {point.continues()}"
+    return f"free space there and run the same command with ckpt_path=auto: it {does}"

@@ -1,0 +1,1 @@
+"""Images from disk to batches: sources, the DataModule, the device loader, augmentation."""

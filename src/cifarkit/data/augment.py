@@ -1,0 +1,205 @@
+"""Training augmentation as steps named in YAML, run on whole batches on the training device.
+
+``data.augment`` maps step names to their options (null turns a step off; every option is
+given, as configs/data/common/pipeline.yaml gives the tutorial's); the steps always run in this
+order, whatever order the YAML lists:
+
+* ``crop: {padding: 4, mode: zeros}``: torchvision's ``RandomCrop(size, padding, padding_mode)``
+  with ``mode`` ``zeros`` (its ``constant`` 0) or ``reflect`` (airbench's "translate").
+* ``flip: {p: 0.5}``: ``RandomHorizontalFlip(p)``, drawn per image and epoch.
+* ``alternating_flip: {}``: airbench's flip: each image gets one random orientation in epoch 0
+  and the other one in every odd epoch, so it is seen both ways every two epochs.
+* ``cutout: {size: 16}``: DeVries & Taylor's cutout: a ``size`` x ``size`` square (clipped at
+  the border) around a uniformly drawn pixel is set to 0 after normalization, the mean pixel.
+
+``TTA`` / ``tta_logits``: the test-time views (``model.tta``), averaged as airbench averages them.
+
+Every random choice is drawn on the CPU from a generator the loader seeds with (seed, epoch,
+rank) and then moved to the device in one copy; ``apply`` and ``erase`` are a few batched
+tensor ops with no Python loop over images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torchvision import transforms as T
+
+from cifarkit.core.errors import UserError
+
+STEPS = {"crop": ("padding", "mode"), "flip": ("p",), "alternating_flip": (), "cutout": ("size",)}
+EXAMPLES = {"crop": "{padding: 4, mode: zeros}", "flip": "{p: 0.5}", "alternating_flip": "{}", "cutout": "{size: 16}"}
+PADDING_MODES = {"zeros": "constant", "reflect": "reflect"}  # ours -> torchvision's padding_mode
+
+
+def mixed_seed(seed: int, n: int) -> int:
+    """The generator seed of draw ``n`` (an epoch, a stream) of a run seeded ``seed``: each pair its own."""
+    return seed * 100_003 + n
+
+
+@dataclass(frozen=True)
+class Augment:
+    """The training augmentation of one run, built from ``data.augment`` by ``from_steps``."""
+
+    padding: int = 0
+    padding_mode: str = "zeros"
+    flip_p: float = 0.0
+    alternating_flip: bool = False
+    cutout: int = 0
+
+    @classmethod
+    def from_steps(cls, steps: Mapping[str, Any]) -> Augment:
+        """Check the steps' names and options and turn them into one ``Augment``."""
+        steps = {k: v for k, v in steps.items() if v is not None}
+        for name, options in steps.items():
+            if name not in STEPS:
+                raise UserError(
+                    f"data.augment.{name} is not an augmentation step; use {', '.join(STEPS)} (see data/augment.py)"
+                )
+            if not isinstance(options, Mapping):
+                raise UserError(
+                    f"data.augment.{name}={options!r}: give its options as a mapping, e.g. {name}: {EXAMPLES[name]}, "
+                    "or null to turn it off"
+                )
+            unknown, missing = set(options) - set(STEPS[name]), set(STEPS[name]) - set(options)
+            if unknown:
+                raise UserError(
+                    f"data.augment.{name} has no option {', '.join(sorted(unknown))}; it takes "
+                    f"{', '.join(STEPS[name]) or 'none'}"
+                )
+            if missing:
+                raise UserError(
+                    f"data.augment.{name} needs {', '.join(sorted(missing))}, e.g. {name}: {EXAMPLES[name]}"
+                )
+        crop, flip, cutout = steps.get("crop"), steps.get("flip"), steps.get("cutout")
+        if flip is not None and "alternating_flip" in steps:
+            raise UserError("data.augment has both flip and alternating_flip; keep one (set the other to null)")
+        mode = crop["mode"] if crop is not None else "zeros"
+        if mode not in PADDING_MODES:
+            raise UserError(f"data.augment.crop.mode={mode!r}; use zeros or reflect")
+        padding = int(crop["padding"]) if crop is not None else 0
+        size = int(cutout["size"]) if cutout is not None else 0
+        p = float(flip["p"]) if flip is not None else 0.0
+        if padding < 0 or size < 0 or not 0 <= p <= 1:
+            raise UserError(
+                f"data.augment: crop.padding and cutout.size must be >= 0 and flip.p in [0, 1] (got {padding}, "
+                f"{size}, {p})"
+            )
+        return cls(padding, mode, p, "alternating_flip" in steps, size)
+
+    def __bool__(self) -> bool:
+        return bool(self.padding or self.flip_p or self.alternating_flip or self.cutout)
+
+    def draw(
+        self, idx: torch.Tensor, n_images: int, size: tuple[int, int], epoch: int, seed: int, g: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """Everything random for the images ``idx`` (of ``n_images``, each ``size``) in one
+        epoch, on the CPU. The crop offsets and the flips
+        come from ``g`` (seeded by seed, epoch and rank); an alternating flip's first orientation
+        depends on the seed and the image only, so every rank and epoch agrees on it."""
+        m = len(idx)
+        d = {
+            "dy": torch.randint(0, 2 * self.padding + 1, (m,), generator=g),
+            "dx": torch.randint(0, 2 * self.padding + 1, (m,), generator=g),
+            "flip": torch.rand(m, generator=g) < self.flip_p,
+        }
+        if self.alternating_flip:
+            first = torch.Generator().manual_seed(mixed_seed(seed, 99_991))
+            d["flip"] = (torch.rand(n_images, generator=first) < 0.5)[idx] ^ bool(epoch % 2)
+        if self.cutout:
+            d["cy"] = torch.randint(0, size[0], (m,), generator=g)
+            d["cx"] = torch.randint(0, size[1], (m,), generator=g)
+        return d
+
+    def apply(self, images: torch.Tensor, d: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Crop and flip a uint8 batch (B, C, H, W) for the draws ``d``."""
+        if not (self.padding or self.flip_p or self.alternating_flip):
+            return images
+        return crop_flip(images, self.padding, d["dy"], d["dx"], d["flip"], self.padding_mode)
+
+    def erase(self, x: torch.Tensor, d: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Cut out each image's square from a normalized batch (in place)."""
+        if not self.cutout:
+            return x
+        h, w = x.shape[-2:]
+        lo_y, lo_x = d["cy"] - self.cutout // 2, d["cx"] - self.cutout // 2
+        rows = torch.arange(h, device=x.device)[None, :] - lo_y[:, None]  # (B, H): inside when in [0, size)
+        cols = torch.arange(w, device=x.device)[None, :] - lo_x[:, None]
+        inside = ((rows >= 0) & (rows < self.cutout))[:, None, :, None] & ((cols >= 0) & (cols < self.cutout))[
+            :, None, None, :
+        ]
+        return x.masked_fill_(inside, 0.0)
+
+    def pil_steps(self, image_size: int) -> list[Any]:
+        """The per-sample torchvision transforms of the same steps (the torchvision pipeline)."""
+        if self.alternating_flip or self.cutout:
+            raise UserError(
+                "data.augment.alternating_flip and cutout run on the device pipeline only; use data.pipeline=device"
+            )
+        steps: list[Any] = []
+        if self.padding:
+            steps.append(T.RandomCrop(image_size, padding=self.padding, padding_mode=PADDING_MODES[self.padding_mode]))
+        if self.flip_p:
+            steps.append(T.RandomHorizontalFlip(self.flip_p))
+        return steps
+
+
+def _reflect(i: torch.Tensor, n: int) -> torch.Tensor:
+    """Map indices in [-(n-1), 2n-2] into [0, n) as reflect padding does (the edge not repeated)."""
+    return (n - 1) - ((n - 1) - i.abs()).abs()
+
+
+def crop_flip(
+    images: torch.Tensor, padding: int, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor, mode: str = "zeros"
+) -> torch.Tensor:
+    """Crop each image at offset (dy, dx) of its padded copy, then mirror where ``flip``.
+
+    Equals torchvision's ``RandomCrop(H, padding, padding_mode)`` followed by
+    ``RandomHorizontalFlip`` for the same offsets and flips, for a whole uint8 batch at once:
+    the source pixel of every output pixel is computed (reflected, or marked as padding) and
+    fetched with one gather, so no padded copy is made.
+    """
+    b, c, h, w = images.shape
+    rows = dy[:, None] - padding + torch.arange(h, device=images.device)  # (B, H), may fall in the padding
+    ar_w = torch.arange(w, device=images.device)
+    cols = dx[:, None] - padding + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # (B, W)
+    if mode == "reflect":
+        rows, cols = _reflect(rows, h), _reflect(cols, w)
+    else:
+        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]
+        rows, cols = rows.clamp(0, h - 1), cols.clamp(0, w - 1)
+    # One gather along the flattened pixels, shared by the channels (cheaper than indexing all four dimensions).
+    flat = (rows[:, :, None] * w + cols[:, None, :]).view(b, 1, h * w).expand(b, c, h * w)
+    out = images.flatten(2).gather(2, flat).view(b, c, h, w)
+    return out if mode == "reflect" else out * inside[:, None].to(out.dtype)
+
+
+TTA = ("none", "flip", "flip_translate")
+
+
+def check_tta(tta: str, key: str) -> str:
+    """``tta`` if it is one of ``TTA``, else the one line that says so (``key``: the option that set it)."""
+    if tta not in TTA:
+        raise UserError(f"{key}={tta!r} is not known; use one of {', '.join(TTA)}")
+    return tta
+
+
+def tta_logits(forward: Any, x: torch.Tensor, tta: str) -> torch.Tensor:
+    """Logits of ``x`` (B, C, H, W) averaged over cheap views, as airbench tests: ``flip`` the
+    image and its mirror; ``flip_translate`` half that, half the same on the image shifted one
+    pixel up-left and one pixel down-right (reflect padding)."""
+    if tta == "none":
+        return forward(x)
+
+    def mirrored(v: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (forward(v) + forward(v.flip(-1)))
+
+    if tta == "flip":
+        return mirrored(x)
+    h, w = x.shape[-2:]
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+    shifted = 0.5 * (mirrored(padded[..., :h, :w]) + mirrored(padded[..., 2:, 2:]))
+    return 0.5 * mirrored(x) + 0.5 * shifted

@@ -1,0 +1,1 @@
+"""Fitting: the LightningModule, optimizers and schedules, metrics, checkpoint writing, pictures, loggers."""

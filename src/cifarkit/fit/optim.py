@@ -1,0 +1,225 @@
+"""What the recipes beyond the tutorial's constant-lr Adam do to the weights besides the loss.
+
+* ``param_groups``: no weight decay on norm layers and biases, a learning-rate multiplier
+  for norm biases (airbench trains its BatchNorm biases faster than its weights), and one for
+  everything but the head (fine-tuning moves a pretrained body less than its new head).
+* ``warmup_then_decay``: a step-wise schedule, linear warmup then linear or cosine decay, sized
+  from the run's own number of optimizer steps (``ImageClassifier`` passes ``total_steps`` to
+  any scheduler that takes it, ``torch.optim.lr_scheduler.OneCycleLR`` included).
+* ``Lookahead``: airbench's weight averaging (Lightning's ``WeightAveraging``, the weights reset
+  to the average), a callback.
+* ``FreezeParameters``: stop training named parameters after some epochs (airbench's
+  whitening bias), a callback.
+* ``HeadFirst``: train only the head for the first part of the run (fine-tuning), a callback.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import WeightAveraging
+from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from cifarkit.core.errors import UserError
+
+NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def param_groups(
+    net: nn.Module,
+    lr: float,
+    weight_decay: float = 0.0,
+    decay_norm_and_bias: bool = True,
+    norm_bias_lr_scale: float = 1.0,
+    body_lr_scale: float = 1.0,
+    head: Collection[str] = (),
+) -> list[dict[str, Any]]:
+    """The trainable parameters of ``net`` in up to three groups: weights (decayed), other norm
+    parameters and biases (decayed only if ``decay_norm_and_bias``), norm biases (the same, at
+    ``lr * norm_bias_lr_scale``). As in airbench the multiplier speeds up the gradient steps
+    only: the norm biases' weight decay is divided by it, so each step decays them as before.
+    With ``body_lr_scale`` other than 1, each group is split in two: the ``head`` (parameter
+    names) at those rates, the rest of the net (its body) at ``body_lr_scale`` times them."""
+    norm_params = {id(p) for m in net.modules() if isinstance(m, NORMS) for p in m.parameters(recurse=False)}
+    split = body_lr_scale != 1.0
+    groups: dict[tuple[str, str], list[nn.Parameter]] = {}
+    for name, p in net.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_bias = name.rpartition(".")[2] == "bias"
+        kind = (
+            "norm_bias"
+            if id(p) in norm_params and is_bias
+            else "norm_and_bias"
+            if id(p) in norm_params or is_bias
+            else "weights"
+        )
+        part = "body" if split and name not in head else ""
+        groups.setdefault((kind, part), []).append(p)
+    other_decay = weight_decay if decay_norm_and_bias else 0.0
+    settings = {
+        "weights": {"weight_decay": weight_decay, "lr": lr},
+        "norm_and_bias": {"weight_decay": other_decay, "lr": lr},
+        "norm_bias": {"weight_decay": other_decay / norm_bias_lr_scale, "lr": lr * norm_bias_lr_scale},
+    }
+    out = []
+    for kind, setting in settings.items():
+        for part in ("", "body"):
+            if (kind, part) in groups:
+                scale = body_lr_scale if part else 1.0
+                name = f"{kind}/{part}" if part else kind
+                out.append({"params": groups[kind, part], "name": name, **setting, "lr": setting["lr"] * scale})
+    return out
+
+
+def run_steps(trainer: Any, sized: str) -> int:
+    """The run's optimizer steps, for what is ``sized`` from them (a schedule, lookahead's
+    decay ramp); a run bounded by ``trainer.max_time`` alone has none, which stops it in one line."""
+    steps = trainer.estimated_stepping_batches
+    if not math.isfinite(steps):
+        raise UserError(f"{sized} is sized from the run's steps: set trainer.max_steps or trainer.max_epochs")
+    return max(1, int(steps))
+
+
+def warmup_then_decay(
+    optimizer: Optimizer,
+    total_steps: int,
+    warmup: float = 0.0,
+    decay: str = "linear",
+    final_scale: float = 0.0,
+    start_scale: float = 0.0,
+) -> LambdaLR:
+    """Each group's lr rises linearly from ``start_scale`` times its peak (airbench: 0.2) to
+    the peak over the first ``warmup`` fraction of the steps, then falls to ``final_scale``
+    times its peak by the last step, linearly or along a half cosine.
+
+    A ``LambdaLR`` rather than ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``: the
+    cosine's floor ``eta_min`` is one absolute lr for every group, where each group here (the
+    norm biases at 64x) decays to its own fraction, and the closed form gives the same lr at a
+    step however the run got there (a resumed run included)."""
+    if decay not in ("linear", "cosine"):
+        raise ValueError(f"decay={decay!r}: use linear or cosine")
+    if not 0 <= warmup < 1:
+        raise ValueError(f"warmup={warmup} must be a fraction of the steps in [0, 1)")
+    warm = int(round(warmup * total_steps))
+
+    def scale(step: int) -> float:
+        if step < warm:
+            return start_scale + (1 - start_scale) * (step + 1) / warm
+        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        shape = 1 - t if decay == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+        return final_scale + (1 - final_scale) * shape
+
+    return LambdaLR(optimizer, scale)
+
+
+class Lookahead(WeightAveraging):
+    """airbench's lookahead: every ``every_n_steps`` optimizer steps the weights (and, with
+    ``use_buffers``, the BatchNorm statistics) are folded into a moving average, and training
+    continues from that average. The average's decay grows with the run's progress t/T as
+    ``decay ** every_n_steps * (t / T) ** power``: near 0 early, so the average follows the
+    weights while the lr is high, and ``decay ** every_n_steps`` at the end, where it smooths
+    the noise of the last steps. Validation, the saved checkpoints and the model after training
+    hold the average, as with Lightning's ``EMAWeightAveraging``; unlike it, the weights being
+    trained are pulled back to the average too. T is the run's own step count
+    (``trainer.estimated_stepping_batches``)."""
+
+    def __init__(self, every_n_steps: int, decay: float, power: float, use_buffers: bool) -> None:
+        super().__init__(use_buffers=use_buffers, avg_fn=self._fold)
+        if every_n_steps < 1 or not 0 <= decay <= 1:
+            raise UserError(f"Lookahead needs every_n_steps >= 1 and 0 <= decay <= 1, got {every_n_steps} and {decay}")
+        self.every_n_steps, self.decay, self.power = every_n_steps, decay, power
+        self.total_steps = 1
+        self.weight = 0.0  # the average's share in the update being made
+
+    def _fold(self, average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
+        return (
+            torch.lerp(average, current.to(average.dtype), 1.0 - self.weight)
+            if average.is_floating_point()
+            else current
+        )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.total_steps = run_steps(trainer, "callbacks.lookahead's decay ramp")
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        if step_idx is None or (step_idx + 1) % self.every_n_steps:
+            return False
+        progress = min(1.0, (step_idx + 1) / self.total_steps)
+        self.weight = self.decay**self.every_n_steps * progress**self.power
+        return True
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args)
+        if self._latest_update_step == trainer.global_step:  # just averaged: go on from the average
+            self._copy_average_to_current(pl_module)
+
+
+class FreezeParameters(L.Callback):
+    """Stop training the parameters named in ``names`` (as in ``pl_module.named_parameters()``,
+    e.g. ``net.whiten.bias``) once the fraction ``after`` of the run's optimizer steps is done
+    (airbench94: after 3 of its 10 epochs, 0.3): their gradients are dropped just before each
+    optimizer step, so neither the step, its momentum nor weight decay moves them. Sized from
+    the run's steps like the schedule, so a longer or shorter run freezes at the same point of
+    it. Dropping the gradient (instead of switching ``requires_grad`` off) keeps the set of
+    parameters that DDP synchronizes fixed."""
+
+    def __init__(self, names: list[str], after: float) -> None:
+        if not 0 <= after <= 1:
+            raise UserError(f"FreezeParameters needs 0 <= after <= 1 (a fraction of the run's steps), got {after}")
+        self.names, self.after = list(names), after
+        self.params: list[torch.nn.Parameter] = []
+        self.from_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.from_step = round(self.after * run_steps(trainer, "callbacks.freeze_whitening_bias"))
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        named = dict(pl_module.named_parameters())
+        unknown = [n for n in self.names if n not in named]
+        if unknown:
+            raise UserError(
+                f"FreezeParameters: no parameter named {', '.join(unknown)}; names look like {next(iter(named), '?')}"
+            )
+        self.params = [named[n] for n in self.names]
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step >= self.from_step:
+            for p in self.params:
+                p.grad = None
+
+
+class HeadFirst(L.Callback):
+    """Train only the net's head (``pl_module.head_names``: the tensors sized by the class count)
+    for the first fraction ``until`` of the run's optimizer steps, the body frozen, then
+    everything: a new head learns from the pretrained features before its first, random
+    gradients reach them. As in ``FreezeParameters`` the body's gradients are dropped before
+    each optimizer step, so neither the step, its momentum nor weight decay moves it; its
+    BatchNorm statistics still follow the new data."""
+
+    def __init__(self, until: float) -> None:
+        if not 0 <= until <= 1:
+            raise UserError(f"HeadFirst needs 0 <= until <= 1 (a fraction of the run's steps), got {until}")
+        self.until = until
+        self.body: list[torch.nn.Parameter] = []
+        self.to_step = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.to_step = round(self.until * run_steps(trainer, "callbacks.head_first"))
+        head = pl_module.head_names
+        self.body = [p for name, p in pl_module.net.named_parameters() if name not in head]
+
+    def on_before_optimizer_step(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if trainer.global_step < self.to_step:
+            for p in self.body:
+                p.grad = None
