@@ -209,8 +209,8 @@ class Ran:
 
 
 ENTRY_POINTS = {  # script: (module, task, config name)
-    "train.py": ("cifarkit.run.train", "train", "train"),
-    "eval.py": ("cifarkit.run.train", "evaluate", "eval"),
+    "train.py": ("cifarkit.run.jobs", "train_job", "train"),
+    "eval.py": ("cifarkit.run.jobs", "eval_job", "eval"),
     "predict.py": ("cifarkit.infer.predict", "predict", "predict"),
     "export.py": ("cifarkit.infer.export", "export", "export"),
     "serve.py": ("cifarkit.infer.serve", "serve", "serve"),
@@ -330,17 +330,20 @@ def run_dirs(log_dir: Path, task: str = "train") -> list[Path]:
 
 
 def add_callback(monkeypatch: pytest.MonkeyPatch, callback) -> None:
-    """Every trainer that cifarkit.run.train.build makes gets ``callback`` too (for probes in tests)."""
-    import cifarkit.run.train as ct
+    """Every trainer that cifarkit.run.build.build makes for a run or a budget's probe gets ``callback`` too."""
+    import cifarkit.run.budget
+    import cifarkit.run.train
 
-    real_build = ct.build
+    def adding(real_build):  # on top of what an earlier add_callback added
+        def build(cfg, **kwargs):
+            datamodule, trainer = real_build(cfg, **kwargs)
+            trainer.callbacks.insert(0, callback)
+            return datamodule, trainer
 
-    def build(cfg, **kwargs):
-        datamodule, trainer = real_build(cfg, **kwargs)
-        trainer.callbacks.insert(0, callback)
-        return datamodule, trainer
+        return build
 
-    monkeypatch.setattr(ct, "build", build)
+    for module in (cifarkit.run.train, cifarkit.run.budget):
+        monkeypatch.setattr(module, "build", adding(module.build))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 
 MINI_ROOT = os.environ.get("CIFARKIT_MINI_ROOT", "")
 # Measured on a 2-core CPU (about 2 minutes when idle): these 6 epochs reach 0.51 test accuracy
@@ -38,6 +38,6 @@ def test_learns_real_cifar10(tmp_path: Path, compose_cfg) -> None:
             "+trainer.enable_model_summary=false",
         ]
     )
-    train(cfg)
+    train_job(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["test/acc"] >= MIN_TEST_ACC, metrics

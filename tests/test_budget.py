@@ -14,7 +14,7 @@ import torch
 from cifarkit.core.errors import UserError
 from cifarkit.fit.optim import FreezeParameters, Lookahead
 from cifarkit.run import budget
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, add_callback, folder_overrides
 
 STEP_S = 0.25  # the fake clock's seconds per reading
@@ -78,7 +78,7 @@ def test_a_budget_chooses_the_net_and_sizes_every_step_sized_piece_and_its_repla
     add_callback(monkeypatch, clock)
     add_callback(monkeypatch, sized)
     with caplog.at_level(logging.INFO, logger="cifarkit.run.budget"):
-        train(compose_cfg(cpu10(image_folder, tmp_path, "sized", "budget_s=5", LADDER)))
+        train_job(compose_cfg(cpu10(image_folder, tmp_path, "sized", "budget_s=5", LADDER)))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     expected = budget.steps_for(5, STEP_S, 0.0)
     narrow = {"seconds_per_step": STEP_S, "warmup_extra_s": 0.0, "steps_per_epoch": 9, "steps": expected}
@@ -107,7 +107,7 @@ def test_a_budget_chooses_the_net_and_sizes_every_step_sized_piece_and_its_repla
     monkeypatch.undo()
     again = compose_cfg(cpu10(image_folder, tmp_path, "again", "budget_s=5", LADDER, *replay.split()))
     again.paths.output_dir = str(tmp_path / "again")
-    train(again)  # the replay: no probe, the same run
+    train_job(again)  # the replay: no probe, the same run
     reproduced = json.loads((tmp_path / "again" / "metrics.json").read_text())
     assert "budget" not in reproduced
     for key in ("test/acc", "test/loss", "train/loss", "steps", "test/confusion_matrix"):
@@ -116,7 +116,7 @@ def test_a_budget_chooses_the_net_and_sizes_every_step_sized_piece_and_its_repla
     last = tmp_path / "out" / "checkpoints" / "last.ckpt"
     resumed = compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=5", LADDER, f"ckpt_path={last}"))
     resumed.paths.output_dir = str(tmp_path / "resumed")
-    train(resumed)  # budget.json's net and count: the checkpoint fits the net, and no step is left
+    train_job(resumed)  # budget.json's net and count: the checkpoint fits the net, and no step is left
     continued = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert continued["budget"] == metrics["budget"] and continued["steps"] == expected
 
@@ -151,7 +151,7 @@ def test_a_net_on_the_command_line_turns_the_choice_off(image_folder: Path, tmp_
 
 def test_what_a_budget_cannot_do(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
     with pytest.raises(UserError, match="budget_s=0 must be a number of seconds above 0"):
-        train(compose_cfg(cpu10(image_folder, tmp_path, "zero", "budget_s=0")))
+        train_job(compose_cfg(cpu10(image_folder, tmp_path, "zero", "budget_s=0")))
     ckpt = tmp_path / "run" / "checkpoints" / "some.ckpt"  # of a run that recorded no decision
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"x")
@@ -162,7 +162,7 @@ def test_what_a_budget_cannot_do(image_folder: Path, tmp_path: Path, compose_cfg
             r"was sized to; add trainer.max_steps="
         ),
     ):
-        train(compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=10", f"ckpt_path={ckpt}")))
+        train_job(compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=10", f"ckpt_path={ckpt}")))
 
 
 def test_a_resume_takes_only_a_net_the_ladder_offers(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
@@ -176,5 +176,5 @@ def test_a_resume_takes_only_a_net_the_ladder_offers(image_folder: Path, tmp_pat
     for net in ({"widths": [8, 8]}, crafted):
         (tmp_path / "run" / "budget.json").write_text(json.dumps({"seconds": 10, "steps": 5, "net": net}))
         with pytest.raises(UserError, match=r"budget.json names a net that budget_nets does not offer"):
-            train(compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=10", LADDER, f"ckpt_path={ckpt}")))
+            train_job(compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=10", LADDER, f"ckpt_path={ckpt}")))
     assert not canary.exists()

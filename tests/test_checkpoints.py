@@ -200,9 +200,9 @@ CASES = [
         "trusted_function_nested",
         lambda c: {
             "_target_": "cifarkit.nets.models.BasicCNN",
-            "image_size": {"_target_": "cifarkit.run.train.write_metrics", "output_dir": str(c), "metrics": 1},
+            "image_size": {"_target_": "cifarkit.run.jobs.write_metrics", "output_dir": str(c), "metrics": 1},
         },
-        ("cifarkit.run.train.write_metrics",),
+        ("cifarkit.run.jobs.write_metrics",),
         real_weights=True,
         live=True,
     ),

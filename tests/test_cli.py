@@ -130,3 +130,37 @@ def test_val_size_0_trains_on_everything_tests_and_exits_0(image_folder: Path, t
     assert not [
         w for w in recwarn if "DeviceLoader" in str(w.message) or "could not find the monitored key" in str(w.message)
     ]
+
+
+def test_a_run_composes_its_command_line_once_and_leaves_argv_alone(
+    image_folder: Path, tmp_path: Path, main, monkeypatch
+) -> None:
+    """One composition per process (Hydra's config loader asked once), ``ckpt_path=auto`` resolved into the
+    plan rather than the command line."""
+    import lightning as L
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl  # the loader every composition goes through
+
+    from conftest import add_callback
+
+    composed, seen = [], {}
+    real = ConfigLoaderImpl.load_configuration
+
+    def load_configuration(self, *args, **kwargs):
+        composed.append(kwargs.get("overrides", args[1] if len(args) > 1 else None))
+        return real(self, *args, **kwargs)
+
+    class Look(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            import sys
+
+            seen["argv"] = list(sys.argv)
+
+    monkeypatch.setattr(ConfigLoaderImpl, "load_configuration", load_configuration)
+    add_callback(monkeypatch, Look())
+    args = FAST + folder_overrides(image_folder, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}", "ckpt_path=auto"]
+    r = main("train.py", args)
+    assert r.code == 0, r.err[-3000:]
+    assert len(composed) == 1, composed
+    assert seen["argv"] == ["train.py", *args]
+    (run,) = run_dirs(tmp_path / "logs")
+    assert json.loads((run / "metrics.json").read_text())["status"] == "completed"

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from cifarkit.data.augment import Augment
-from cifarkit.run.train import build
+from cifarkit.run.build import build
 from conftest import CONFIG_DIR, compose
 
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "experiment", "debug", "hparams_search"]

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from cifarkit.nets.saved import read_checkpoint
-from cifarkit.run.train import evaluate
+from cifarkit.run.jobs import eval_job
 from conftest import ROOT, folder_overrides, free_port, run_cli, run_dirs, start_train, wait_for
 
 
@@ -97,7 +97,7 @@ def test_ddp_sim_trains_one_run_on_split_data(image_folder: Path, tmp_path: Path
     assert sum(seen[0]["test"]) + sum(seen[1]["test"]) == 36
     eval_args = ["trainer=cpu", *folder_overrides(image_folder, tmp_path), f"ckpt_path={metrics['best_ckpt']}"]
     cfg = compose_cfg(eval_args, config_name="eval")
-    single = evaluate(cfg)
+    single = eval_job(cfg)
     assert math.isclose(single["test/acc"], metrics["test/acc"], abs_tol=1e-6)
     assert math.isclose(single["test/loss"], metrics["test/loss"], rel_tol=1e-3)
 

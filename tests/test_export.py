@@ -25,7 +25,7 @@ from cifarkit.core.errors import UserError
 from cifarkit.data.images import load_image, normalize
 from cifarkit.infer.export import PT2_EXTRA_FILE, export, export_model
 from cifarkit.nets.saved import SavedNet
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, ROOT, compose, folder_overrides, run_dirs
 from tiny_files import CLASSES3, class_images
 
@@ -45,7 +45,7 @@ class Exported:
 @pytest.fixture(scope="module")
 def exported(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Exported:
     root = tmp_path_factory.mktemp("export")
-    train(compose(root, FAST + folder_overrides(image_folder, root) + ["test=false"], "train"))
+    train_job(compose(root, FAST + folder_overrides(image_folder, root) + ["test=false"], "train"))
     ckpt = root / "out" / "checkpoints" / "last.ckpt"
     images = root / "images"
     images.mkdir()

@@ -18,7 +18,7 @@ from omegaconf import open_dict
 from cifarkit.core.errors import TrainingStopped
 from cifarkit.fit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.nets.saved import read_checkpoint
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import (
     FAST,
     RESUME_KEYS,
@@ -120,7 +120,7 @@ def run_in_process(
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / name)
         cfg.ckpt_path = str(ckpt) if ckpt else None
-    train(cfg)
+    train_job(cfg)
     return json.loads((tmp_path / name / "metrics.json").read_text())
 
 
@@ -273,7 +273,7 @@ def test_sigterm_before_training_is_one_line_not_exit_0(compose_cfg, image_folde
     add_callback(monkeypatch, Term())
     cfg = compose_cfg(FAST + SMALL + folder_overrides(image_folder, tmp_path) + ["trainer.num_sanity_val_steps=1"])
     with pytest.raises(SystemExit) as e:
-        guarded(train)(cfg)
+        guarded(train_job)(cfg)
     assert e.value.code == 128 + signal.SIGTERM
     assert last_line(capsys.readouterr().err) == "stopped by SIGTERM outside training; nothing new was saved"
 
@@ -286,7 +286,7 @@ def test_last_ckpt_follows_every_epoch_even_without_a_new_best(compose_cfg, imag
         + folder_overrides(image_folder, tmp_path)
         + ["trainer.max_epochs=3", "model.optimizer.lr=0", "test=false", "data.batch_size=16"]
     )
-    train(cfg)
+    train_job(cfg)
     ckpts = tmp_path / "out" / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]
     last = read_checkpoint(ckpts / "last.ckpt")

@@ -274,7 +274,7 @@ def test_finetune_trains_the_head_alone_first_then_the_body_slower(
     head moves, then the body too, in its own param groups at a tenth of the head's lr."""
     import lightning as L
 
-    from cifarkit.run.train import train
+    from cifarkit.run.jobs import train_job
 
     net_cfg = {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [8, 16, 16]}
     ckpt = craft_checkpoint(
@@ -294,7 +294,7 @@ def test_finetune_trains_the_head_alone_first_then_the_body_slower(
             seen["lrs"] = {g["name"]: g["lr"] for g in trainer.optimizers[0].param_groups}
 
     add_callback(monkeypatch, Watch())
-    train(
+    train_job(
         compose_cfg(
             [
                 *FAST,

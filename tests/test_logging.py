@@ -19,7 +19,7 @@ from cifarkit.data.sources import CIFAR100_FINE
 from cifarkit.fit import pictures
 from cifarkit.fit.metrics import per_class
 from cifarkit.fit.pictures import confusion_figure, render
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, folder_overrides
 from tiny_files import CLASSES3
 
@@ -48,7 +48,7 @@ def colours(pixels: np.ndarray) -> int:
 
 
 def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["trainer.max_epochs=2"]))
+    train_job(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["trainer.max_epochs=2"]))
     out = tmp_path / "out"
     files = {name: png_pixels(out / f"{name}.png") for name in ("samples", "confusion_matrix")}
     logged = tensorboard_images(out)
@@ -87,7 +87,7 @@ def test_run_leaves_pictures_and_per_class_accuracy(image_folder: Path, tmp_path
 
 @pytest.mark.slow  # a run
 def test_no_test_no_confusion_matrix(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
+    train_job(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
     out = tmp_path / "out"
     png_pixels(out / "samples.png")
     assert not (out / "confusion_matrix.png").exists()
@@ -95,7 +95,7 @@ def test_no_test_no_confusion_matrix(image_folder: Path, tmp_path: Path, compose
 
 
 def test_fast_dev_run_draws_both(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["+trainer.fast_dev_run=true"]))
+    train_job(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["+trainer.fast_dev_run=true"]))
     out = tmp_path / "out"
     png_pixels(out / "samples.png")
     counts = torch.tensor(json.loads((out / "metrics.json").read_text())["test/confusion_matrix"])
@@ -119,7 +119,7 @@ def test_samples_are_training_images_denormalized(image_folder: Path, tmp_path: 
         return seen["figure"]
 
     monkeypatch.setattr(pictures, "samples_figure", spy)
-    train(cfg)
+    train_job(cfg)
     dm = instantiate(cfg.data, _convert_="all")
     dm.setup()
     train_x, train_y = dm.splits["train"]

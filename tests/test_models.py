@@ -21,7 +21,7 @@ from cifarkit.core.errors import UserError
 from cifarkit.data.images import load_image, normalize
 from cifarkit.nets.models import AirbenchNet, ResNet18, TimmNet
 from cifarkit.nets.saved import SavedNet, build_net
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, Payload, add_callback, craft_checkpoint, error_line, folder_overrides, run_dirs
 
 NETS = [AirbenchNet, ResNet18]
@@ -116,7 +116,7 @@ def test_trusted_rebuild_accepts_the_config(model: str, compose_cfg) -> None:
 @pytest.mark.parametrize("model", ["airbench", "resnet18"])
 def test_one_batch_trains(model: str, image_folder: Path, compose_cfg, tmp_path: Path) -> None:
     cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + [f"model={model}", "debug=fdr"])
-    train(cfg)
+    train_job(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 1
 
@@ -137,7 +137,7 @@ def test_train_whitens_airbench_from_the_training_split(
             seen["images"] = normalize(dm.splits["train"][0], torch.tensor(dm.mean), torch.tensor(dm.std))
 
     add_callback(monkeypatch, Capture())
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["model=airbench", "debug=fdr"]))
+    train_job(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["model=airbench", "debug=fdr"]))
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["status"] == "completed"
     w = seen["weight"]
     assert torch.equal(w[12:], -w[:12]) and not torch.equal(w, AirbenchNet().whiten.weight)

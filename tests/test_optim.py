@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cifarkit.core.errors import UserError
 from cifarkit.fit.optim import FreezeParameters, Lookahead, param_groups, warmup_then_decay
 from cifarkit.nets.models import AirbenchNet
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, folder_overrides
 
 
@@ -86,7 +86,7 @@ def test_a_run_sizes_its_schedule_from_its_own_steps(image_folder: Path, compose
             "model.param_groups={decay_norm_and_bias: false}",
         ]
     )
-    train(cfg)
+    train_job(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["steps"] == 16
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -118,7 +118,7 @@ def test_a_schedule_needs_a_known_step_count(image_folder: Path, compose_cfg, tm
         ]
     )
     with pytest.raises(UserError, match="model.scheduler is sized from the run's steps: set trainer.max_steps"):
-        train(cfg)
+        train_job(cfg)
     assert not (tmp_path / "out" / "checkpoints" / "last.ckpt").exists()
 
 

@@ -14,13 +14,13 @@ from cifarkit.data.images import image_files, load_image, normalize
 from cifarkit.infer.predict import predict
 from cifarkit.nets.models import BasicCNN
 from cifarkit.nets.saved import SavedNet
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, craft_checkpoint, folder_overrides
 from tiny_files import CLASSES3, hide_metadata_beside
 
 
 def test_predicts_a_folder(image_folder: Path, tmp_path: Path, compose_cfg, main) -> None:
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
+    train_job(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
     inputs = tmp_path / "mine"
     (inputs / "nested").mkdir(parents=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cifarkit.run.train import evaluate, train
+from cifarkit.run.jobs import eval_job, train_job
 from conftest import CONFIG_DIR, FAST, compose, folder_overrides, run_dirs
 
 
@@ -20,7 +20,7 @@ def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose
     cfg = compose_cfg(
         FAST + data + ["experiment=cpu10", "trainer.max_steps=6", "trainer.max_time=null", "data.batch_size=8"]
     )
-    optimized = train(cfg)
+    optimized = train_job(cfg)
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
     average, current = ckpt["state_dict"], ckpt["current_model_state"]
     assert ckpt["global_step"] == 6
@@ -29,7 +29,7 @@ def test_cpu10_trains_and_tests_its_averaged_weights(image_folder: Path, compose
     saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert saved["test/acc"] == pytest.approx(optimized) and saved["steps"] == 6  # no validation: test/acc is returned
     assert saved["train/images_per_s"] * saved["train/seconds"] == pytest.approx(6 * 8)
-    again = evaluate(
+    again = eval_job(
         compose_cfg(["trainer=cpu", f"ckpt_path={tmp_path / 'out' / 'checkpoints' / 'last.ckpt'}", *data], "eval")
     )
     assert again["test/loss"] == pytest.approx(saved["test/loss"], rel=1e-5)

@@ -1,4 +1,4 @@
-"""The project's Optuna sweeper (hydra/sweeper=optuna, the plugin's study.py): pruned trials, several
+"""The project's Optuna sweeper (hydra/sweeper=optuna, the plugin's _study.py): pruned trials, several
 sweep processes on one study, an interrupted search, a DDP trial stopped by its pruner, a study
 written by Optuna 2, and the search space read from Hydra's override syntax."""
 
@@ -21,7 +21,7 @@ from optuna.pruners import BasePruner
 from optuna.trial import TrialState
 
 from conftest import ROOT, folder_overrides, run_cli
-from hydra_plugins.cifarkit_optuna_sweeper.study import search_space
+from hydra_plugins.cifarkit_optuna_sweeper._study import search_space
 from test_sweeps import TINY, assert_rows_match_jobs, read_jobs, sweep_dirs
 
 TESTS = Path(__file__).parent
@@ -155,7 +155,7 @@ def test_two_sweep_processes_share_one_study(kind: str, image_folder: Path, tmp_
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
 
-    from hydra_plugins.cifarkit_optuna_sweeper.study import open_storage
+    from hydra_plugins.cifarkit_optuna_sweeper._study import open_storage
 
     study = optuna.load_study(study_name="shared", storage=open_storage(storage))
     ran = [t for t in study.trials if "cifarkit" not in t.user_attrs]  # not the rare one asked for after the last
@@ -248,7 +248,7 @@ def test_a_pruned_ddp_trial_stops_on_every_rank(image_folder: Path, tmp_path: Pa
         *folder_overrides(image_folder, tmp_path),
         f"paths.log_dir={logs}",
         "test=false",
-        f"{cb}._target_=hydra_plugins.cifarkit_optuna_sweeper.pruning.OptunaPruning",
+        f"{cb}._target_=hydra_plugins.cifarkit_optuna_sweeper._pruning.OptunaPruning",
         f"{cb}.trial={trial.number}",
         f"{cb}.storage='{storage}'",
         f"{cb}.study_name=ddp",

@@ -37,7 +37,7 @@ from cifarkit.core.errors import UserError
 from cifarkit.infer.export import export_model
 from cifarkit.infer.serve import serve
 from cifarkit.infer.serve_page import CHROMIUM, CHROMIUM_ARGS
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, ROOT, compose, folder_overrides, free_port
 from test_data import bomb_png
 from untrusted_files import EPS, fake_gs, mutants, seeds
@@ -166,7 +166,7 @@ class Setup:
 @pytest.fixture(scope="module")
 def setup(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("serve")
-    train(compose(root, FAST + folder_overrides(image_folder, root) + ["test=false"], "train"))
+    train_job(compose(root, FAST + folder_overrides(image_folder, root) + ["test=false"], "train"))
     ckpt = root / "out" / "checkpoints" / "last.ckpt"
     # read_timeout=5 (not 10): the slow-client test waits to see its connections closed
     servers = [

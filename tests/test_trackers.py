@@ -22,7 +22,7 @@ import yaml
 from lightning.fabric.utilities.logger import _flatten_dict
 
 from cifarkit.fit.trackers import run_name
-from cifarkit.run.train import train
+from cifarkit.run.jobs import train_job
 from conftest import FAST, compose, error_line, folder_overrides
 
 TINY = ["data.image_size=8"]  # a 1.6M-parameter BasicCNN: small checkpoints to write and upload
@@ -61,7 +61,7 @@ def mlflow_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory):
         cfg = compose(
             tmp, FAST + folder_overrides(image_folder, tmp) + TINY + ["logger=mlflow", "trainer.max_epochs=2"]
         )
-        train(cfg)
+        train_job(cfg)
         db = tmp / "logs" / "mlflow.db"
         assert db.is_file() and cfg.logger.mlflow.tracking_uri == f"sqlite:///{db}"
         client = MlflowClient(tracking_uri=f"sqlite:///{db}")
@@ -265,7 +265,7 @@ def test_wandb_offline_run_lives_in_the_run_directory(image_folder: Path, tmp_pa
     pytest.importorskip("wandb")
     import wandb
 
-    train(compose(tmp_path, FAST + folder_overrides(image_folder, tmp_path) + TINY + ["logger=wandb"]))
+    train_job(compose(tmp_path, FAST + folder_overrides(image_folder, tmp_path) + TINY + ["logger=wandb"]))
     wandb.finish()  # what the end of the process does
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())

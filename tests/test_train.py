@@ -14,7 +14,8 @@ from omegaconf import open_dict
 
 from cifarkit.core.devices import resolve_precision
 from cifarkit.core.errors import UserError
-from cifarkit.run.train import evaluate, optimized_value, train
+from cifarkit.fit.metrics import optimized_value
+from cifarkit.run.jobs import eval_job, train_job
 from conftest import FAST, add_callback, folder_overrides, run_dirs
 from tiny_files import write_image_folder
 
@@ -27,7 +28,7 @@ def test_fast_dev_run_on_both_sources(source: str, request, compose_cfg, tmp_pat
     else:
         data = folder_overrides(request.getfixturevalue("image_folder"), tmp_path)
     cfg = compose_cfg(FAST + data + ["debug=fdr"])
-    value = train(cfg)
+    value = train_job(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 1
     assert 0.0 <= metrics["test/acc"] <= 1.0 and metrics["test/loss"] > 0
@@ -39,13 +40,13 @@ def test_same_seed_same_metrics(image_folder: Path, compose_cfg, tmp_path: Path)
     results = []
     for _ in range(2):
         cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["seed=7", "trainer.max_epochs=2"])
-        train(cfg)
+        train_job(cfg)
         results.append(json.loads((tmp_path / "out" / "metrics.json").read_text()))
         shutil.rmtree(tmp_path / "out")
     keys = ["val/acc_best", "test/acc", "test/loss", "train/loss", "val/loss"]
     assert [r[k] for r in results for k in keys][:5] == [results[1][k] for k in keys]
     cfg = compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["seed=8", "trainer.max_epochs=2"])
-    train(cfg)
+    train_job(cfg)
     other = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert other["train/loss"] != results[0]["train/loss"]
 
@@ -65,7 +66,7 @@ def test_optimizer_scheduler_and_loss_options_train(image_folder: Path, compose_
             "model.scheduler={_target_: torch.optim.lr_scheduler.StepLR, _partial_: true, step_size: 1, gamma: 0.5}",
         ]
     )
-    train(cfg)
+    train_job(cfg)
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert "test/acc" not in metrics and metrics["epochs"] == 2
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -81,18 +82,18 @@ def test_data_with_other_classes_is_refused_by_eval_and_by_a_resume(
     cfg = compose_cfg(
         FAST + folder_overrides(image_folder, tmp_path) + ["+trainer.limit_train_batches=2", "test=false"]
     )
-    train(cfg)
+    train_job(cfg)
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
     for classes in (["a", "b", "c", "d"], ["cat", "dog", "toad"]):  # more classes; as many, one of them another
         other = write_image_folder(tmp_path / "-".join(classes), n_train=3, n_test=2, classes=classes)
         data = ["data=image_folder", f"data.root={other}", f"paths.data_dir={tmp_path / 'data'}", "data.val_size=1"]
         with pytest.raises(UserError, match="the checkpoint's classes .* differ from the data's"):
-            evaluate(compose_cfg(["trainer=cpu", f"ckpt_path={ckpt}", *data], config_name="eval"))
+            eval_job(compose_cfg(["trainer=cpu", f"ckpt_path={ckpt}", *data], config_name="eval"))
         resume = compose_cfg(FAST + data + [f"ckpt_path={ckpt}", "trainer.max_epochs=2"])
         with open_dict(resume):
             resume.paths.output_dir = str(tmp_path / "resumed")
         with pytest.raises(UserError, match="the checkpoint's classes .* differ from the data's"):
-            train(resume)
+            train_job(resume)
         assert not (tmp_path / "resumed" / "checkpoints").exists()  # refused before a step was taken
 
 
@@ -123,7 +124,7 @@ def overfit_run(image_folder: Path, compose_cfg, tmp_path: Path, monkeypatch, ep
         + folder_overrides(image_folder, tmp_path)
         + ["debug=overfit", f"trainer.max_epochs={epochs}", "test=false"]
     )
-    train(cfg)
+    train_job(cfg)
     assert len(probe.batches) == epochs and len(probe.batches[0]) == 4  # overfit_batches=4
     assert all(epoch == probe.batches[0] for epoch in probe.batches)  # the same 4 batches every epoch
     return probe
@@ -165,13 +166,13 @@ def test_eval_prepares_images_as_the_checkpoint_says(image_folder: Path, compose
         + folder_overrides(image_folder, tmp_path)
         + ["data.image_size=16", "data.normalize=false", "data.val_size=6", "trainer.max_epochs=2"]
     )
-    train(cfg)
+    train_job(cfg)
     trained = json.loads((tmp_path / "out" / "metrics.json").read_text())
     ecfg = compose_cfg(
         ["trainer=cpu", f"ckpt_path={trained['best_ckpt']}", *folder_overrides(image_folder, tmp_path)],
         config_name="eval",
     )
-    evaluated = evaluate(ecfg)  # whose data options say 32 pixels, normalized
+    evaluated = eval_job(ecfg)  # whose data options say 32 pixels, normalized
     assert evaluated["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
     assert evaluated["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-4)
     assert evaluated["test/confusion_matrix"] == trained["test/confusion_matrix"]
@@ -209,19 +210,19 @@ def test_a_run_that_stops_before_its_first_validation_ends_well(image_folder: Pa
 
 @pytest.mark.slow  # a run and three evaluations
 def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
-    train(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
+    train_job(compose_cfg(FAST + folder_overrides(image_folder, tmp_path) + ["test=false"]))
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
     results = {}
     for tta in ("none", "flip_translate"):
         cfg = compose_cfg(
             ["trainer=cpu", f"ckpt_path={ckpt}", f"tta={tta}", *folder_overrides(image_folder, tmp_path)], "eval"
         )
-        results[tta] = evaluate(cfg)
+        results[tta] = eval_job(cfg)
         assert json.loads((tmp_path / "out" / "metrics.json").read_text())["tta"] == tta
     assert results["none"]["test/loss"] != results["flip_translate"]["test/loss"]
     assert 0 <= results["flip_translate"]["test/acc"] <= 1
     with pytest.raises(UserError, match="tta='mirror' is not known"):
-        evaluate(
+        eval_job(
             compose_cfg(
                 ["trainer=cpu", f"ckpt_path={ckpt}", "tta=mirror", *folder_overrides(image_folder, tmp_path)], "eval"
             )
@@ -235,21 +236,21 @@ def test_compiled_training_checkpoints_resumes_and_exports(image_folder: Path, c
     compiled run's own test did."""
     base = FAST + folder_overrides(image_folder, tmp_path) + ["model.compile=true", "data.image_size=16", "test=false"]
     first = compose_cfg(base)
-    train(first)
+    train_job(first)
     ckpt = tmp_path / "out" / "checkpoints" / "last.ckpt"
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert not any("_orig_mod" in k for k in state) and any(k.startswith("net.") for k in state)
     resumed = compose_cfg(base + [f"ckpt_path={ckpt}", "trainer.max_epochs=2", "test=true"])
     with open_dict(resumed):
         resumed.paths.output_dir = str(tmp_path / "resumed")
-    train(resumed)
+    train_job(resumed)
     metrics = json.loads((tmp_path / "resumed" / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["epochs"] == 2 and metrics["steps"] == 2 * 8
 
     from cifarkit.infer.export import export_model
 
     onnx_path, _ = export_model(metrics["best_ckpt"], "onnx", None, ["cifarkit."])
-    evaluated = evaluate(
+    evaluated = eval_job(
         compose_cfg(
             ["trainer=cpu", f"ckpt_path={metrics['best_ckpt']}", *folder_overrides(image_folder, tmp_path)], "eval"
         )

@@ -97,4 +97,4 @@ def write_json(path: str | Path, data: dict[str, Any]) -> Path:
 
 
 def write_metrics(output_dir: str | Path, metrics: dict[str, Any]) -> Path:
-    return write_json(rundir.metrics_file(output_dir), metrics)
+    return write_json(Path(output_dir) / rundir.METRICS, metrics)

@@ -38,7 +38,7 @@ from typing import IO, Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cifarkit.core.errors import RunInUse
+from cifarkit.core.errors import RunInUse, UserError
 from cifarkit.core.untrusted import read_json_object
 
 try:
@@ -69,9 +69,26 @@ def budget_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / BUDGET
 
 
+def checkpoint_file(path: str | Path) -> Path:
+    """``path`` if it is a file, else the one line that says so (before any work starts)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(
+            f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. <run>/{CHECKPOINTS}/{LAST})"
+        )
+    return p
+
+
 def of_checkpoint(ckpt: str | Path) -> Path:
     """The run directory a checkpoint of its ``checkpoints/`` belongs to."""
     return Path(ckpt).resolve().parent.parent
+
+
+def recorded_budget(ckpt: str | Path) -> tuple[Path, dict[str, Any] | None]:
+    """Where the run of a checkpoint recorded its budget's decision (``budget.json``), and what it says
+    (None: no such file, or not a JSON object; a run folder is read as untrusted)."""
+    path = budget_file(of_checkpoint(ckpt))
+    return path, read_json_object(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ metrics.json and TensorBoard's HPARAMS tab."""
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from typing import Any
 
@@ -11,6 +13,10 @@ import torch
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
+
+from cifarkit.core.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # The metrics train.py logs when it ends and shows beside the configuration in the HPARAMS tab.
 SUMMARY = ["val/acc_best", "test/acc", "test/loss", "test/calibration_error", "train/images_per_s"]
@@ -151,3 +157,28 @@ def log_hyperparams(
             logger.log_hyperparams(params, summary, step=trainer.global_step)
         elif isinstance(logger, (MLFlowLogger, WandbLogger)):
             logger.log_hyperparams({"trainer": params["trainer"]})
+
+
+def optimized_value(name: str, metrics: dict[str, Any], has_validation: bool) -> float:
+    """The metric a sweeper optimizes. A validation metric may not exist although the run went
+    well: without a validation split (``data.val_size=0``) the test accuracy stands in, and a
+    run that ended before its first validation (a step count or budget inside epoch 0) gives
+    nan; each with a warning."""
+    if name not in metrics and name.startswith("val/") and not any(k.startswith("val/") for k in metrics):
+        if not has_validation and "test/acc" in metrics:
+            log.warning(
+                "data.val_size=0 leaves no validation split, so %s was not measured; returning test/acc instead", name
+            )
+            return float(metrics["test/acc"])
+        why = (
+            "data.val_size=0 leaves no validation split"
+            if not has_validation
+            else "the run ended before its first validation"
+        )
+        log.warning(
+            "%s%s, so %s was not measured; returning nan", why, "" if has_validation else " and test=false", name
+        )
+        return math.nan
+    if name not in metrics:
+        raise UserError(f"optimized_metric={name} was not logged; use one of: {', '.join(sorted(metrics))}")
+    return float(metrics[name])

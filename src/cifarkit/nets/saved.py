@@ -63,15 +63,6 @@ def _moved(target: Any) -> Any:
     return MOVED[old] + target.removeprefix(old) if old else target
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """``path`` if it is a file, else the one line that says so (before any work starts)."""
-    p = Path(path)
-    if not p.is_file():
-        example = f"<run>/{rundir.CHECKPOINTS}/{rundir.LAST}"
-        raise UserError(f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. {example})")
-    return p
-
-
 def check_records(path: Path) -> None:
     """Refuse a checkpoint whose records would inflate past the file's own size, before any is
     read: ``torch.save`` writes a zip archive of uncompressed records (since torch 1.6), so a
@@ -99,7 +90,7 @@ def check_records(path: Path) -> None:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load a checkpoint safely (no code runs: ``weights_only``; no record inflated past the
     file's size; plain data within a depth and size limit) or stop with one clear line."""
-    p = checkpoint_file(path)
+    p = rundir.checkpoint_file(path)
     where = f"ckpt_path={shown(path)}"
     check_records(p)
     try:

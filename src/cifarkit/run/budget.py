@@ -2,7 +2,7 @@
 about 600 seconds.
 
 ``size_to_budget`` runs a short probe before the run and returns the step count it decides, which
-train.py sets as ``trainer.max_steps``: the same data, model, trainer and the
+the run's plan (cifarkit/run/plan.py) applies as overrides, the replay line's: the same data, model, trainer and the
 callbacks that act on training steps, for a few warm-up steps (the first one compiles with
 ``model.compile=true``) and then timed ones, in the run's own strategy (under DDP every rank
 takes part, so the probe pays the same all-reduce). From the steady time per step and the
@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from pathlib import Path
 from time import perf_counter
 from typing import Any
 
@@ -41,11 +42,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from cifarkit.core import rundir
 from cifarkit.core.errors import UserError
-from cifarkit.core.files import write_json
-from cifarkit.core.ranks import global_zero
-from cifarkit.core.untrusted import read_json_object
+from cifarkit.run.build import build
 
 log = logging.getLogger(__name__)
 TARGET = 0.95  # of the budget: where a run's training should end
@@ -117,19 +115,30 @@ def skipped(cfg: DictConfig) -> str | None:
     )
 
 
-def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
+def decide(cfg: DictConfig, recorded: tuple[Path, dict[str, Any] | None] | None) -> tuple[dict[str, Any], list[str]]:
+    """What a ``budget_s`` run trains, as its decision (``budget.json``) and as the overrides that replay it;
+    nothing when no budget applies (none set, or a given ``trainer.max_steps``, which wins). A resume keeps
+    the decision its run ``recorded`` (budget.json's path and content); a new run probes this machine."""
+    if cfg.get("budget_s") is None or cfg.trainer.max_steps not in (None, -1):
+        return {}, []
+    if why := skipped(cfg):
+        log.info(why)
+        return {}, []
+    if float(cfg.budget_s) <= 0:
+        raise UserError(f"budget_s={cfg.budget_s} must be a number of seconds above 0, or null")
+    decision = _resumed(cfg, *recorded) if recorded else size_to_budget(cfg)
+    return decision, overrides(decision)
+
+
+def size_to_budget(cfg: DictConfig) -> dict[str, Any]:
     """Probe this machine's rate and decide the step count that fits ``cfg.budget_s`` (``"steps"``) and,
     with ``budget_nets``, the net (``"net"``, options of ``model.net``); return the decision, which
-    metrics.json records. ``build`` is train.py's; ``cfg`` is not changed."""
+    budget.json and metrics.json record; ``cfg`` is not changed."""
     budget = float(cfg.budget_s)
-    if budget <= 0:
-        raise UserError(f"budget_s={cfg.budget_s} must be a number of seconds above 0, or null")
-    if cfg.ckpt_path:  # a resume keeps the step count (and net) its run was sized to
-        return _resumed(cfg)
     nets = candidate_nets(cfg)
     datamodule, measured = None, []
     for net in nets:
-        datamodule, rate = _probe(cfg, build, net, datamodule)
+        datamodule, rate = _probe(cfg, net, datamodule)
         measured.append({**({"net": net} if net is not None else {}), **rate, **planned(budget, **rate)})
         if measured[-1]["epochs"] < required_epochs(measured):  # every wider candidate is slower still
             break
@@ -138,8 +147,6 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
     if nets != [None]:
         decision["required_epochs"] = required_epochs(measured)
         decision["candidates"] = measured
-    if global_zero():
-        write_json(rundir.budget_file(cfg.paths.output_dir), decision)
     log.info(
         "budget %g s: %s%d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
         "%s reproduces this run",
@@ -207,19 +214,29 @@ def choose(measured: list[dict[str, Any]]) -> dict[str, Any]:
     return next((m for m in reversed(measured) if m["epochs"] >= need), measured[0])
 
 
-def replay(decision: dict[str, Any]) -> str:
+def overrides(decision: dict[str, Any]) -> list[str]:
     """The overrides that repeat a budget's run on any machine: its net and its step count."""
-    net = net_options(decision["net"]) + " " if "net" in decision else ""
-    return f"{net}trainer.max_steps={decision['steps']} trainer.max_epochs=-1"
+    net = net_overrides(decision["net"]) if "net" in decision else []
+    return [*net, f"trainer.max_steps={decision['steps']}", "trainer.max_epochs=-1"]
 
 
-def net_options(net: dict[str, Any]) -> str:
+def replay(decision: dict[str, Any]) -> str:
+    """``overrides`` as the command line takes them."""
+    return " ".join(overrides(decision))
+
+
+def net_overrides(net: dict[str, Any]) -> list[str]:
     """``net`` as command-line overrides of ``model.net``."""
 
     def value(v: Any) -> str:
         return "[" + ",".join(value(x) for x in v) + "]" if isinstance(v, list) else str(v)
 
-    return " ".join(f"model.net.{k}={value(v)}" for k, v in net.items())
+    return [f"model.net.{k}={value(v)}" for k, v in net.items()]
+
+
+def net_options(net: dict[str, Any]) -> str:
+    """``net`` as one stretch of a command line."""
+    return " ".join(net_overrides(net))
 
 
 def _rates(measured: list[dict[str, Any]]) -> str:
@@ -228,7 +245,7 @@ def _rates(measured: list[dict[str, Any]]) -> str:
     )
 
 
-def _probe(cfg: DictConfig, build: Any, net: dict[str, Any] | None, datamodule: Any) -> tuple[Any, dict[str, Any]]:
+def _probe(cfg: DictConfig, net: dict[str, Any] | None, datamodule: Any) -> tuple[Any, dict[str, Any]]:
     """Time training steps of ``cfg``'s run with ``net``'s options; rank 0's figures on every rank.
     The data is prepared once and shared by the candidates' probes."""
     probe_cfg = cfg.copy()
@@ -262,10 +279,8 @@ def _probe(cfg: DictConfig, build: Any, net: dict[str, Any] | None, datamodule: 
     }
 
 
-def _resumed(cfg: DictConfig) -> dict[str, Any]:
-    """The decision the checkpoint's run recorded beside its checkpoints (``budget.json``)."""
-    recorded = rundir.budget_file(rundir.of_checkpoint(cfg.ckpt_path))
-    decision = read_json_object(recorded)
+def _resumed(cfg: DictConfig, recorded: Path, decision: dict[str, Any] | None) -> dict[str, Any]:
+    """The decision a checkpoint's run recorded beside its checkpoints (``budget.json``), if it is one."""
     steps = decision.get("steps") if decision else None
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise UserError(

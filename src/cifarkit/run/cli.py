@@ -1,17 +1,20 @@
-"""The entry points' shell: Hydra's ``main`` plus one-line errors for bad input.
+"""The entry points' shell: the command line composed once, Hydra's run, and one-line errors.
 
-``run(task, config_dir, config_name)`` first composes the config from the command line (first
-value of each sweep) so that an unknown key or option fails in one line before anything
-starts, resolves ``ckpt_path=auto`` (cifarkit/core/rundir.py) before Hydra picks the run directory,
-then hands over to ``hydra.main``. Inside a run, its rank 0 holds the directory's lock, and a
-``UserError`` (or a Hydra/Lightning configuration error) prints one line and exits 1; in a
-multirun the job is marked failed in its ``metrics.json`` and the sweep goes on.
+``run(task, config_dir, config_name)``. A single run's config is composed once (Hydra's compose API),
+given its directory (``ckpt_path=auto`` continues an unfinished run in that run's own directory), and
+run by Hydra's ``run_job``, which creates the directory, saves ``.hydra/`` and sets up the log, as
+``hydra.main`` would. Hydra's own flags (``--cfg``, ``--info``, ``--help``, ...) and sweeps (``-m``) go to
+``hydra.main`` unchanged; a sweep's launcher composes each job's config. Inside a run (``guarded``), its
+rank 0 holds the directory's lock, and bad input (a ``UserError``, a Hydra, OmegaConf or Lightning
+configuration error) prints one line and exits 1; in a sweep the job is marked failed in its
+``metrics.json`` and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -19,12 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import hydra
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException
-from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
-from omegaconf.errors import OmegaConfBaseException
+from hydra.core.utils import configure_log, run_job
+from hydra.experimental.callback import Callback
+from hydra.types import HydraContext, RunMode
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict, read_write
 
 from cifarkit.core import rundir
 from cifarkit.core.errors import (
@@ -40,12 +44,12 @@ from cifarkit.core.files import DiskFull, disk_full, write_metrics
 from cifarkit.core.ranks import from_lightning, global_zero
 from cifarkit.core.untrusted import shown
 from cifarkit.run.resolvers import register_resolvers
-from cifarkit.run.sweep import check_sweeper
 
 log = logging.getLogger(__name__)
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
-# goes on (optuna 2.x raises on NaN), the basic sweeper ignores it; metrics.json says "failed".
+# goes on, the basic sweeper ignores it; metrics.json says "failed".
 FAILED_JOB = None
+SWEEP = ("-m", "--multirun")
 
 
 def fail(message: str) -> None:
@@ -53,39 +57,84 @@ def fail(message: str) -> None:
     raise SystemExit(1)
 
 
-def _concrete_overrides(args: list[str]) -> list[str] | None:
-    """The command line's overrides with each sweep replaced by its first value.
-
-    None when the command line carries flags we do not check (Hydra's own --help, --cfg...).
-    """
-    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
-        return None
-    overrides = [a for a in args if not a.startswith("-")]
-    out = []
-    for o in OverridesParser.create().parse_overrides(overrides):
-        if not o.is_sweep_override():
-            out.append(o.input_line)
-            continue
-        try:
-            first = next(iter(o.sweep_string_iterator()))
-        except Exception:  # a sweeper-specific range such as interval(): the sweeper checks it
-            continue
-        out.append(f"{o.get_key_element()}={first}")
-    return out
-
-
-def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> DictConfig | None:
-    """Compose once before Hydra starts, so a typo costs one clear line and no run directory;
-    the composed config (Hydra's node included), or None for Hydra's own flags."""
+def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:
+    """Entry point of train.py, eval.py, predict.py, export.py and serve.py."""
+    register_resolvers()
+    args = sys.argv[1:]
+    if any(a.startswith("-") for a in args):  # Hydra's flags and sweeps, Hydra's way
+        _hydra_main(task, config_dir, config_name)
+        return
     try:
-        overrides = _concrete_overrides(args)
-        if overrides is None:
-            return None
-        with hydra.initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            return hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
+        cfg = compose(config_dir, config_name, args, job_name=Path(sys.argv[0]).stem)
+        if cfg.hydra.mode == RunMode.MULTIRUN:  # a preset that is a sweep (hparams_search=...) without -m
+            GlobalHydra.instance().clear()
+            _hydra_main(task, config_dir, config_name)
+            return
+        place(cfg)
+    except (*USER_ERRORS, *misconfiguration()) as e:
         fail(one_line(e))
-        raise  # not reached: fail exits
+    configure_log(cfg.hydra.hydra_logging, cfg.hydra.verbose)
+    callbacks = HydraCallbacks(cfg)
+    callbacks.on_run_start(config=cfg, config_name=config_name)
+    context = HydraContext(config_loader=GlobalHydra.instance().config_loader(), callbacks=callbacks)
+    ret = run_job(guarded(task), cfg, job_dir_key="hydra.run.dir", job_subdir_key=None, hydra_context=context)
+    callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
+    _ = ret.return_value  # a bug's exception, raised here with its traceback
+
+
+def compose(config_dir: Path, config_name: str, overrides: list[str], job_name: str = "app") -> DictConfig:
+    """The config of a single run (Hydra's node included): the one composition of the command line."""
+    GlobalHydra.instance().clear()
+    hydra.initialize_config_dir(config_dir=str(config_dir), job_name=job_name, version_base="1.3")
+    cfg = hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
+    if cfg.hydra.mode is None:
+        with read_write(cfg.hydra):
+            cfg.hydra.mode = RunMode.RUN
+    return cfg
+
+
+def place(cfg: DictConfig) -> None:
+    """Give a single run its directory before Hydra creates one. ``ckpt_path=auto`` continues the newest
+    unfinished run of the same configuration in that run's directory, or what a directory the command line
+    names holds (every rank looks there); ranks > 0 without a named directory look in their own."""
+    named = any(o.startswith("hydra.run.dir=") for o in cfg.hydra.overrides.hydra)
+    fixed_dir = Path(cfg.hydra.run.dir) if named else None
+    if fixed_dir is not None and global_zero() and rundir.is_running(fixed_dir):  # before Hydra writes there
+        raise rundir.in_use(fixed_dir)
+    if cfg.get("ckpt_path") == rundir.AUTO and (fixed_dir or global_zero()):
+        point, line = rundir.resolve_auto(cfg, fixed_dir)
+        if global_zero():  # every rank of a named directory finds the same; one says so
+            print(line, file=sys.stderr)
+        cfg.ckpt_path = str(point.ckpt) if point else None
+        if point:
+            with read_write(cfg.hydra):
+                cfg.hydra.run.dir = str(point.run_dir)
+    if not global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
+        with read_write(cfg.hydra):
+            cfg.hydra.output_subdir = None
+
+
+class HydraCallbacks:
+    """The ``hydra.callbacks`` of a single run, called at the points of a run that ``hydra.main`` calls them."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.callbacks: list[Callback] = [instantiate(c) for c in (cfg.hydra.get("callbacks") or {}).values()]
+
+    def __getattr__(self, point: str) -> Callable[..., None]:
+        def call(**kwargs: Any) -> None:
+            for callback in self.callbacks:
+                getattr(callback, point)(**kwargs)
+
+        return call
+
+
+def _hydra_main(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:
+    """``hydra.main``, with the errors of composing the command line (or of starting a sweep) in one line."""
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra hands its errors to the caller instead of printing them
+    try:
+        hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()
+    except (*USER_ERRORS, *misconfiguration()) as e:
+        fail(one_line(e))
 
 
 def _output_dir() -> Path | None:
@@ -104,7 +153,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         try:
             if out is not None and global_zero():  # the run directory is this process's while it lives
                 lock = rundir.hold_run(out)
-            if cfg.get("ckpt_path") == rundir.AUTO:  # still: a sweep's job, or a rank > 0 started with the command line
+            if cfg.get("ckpt_path") == rundir.AUTO:  # a sweep's job, or a rank > 0 started with the command line
                 _continue_in(cfg, out)
             return task(cfg)
         except TrainingStopped as e:
@@ -122,7 +171,7 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
             lost, full = lost_ranks(e), disk_full(e) and not isinstance(e, DiskFull)
             user = lost or full or isinstance(e, (*USER_ERRORS, *misconfiguration()))
             if not multirun and not user:
-                raise  # a bug: Hydra prints the traceback
+                raise  # a bug: its traceback
             msg = one_line(e) if user else f"{e.__class__.__name__}: {e}"
             if full:  # a write outside files.atomic_write (a logger's): the disk, not the file, is known
                 then = rundir.after_full_disk(rundir.metrics_file(out)) if out else "free space and run again"
@@ -160,31 +209,3 @@ def _mark_failed(status: str, message: str) -> None:
         return
     with contextlib.suppress(OSError, UserError):
         write_metrics(out, {"status": status, "error": message})
-
-
-def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:
-    """Entry point for train.py / eval.py / predict.py / export.py."""
-    register_resolvers()
-    cfg = check_command_line(config_dir, config_name, sys.argv[1:])
-    args = sys.argv[1:]
-    multirun = bool({"-m", "--multirun"} & set(args)) or (cfg is not None and cfg.hydra.mode == RunMode.MULTIRUN)
-    # ckpt_path=auto resolves here, before Hydra creates a directory: a single run continues the newest
-    # unfinished run of its configuration in that run's directory, or what the directory it names holds
-    # (every rank looks there). A sweep's jobs, and ranks > 0 without a named directory, look in their own.
-    fixed_dir = next((Path(a.split("=", 1)[1]) for a in reversed(args) if a.startswith("hydra.run.dir=")), None)
-    if fixed_dir is not None and not multirun and global_zero() and rundir.is_running(fixed_dir):  # before Hydra writes
-        fail(str(rundir.in_use(fixed_dir)))
-    if cfg is not None and cfg.get("ckpt_path") == rundir.AUTO and not multirun and (fixed_dir or global_zero()):
-        point, line = rundir.resolve_auto(cfg, fixed_dir)
-        if global_zero():  # every rank of a named directory finds the same; one says so
-            print(line, file=sys.stderr)
-        found = [f"ckpt_path={point.ckpt}", f"hydra.run.dir={point.run_dir}"] if point else ["ckpt_path=null"]
-        sys.argv = [*sys.argv, *found]  # the last override of a key wins
-    if cfg is not None and multirun:
-        try:
-            check_sweeper(cfg)  # the Optuna sweeper's study opens, before any job starts
-        except UserError as e:
-            fail(str(e))
-    if not global_zero():  # another node's or rank's process: rank 0 writes the run's .hydra/
-        sys.argv = [*sys.argv, "hydra.output_subdir=null"]
-    hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()

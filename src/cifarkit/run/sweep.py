@@ -204,6 +204,7 @@ class SweepSummary(Callback):
         self.x = x
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        check_sweeper(config)  # Hydra calls this before it makes the sweeper: before any job starts
         # Optuna's SQLite storage creates its file but not the folder it lives in.
         storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
         if isinstance(storage, str) and storage.startswith("sqlite:///"):
@@ -236,7 +237,7 @@ class SweepSummary(Callback):
 
 def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
     """``seed`` plus the number of trials the stored study already has (0 for a new study)."""
-    from hydra_plugins.cifarkit_optuna_sweeper.study import study_trial_count
+    from hydra_plugins.cifarkit_optuna_sweeper._study import study_trial_count
 
     return int(seed) + study_trial_count(storage, study_name)
 
@@ -252,6 +253,6 @@ def check_sweeper(cfg: DictConfig) -> None:
         )
     storage = OmegaConf.select(cfg, "hydra.sweeper.storage", default=None)
     if target.startswith("hydra_plugins.cifarkit_optuna_sweeper") and isinstance(storage, str):
-        from hydra_plugins.cifarkit_optuna_sweeper.study import open_storage
+        from hydra_plugins.cifarkit_optuna_sweeper._study import open_storage
 
         open_storage(storage)

@@ -41,7 +41,7 @@ class OptunaSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> None:
-        from hydra_plugins.cifarkit_optuna_sweeper.study import Search
+        from hydra_plugins.cifarkit_optuna_sweeper._study import Search
 
         assert self.config is not None
         Search(self, self.launcher, self.config, arguments).run()

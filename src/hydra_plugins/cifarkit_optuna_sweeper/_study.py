@@ -7,8 +7,8 @@ space from Hydra's override syntax, and the ask/tell loop of the project's sweep
   is a study in this process's memory. A database written by Optuna 2 (the old
   hydra-optuna-sweeper) is refused in one line that gives the ``optuna storage upgrade`` command.
 * Trials: each job gets its trial's number as ``optuna_trial=<n>``; its ``callbacks.optuna_pruning``
-  (pruning.py beside this) reports to that trial after every validation and stops the job when the
-  study's pruner says so. Such a job returns ``Pruned(value)``, which the sweeper tells as PRUNED.
+  (_pruning.py beside this) reports to that trial after every validation and stops the job when the
+  study's pruner says so. Such a job's metrics.json says ``status: pruned``, and the sweeper tells it as PRUNED.
 * Many workers: ``n_trials`` is the number of trials a round of the study runs. A sweep that
   finds the study's last round done starts a new one (``n_trials`` more trials); one that finds
   it unfinished (another worker still at it, or an interrupted search) joins it. So two
@@ -28,6 +28,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from omegaconf import OmegaConf
+
+from cifarkit.core import rundir
 from cifarkit.core.errors import UserError
 
 if TYPE_CHECKING:
@@ -37,13 +40,6 @@ log = logging.getLogger(__name__)
 ROUND = "cifarkit:round_end"  # the study's user attribute: the trial number the current round stops before
 TRIAL_KEY = "optuna_trial"  # the config key a job reads its trial number from
 _IN_MEMORY: dict[str, Any] = {}  # storage: null: the studies of this process, for its in-process jobs
-
-
-class Pruned(float):
-    """The objective value of a trial its pruner stopped: the sweeper tells it as PRUNED."""
-
-    def __reduce__(self):  # pickles as itself (submitit sends return values back pickled)
-        return (Pruned, (float(self),))
 
 
 def is_journal(storage: str) -> bool:
@@ -327,7 +323,7 @@ class Search:
             study.tell(trial, state=TrialState.FAIL)
             log.warning("trial %d failed: %s", trial.number, e)
             return e
-        if isinstance(value, Pruned):
+        if pruned(ret):
             study.tell(trial, state=TrialState.PRUNED)
             log.info("trial %d pruned", trial.number)
             return None
@@ -343,7 +339,6 @@ class Search:
         return None
 
     def report(self, study: optuna.Study) -> None:
-        from omegaconf import OmegaConf
         from optuna.trial import TrialState
 
         done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -369,6 +364,12 @@ class Search:
         OmegaConf.save(OmegaConf.create(results), Path(self.config.hydra.sweep.dir) / "optimization_results.yaml")
 
 
+def pruned(ret: Any) -> bool:
+    """Whether the job's run says its pruner stopped it (its metrics.json, where every job records how it ended)."""
+    out = OmegaConf.select(ret.hydra_cfg, "hydra.runtime.output_dir", default=None) if ret.hydra_cfg else None
+    return out is not None and rundir.status(Path(out)) == "pruned"
+
+
 def consecutive(trials: list[Any]) -> list[list[Any]]:
     """``trials`` in runs of consecutive numbers (a launch numbers its jobs from its first)."""
     runs: list[list[Any]] = []
@@ -381,6 +382,4 @@ def consecutive(trials: list[Any]) -> list[list[Any]]:
 
 
 def _has_key(config: Any, key: str) -> bool:
-    from omegaconf import OmegaConf
-
     return OmegaConf.select(config, key, default="<absent>", throw_on_resolution_failure=False) != "<absent>"

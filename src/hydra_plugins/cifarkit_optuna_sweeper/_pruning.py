@@ -7,7 +7,7 @@ their batch size. The last validation of a run is reported but never pruned: the
 Under DDP only global rank 0 talks to the study; its verdict is broadcast, so
 every rank stops after the same validation. Lightning then ends ``fit`` as after early stopping:
 the checkpoints of that validation are written as usual, and train.py records the run as
-``status: pruned`` and returns ``study.Pruned``, which the sweeper tells the study.
+``status: pruned`` in its metrics.json, which the sweeper reads and tells the study.
 Outside a sweep (``optuna_trial`` null) it does nothing.
 """
 
@@ -32,7 +32,7 @@ class OptunaPruning(Callback):
         logged metric reported."""
         self.number, self.storage, self.study_name = trial, storage, study_name
         self.pruner, self.monitor = pruner, monitor
-        self.pruned = False  # set on every rank when the pruner stopped the run
+        self.pruned = False  # set on every rank when the pruner stopped the run; the run reads it (run/train.py)
         self._trial: Any = None
         self._reported: set[int] = set()
         self._unreachable = False  # the study could not be opened: the run goes on unpruned
@@ -43,7 +43,7 @@ class OptunaPruning(Callback):
     def _get_trial(self) -> Any:
         if self._trial is None and not self._unreachable:
             from cifarkit.core.errors import UserError
-            from hydra_plugins.cifarkit_optuna_sweeper.study import load_trial
+            from hydra_plugins.cifarkit_optuna_sweeper._study import load_trial
 
             try:
                 self._trial = load_trial(self.storage, self.study_name, self.number, self.pruner)
@@ -87,7 +87,3 @@ def last_validation(trainer: L.Trainer, epochs: int) -> bool:
     return (trainer.max_epochs not in (None, -1) and epochs >= trainer.max_epochs) or (
         trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
     )
-
-
-def was_pruned(trainer: L.Trainer) -> bool:
-    return any(isinstance(c, OptunaPruning) and c.pruned for c in trainer.callbacks)

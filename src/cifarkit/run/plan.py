@@ -1,0 +1,64 @@
+"""A run's plan, made once before its trainer is built: the config as composed (once, by the shell), the
+directory it writes, the checkpoint it continues from and what its time budget decided.
+
+A budget's decision is a list of overrides (the replay line its log prints), applied to the config as the
+command line's are, so a budget run and its replay are one plan. The plan's config is read-only: what runs
+is what was planned. The shell (cifarkit/run/cli.py) has already resolved ``ckpt_path=auto``; a sweep's jobs
+are planned the same way, each in its own directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf, read_write
+
+from cifarkit.core import rundir
+from cifarkit.run import budget
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run does, decided before it starts."""
+
+    cfg: DictConfig  # read-only: the composed config with the budget's overrides
+    run_dir: Path
+    ckpt: Path | None  # the checkpoint the run starts from
+    budget: dict[str, Any]  # the budget's decision, as budget.json and metrics.json record it; {}: none
+    new_budget: bool  # decided now (budget.json to write), not recorded by the run it continues
+    expected_warnings: tuple[str, ...]  # Lightning's warnings that only restate what this plan means to do
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """The plan of the run ``cfg`` describes (``cfg`` itself is left as it is)."""
+    run_dir = Path(cfg.paths.output_dir)
+    ckpt = rundir.checkpoint_file(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # before any data is decoded
+    recorded = rundir.recorded_budget(ckpt) if ckpt and cfg.get("budget_s") is not None else None
+    decision, overrides = budget.decide(cfg, recorded)
+    planned = with_overrides(cfg, overrides)
+    OmegaConf.set_readonly(planned, True)
+    return Plan(planned, run_dir, ckpt, decision, recorded is None, expected_warnings(planned, ckpt, run_dir))
+
+
+def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
+    """A copy of ``cfg`` with command-line ``overrides`` (``key=value``) applied as Hydra applies them."""
+    out = cfg.copy()
+    with read_write(out):
+        for override in OverridesParser.create().parse_overrides(overrides):
+            OmegaConf.update(out, override.key_or_group, override.value(), merge=True)
+    return out
+
+
+def expected_warnings(cfg: DictConfig, ckpt: Path | None, run_dir: Path) -> tuple[str, ...]:
+    """Lightning's warnings that only restate the plan, so they are not shown: without a validation split
+    (``data.val_size=0``) the validation loader is empty and the best checkpoint finds no val/acc (the final
+    weights are tested, and the log says so); a run continued in its own directory finds its checkpoints there."""
+    patterns = []
+    if cfg.data.get("val_size") == 0:
+        patterns += ["Total length of `DeviceLoader` across ranks is zero", r"`ModelCheckpoint\(monitor='val/"]
+    if ckpt and ckpt.resolve().parent.parent == run_dir.resolve():  # its checkpoints/ folder
+        patterns.append("Checkpoint directory .* exists and is not empty")
+    return tuple(patterns)
