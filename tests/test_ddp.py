@@ -22,6 +22,7 @@ import lightning as L
 import pytest
 import torch
 
+from cifarkit.core.errors import lost_ranks
 from cifarkit.nets.saved import read_checkpoint
 from cifarkit.run.jobs import eval_job
 from conftest import ROOT, folder_overrides, free_port, run_cli, run_dirs, start_train, wait_for
@@ -196,6 +197,44 @@ def test_a_stalled_rank_ends_the_run_in_one_line(image_folder: Path, tmp_path: P
     assert json.loads((run / "metrics.json").read_text())["status"] == "failed"
     assert (run / "checkpoints" / "last.ckpt").is_file()  # epoch 0's checkpoint survives, loadable
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] == 0
+
+
+# Two gloo ranks with a 3 s collective timeout; rank 1 stalls or dies after one all_reduce, and rank 0 prints
+# whether lost_ranks recognizes what its next all_reduce raises, and that exception's type.
+GLOO_PAIR = """
+import datetime, os, sys, time
+import torch, torch.distributed as dist
+from cifarkit.core.errors import lost_ranks
+rank, how = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=3))
+t = torch.ones(2)
+dist.all_reduce(t)
+if rank == 1:
+    time.sleep(60) if how == "stall" else os._exit(9)
+try:
+    dist.all_reduce(t)
+except Exception as e:
+    print(lost_ranks(e), type(e).__name__, flush=True)
+    os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("how", ["stall", "die"])
+def test_lost_ranks_recognizes_what_gloo_raises(how: str) -> None:
+    """What gloo really raises for a stalled and a dead peer is recognized; torch's DistError types are, and
+    the same words outside a process group (a DataLoader's timeout) are not."""
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    command = [sys.executable, "-c", GLOO_PAIR]
+    ranks = [subprocess.Popen([*command, str(r), how], env=env, stdout=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out, _ = ranks[0].communicate(timeout=120)
+    finally:
+        for r in ranks:
+            r.kill()
+            r.wait()
+    assert out.split() == ["True", "RuntimeError"], out  # gloo: no DistError type of its own
+    assert lost_ranks(torch.distributed.DistNetworkError("the store went away"))
+    assert not lost_ranks(RuntimeError("DataLoader worker (pid 1234) timed out after 5 seconds"))
 
 
 @pytest.mark.slow

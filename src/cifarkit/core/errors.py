@@ -51,10 +51,19 @@ def one_line(e: BaseException) -> str:
     return text.replace("\t", " ")
 
 
+# gloo (the CPU backend) reports a collective's timeout and a dead peer as a plain RuntimeError that only its words tell
+# apart, as measured on a stalled and on a killed rank: "Application timeout caused pair closure", "Timed out waiting
+# 5000ms for recv operation to complete", "Connection closed by peer", "Connection reset by peer". NCCL's watchdog and
+# the rendezvous's store raise torch's own DistError types.
+GLOO_LOST = ("timed out", "timeout caused pair closure", "connection closed by peer", "connection reset by peer")
+
+
 def lost_ranks(e: BaseException) -> bool:
-    """Whether ``e`` is a distributed collective or rendezvous that failed (a timeout, a dead peer)."""
+    """Whether ``e`` is a distributed collective or rendezvous that failed (a timeout, a dead peer): one of torch's
+    DistError types, or gloo's plain RuntimeError while this process is in a process group."""
     import torch.distributed as dist
 
-    text = str(e).lower()
-    words = ("timed out", "timeout", "pair closure", "connection closed by peer", "connection reset by peer")
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and any(w in text for w in words))
+    if isinstance(e, dist.DistError):
+        return True
+    in_group = dist.is_available() and dist.is_initialized()
+    return in_group and type(e) is RuntimeError and any(w in str(e).lower() for w in GLOO_LOST)

@@ -1,14 +1,14 @@
-"""Which process of a run this is, asked without importing Lightning.
+"""Which process of a run this is, by Lightning's own rank utilities, loaded only where Lightning already is.
 
-predict.py on an ``.onnx`` model must run where Lightning is not installed, so nothing here
-imports it: where Lightning was never imported, none of its exceptions can have been raised
-and no strategy has set the rank.
+``import lightning`` loads the whole training stack, which predict.py and serve.py never need (and
+predict.py on an ``.onnx`` model runs where it is not installed), so nothing here imports it first:
+where Lightning was never imported, none of its exceptions can have been raised and this process is
+no rank of a run.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from typing import Any
 
@@ -21,11 +21,15 @@ def from_lightning(module: str, name: str) -> tuple[Any, ...]:
 
 
 def global_zero() -> bool:
-    """Whether this process is the run's global rank 0: not if Lightning's strategy gave it another
-    rank, nor if the launcher's environment says so (torchrun's RANK, SLURM's SLURM_PROCID, a node
-    rank or a local rank), read by the rules of Lightning's cluster environments."""
-    rank_zero_only = from_lightning("lightning.pytorch.utilities", "rank_zero_only")
-    if rank_zero_only and rank_zero_only[0].rank != 0:
-        return False
-    keys = ("RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK", "GROUP_RANK", "LOCAL_RANK")
-    return all(int(os.environ.get(key) or 0) == 0 for key in keys)
+    """Whether this process is the run's global rank 0, so that one process writes the run's files.
+
+    Lightning's ``rank_zero_only.rank``: the rank its strategy set, before that the launcher's
+    (RANK, LOCAL_RANK, SLURM_PROCID, JSM_NAMESPACE_RANK); and, as that rank is a node's local one
+    until the strategy starts, the node rank (NODE_RANK, GROUP_RANK) of Lightning's environment.
+    """
+    if sys.modules.get("lightning") is None:
+        return True
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return rank_zero_only.rank == 0 and LightningEnvironment().node_rank() == 0

@@ -23,28 +23,24 @@ directory (its checkpoints, logs and TensorBoard version); a run given a directo
 (``hydra.run.dir``) or a sweep's job (a requeued SLURM job) continues what its own directory holds.
 A finished run is never resumed.
 
-A run still training is not unfinished: its rank 0 holds an OS lock on ``run.lock`` for as long as
-the process lives (``hold_run``; released however the process ends, even by SIGKILL), and
-``ckpt_path=auto`` leaves a locked run alone (``is_running``), so two commands never write one run
-directory. Where the OS has no ``fcntl`` (Windows) there is no lock. Lightning-free.
+A run still training is not unfinished: its rank 0 holds an OS lock on ``run.lock`` (``filelock``'s
+``FileLock``: ``flock`` on Unix, ``msvcrt`` on Windows) for as long as the process lives (``hold_run``;
+released however the process ends, even by SIGKILL), and ``ckpt_path=auto`` leaves a locked run alone
+(``is_running``), so two commands never write one run directory. Lightning-free.
 """
 
 from __future__ import annotations
 
-import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
+from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
 from cifarkit.core.errors import RunInUse, UserError
 from cifarkit.core.untrusted import read_json_object
-
-try:
-    import fcntl
-except ImportError:  # Windows
-    fcntl = None  # type: ignore[assignment]
 
 AUTO = "auto"
 CONFIG = Path(".hydra") / "config.yaml"
@@ -95,36 +91,28 @@ def recorded_budget(ckpt: str | Path) -> tuple[Path, dict[str, Any] | None]:
 # The lock of a run that is training.
 
 
-def _try_lock(f: IO[str]) -> bool:
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
-
-
 def is_running(run_dir: Path) -> bool:
     """Whether another process holds ``run_dir``'s lock: a run training there now."""
-    if fcntl is None or not (run_dir / LOCK).is_file():
+    if not (run_dir / LOCK).is_file():  # a probe must not create the file (nor its directory)
         return False
-    with open(run_dir / LOCK, "a") as f:  # closing releases the probe's own lock
-        return not _try_lock(f)
+    try:
+        with FileLock(run_dir / LOCK, thread_local=False).acquire(blocking=False):  # the probe's own lock, released
+            return False
+    except Timeout:
+        return True
 
 
-def hold_run(run_dir: str | Path) -> IO[str] | None:
-    """Lock ``run_dir`` for as long as the returned file stays open (close it when the run
-    ends; the OS drops it if the process dies). Another process holding it: ``RunInUse``."""
-    if fcntl is None:
-        return None
-    path = Path(run_dir) / LOCK
-    path.parent.mkdir(parents=True, exist_ok=True)
-    f = open(path, "a")
-    for _ in range(20):  # another command's is_running may hold it for an instant
-        if _try_lock(f):
-            return f
-        time.sleep(0.05)
-    f.close()
-    raise in_use(run_dir)
+def hold_run(run_dir: str | Path) -> ExitStack:
+    """Lock ``run_dir`` until the returned stack is closed (when the run ends; the OS drops the lock if
+    the process dies). Another process holding it: ``RunInUse``."""
+    lock = FileLock(Path(run_dir) / LOCK, thread_local=False)  # the process's, whichever thread releases it
+    try:
+        lock.acquire(timeout=1)  # another command's is_running may hold it for an instant
+    except Timeout:
+        raise in_use(run_dir) from None
+    held = ExitStack()
+    held.callback(lock.release)
+    return held
 
 
 def in_use(run_dir: str | Path) -> RunInUse:

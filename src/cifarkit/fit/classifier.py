@@ -107,7 +107,7 @@ class ImageClassifier(L.LightningModule):
         # whitening) gets them; then the start's weights, and a resumed run's are loaded over all.
         if stage != "fit":
             return
-        dm = self.trainer.datamodule if self._trainer else None
+        dm = self._datamodule()
         first = self._start()
         if first is not None and first.mean is not None and dm is not None and dm.normalize_as(first.mean, first.std):
             log.info("normalizing as %s was trained: mean %s, std %s", first.source, first.mean, first.std)
@@ -213,9 +213,16 @@ class ImageClassifier(L.LightningModule):
         scheduler = make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
+    def _datamodule(self) -> Any:
+        """The attached Trainer's datamodule; None without a Trainer (a net rebuilt or set up by hand)."""
+        try:
+            return getattr(self.trainer, "datamodule", None)
+        except RuntimeError:  # Lightning's "not attached to a `Trainer`"
+            return None
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What predict.py needs to preprocess new images: class names, mean/std, image size.
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        dm = self._datamodule()
         if dm is not None and hasattr(dm, "data_info"):
             checkpoint["data_info"] = asdict(dm.data_info())
 

@@ -28,7 +28,11 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from cifarkit.core.errors import UserError
 
-NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+NORMS = (
+    *(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm),
+    *(nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d),
+    *(nn.LayerNorm, nn.GroupNorm),
+)
 
 
 def param_groups(
@@ -137,6 +141,7 @@ class Lookahead(WeightAveraging):
         self.every_n_steps, self.decay, self.power = every_n_steps, decay, power
         self.total_steps = 1
         self.weight = 0.0  # the average's share in the update being made
+        self.folded = False  # should_update said yes: WeightAveraging is folding the weights in now
 
     def _fold(self, average: torch.Tensor, current: torch.Tensor, n_averaged: torch.Tensor) -> torch.Tensor:
         return (
@@ -153,11 +158,13 @@ class Lookahead(WeightAveraging):
             return False
         progress = min(1.0, (step_idx + 1) / self.total_steps)
         self.weight = self.decay**self.every_n_steps * progress**self.power
+        self.folded = True
         return True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         super().on_train_batch_end(trainer, pl_module, *args)
-        if self._latest_update_step == trainer.global_step:  # just averaged: go on from the average
+        if self.folded:  # just averaged: go on from the average
+            self.folded = False
             self._copy_average_to_current(pl_module)
 
 

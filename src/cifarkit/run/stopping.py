@@ -61,7 +61,7 @@ class GracefulStop(L.Callback):
         self.grace_s = grace_s
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
-        self._children: list[Any] = []
+        self._launcher: Any = None  # Lightning's launcher of this process's ranks, if it started any
         self._watchdog: threading.Timer | None = None
 
     def _handler(self, signum: int, frame: Any) -> None:
@@ -69,9 +69,8 @@ class GracefulStop(L.Callback):
         self.signum = signum
         if not first:
             return
-        for proc in self._children:  # the ranks Lightning's launcher started from this process
-            if proc.poll() is None:
-                proc.send_signal(signum)
+        if self._launcher is not None:  # the ranks Lightning's launcher started from this process
+            self._launcher.kill(signum)
         self._watchdog = threading.Timer(self.grace_s, self._give_up, args=(signum,))
         self._watchdog.daemon = True
         self._watchdog.start()
@@ -88,7 +87,7 @@ class GracefulStop(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # After Lightning has installed its SIGTERM handler (so ours replaces it, not wraps it).
         self.signum = None
-        self._children = list(getattr(getattr(trainer.strategy, "launcher", None), "procs", []))
+        self._launcher = trainer.strategy.launcher
         for sig in (*STOP_SIGNALS, *REQUEUE_SIGNALS):
             self._previous[sig] = signal.signal(sig, self._handler)
 
@@ -152,10 +151,10 @@ class GracefulStop(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._finish()
-        if not isinstance(exception, TrainingStopped):  # a failing rank 0 takes down the ranks it started,
-            for proc in self._children:  # which would otherwise wait for it until their timeout, or forever
-                if proc.poll() is None:
-                    proc.kill()
+        # A failing rank 0 takes down the ranks it started, which would otherwise wait for it until their timeout,
+        # or forever (SIGTERM where there is no SIGKILL: Windows).
+        if not isinstance(exception, TrainingStopped) and self._launcher is not None:
+            self._launcher.kill(getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 class NonFiniteGuard(L.Callback):

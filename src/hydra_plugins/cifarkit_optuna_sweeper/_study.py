@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 ROUND = "cifarkit:round_end"  # the study's user attribute: the trial number the current round stops before
 TRIAL_KEY = "optuna_trial"  # the config key a job reads its trial number from
-_IN_MEMORY: dict[str, Any] = {}  # storage: null: the studies of this process, for its in-process jobs
+# storage: null: this process's studies, each with its in-memory storage, for its in-process jobs
+_IN_MEMORY: dict[str, tuple[optuna.Study, optuna.storages.BaseStorage]] = {}
 
 
 def is_journal(storage: str) -> bool:
@@ -82,18 +83,18 @@ def load_trial(storage: Any, study_name: str | None, number: int, pruner: Any = 
 
     pruner = pruner if pruner is not None else optuna.pruners.NopPruner()  # null: none (Optuna's own default is median)
     if storage is None:
-        study = _IN_MEMORY.get(study_name or "")
-        if study is None:
+        if (study_name or "") not in _IN_MEMORY:
             raise UserError(
                 f"optuna_trial={number}: the study {study_name!r} is in another process's memory; give the sweeper a "
                 "storage"
             )
+        study, storage = _IN_MEMORY[study_name or ""]
         study.pruner = pruner
     else:
-        study = optuna.load_study(study_name=study_name, storage=open_storage(storage), pruner=pruner)
-    # Optuna has no public lookup of a trial by number short of loading every trial
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    return optuna.trial.Trial(study, trial_id)
+        storage = open_storage(storage)
+        study = optuna.load_study(study_name=study_name, storage=storage, pruner=pruner)
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return optuna.trial.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
 def study_trial_count(storage: Any, study_name: str | None) -> int:
@@ -216,19 +217,20 @@ class Search:
         )
         storage = open_storage(self.s.storage)
         if storage is None and (self.s.study_name or "") in _IN_MEMORY:
-            study = _IN_MEMORY[self.s.study_name or ""]
+            study = _IN_MEMORY[self.s.study_name or ""][0]
             study.sampler, study.pruner = sampler or study.sampler, pruner
         else:
+            memory = optuna.storages.InMemoryStorage() if storage is None else None
             study = optuna.create_study(
                 study_name=self.s.study_name,
-                storage=storage,
+                storage=storage if memory is None else memory,
                 sampler=sampler,
                 pruner=pruner,
                 directions=self.directions,
                 load_if_exists=True,
             )
-        if storage is None:
-            _IN_MEMORY[self.s.study_name or ""] = study
+            if memory is not None:
+                _IN_MEMORY[self.s.study_name or ""] = (study, memory)
         self.n_trials = n_trials
         return study
 
