@@ -8,6 +8,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from omegaconf import DictConfig
 
 from cifarkit.core.devices import resolve_accelerator, resolve_precision
@@ -42,18 +43,21 @@ def build(cfg: DictConfig, with_loggers: bool = True, **data_overrides: Any) -> 
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
-    check_launcher(trainer)
+    check_launcher(trainer, cfg.trainer.get("strategy"))
     return datamodule, trainer
 
 
-def check_launcher(trainer: L.Trainer) -> None:
+def check_launcher(trainer: L.Trainer, strategy: Any) -> None:
     """Refuse DDP's script launcher in a local sweep: it starts ranks > 0 by re-running the command line (-m too)."""
-    from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-    launcher = getattr(trainer.strategy, "launcher", None)
-    relaunches = isinstance(launcher, _SubprocessScriptLauncher) and not (
-        launcher.cluster_environment.creates_processes_externally  # torchrun, SLURM: ranks already exist
+    if isinstance(strategy, str):  # a registered name: ddp (popen), ddp_spawn, ddp_fork...
+        options = StrategyRegistry[strategy]["init_params"] if strategy in StrategyRegistry else {}
+    else:
+        options = strategy or {}
+    relaunches = (
+        isinstance(trainer.strategy, DDPStrategy)
+        and options.get("start_method", "popen") == "popen"  # DDPStrategy's default re-runs the command line
+        and not trainer.strategy.cluster_environment.creates_processes_externally  # torchrun, SLURM: ranks exist
     )
     if multirun and relaunches and trainer.num_devices > 1:
         raise UserError(
