@@ -40,6 +40,7 @@ from cifarkit.core.files import DiskFull, disk_full, write_metrics
 from cifarkit.core.ranks import from_lightning, global_zero
 from cifarkit.core.untrusted import shown
 from cifarkit.run.resolvers import register_resolvers
+from cifarkit.run.schema import check
 from cifarkit.run.sweep import check_sweeper
 
 log = logging.getLogger(__name__)
@@ -82,8 +83,10 @@ def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> D
         if overrides is None:
             return None
         with hydra.initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
-            return hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
+            cfg = hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
+        check(cfg)  # every option's type and bounds (cifarkit/run/schema.py)
+        return cfg
+    except (HydraException, OmegaConfBaseException, UserError) as e:
         fail(one_line(e))
         raise  # not reached: fail exits
 
@@ -102,6 +105,8 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         out, lock = _output_dir(), None
         try:
+            if multirun:  # each job's own values (the command line checked the first of each sweep)
+                check(cfg)
             if out is not None and global_zero():  # the run directory is this process's while it lives
                 lock = rundir.hold_run(out)
             if cfg.get("ckpt_path") == rundir.AUTO:  # still: a sweep's job, or a rank > 0 started with the command line
