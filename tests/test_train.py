@@ -14,6 +14,7 @@ from omegaconf import open_dict
 
 from cifarkit.core.devices import resolve_precision
 from cifarkit.core.errors import UserError
+from cifarkit.run.schema import check
 from cifarkit.run.train import evaluate, optimized_value, train
 from conftest import FAST, add_callback, folder_overrides, run_dirs
 from tiny_files import write_image_folder
@@ -220,8 +221,8 @@ def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, co
         assert json.loads((tmp_path / "out" / "metrics.json").read_text())["tta"] == tta
     assert results["none"]["test/loss"] != results["flip_translate"]["test/loss"]
     assert 0 <= results["flip_translate"]["test/acc"] <= 1
-    with pytest.raises(UserError, match="tta='mirror' is not known"):
-        evaluate(
+    with pytest.raises(UserError, match="tta=mirror: must be one of none, flip, flip_translate, or null"):
+        check(
             compose_cfg(
                 ["trainer=cpu", f"ckpt_path={ckpt}", "tta=mirror", *folder_overrides(image_folder, tmp_path)], "eval"
             )

@@ -122,8 +122,6 @@ def size_to_budget(cfg: DictConfig, build: Any) -> dict[str, Any]:
     with ``budget_nets``, the net (``"net"``, options of ``model.net``); return the decision, which
     metrics.json records. ``build`` is train.py's; ``cfg`` is not changed."""
     budget = float(cfg.budget_s)
-    if budget <= 0:
-        raise UserError(f"budget_s={cfg.budget_s} must be a number of seconds above 0, or null")
     if cfg.ckpt_path:  # a resume keeps the step count (and net) its run was sized to
         return _resumed(cfg)
     nets = candidate_nets(cfg)
@@ -163,12 +161,7 @@ def candidate_nets(cfg: DictConfig) -> list[dict[str, Any] | None]:
     ladder = cfg.get("budget_nets")
     if not ladder or net_given():
         return [None]
-    nets = OmegaConf.to_container(ladder, resolve=True)
-    if not isinstance(nets, list) or not all(isinstance(n, dict) and n for n in nets):
-        raise UserError(
-            f"budget_nets={ladder} must be a list of model.net options, narrowest first, e.g. "
-            "[{widths: [32, 64, 128]}, {widths: [64, 128, 256]}]; or null"
-        )
+    nets = OmegaConf.to_container(ladder, resolve=True)  # a list of non-empty mappings: the schema's
     unknown = {k for n in nets for k in n} - set(cfg.model.net)
     if unknown:
         raise UserError(

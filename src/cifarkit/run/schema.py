@@ -446,6 +446,7 @@ def check(cfg: DictConfig) -> None:
         _adapter(task).validate_python(values)
     except ValidationError as e:
         wrong = [w for w in (_Wrong(err, values) for err in e.errors()) if not w.under(unresolved)]
+        wrong.sort(key=lambda w: w.err["type"] != "extra_forbidden")  # a mistyped key explains a missing one
         if wrong:
             raise UserError(_line(wrong, _adapter(task).json_schema())) from None
 

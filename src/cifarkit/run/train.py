@@ -16,7 +16,6 @@ from cifarkit.core import rundir
 from cifarkit.core.devices import resolve_accelerator, resolve_precision
 from cifarkit.core.errors import UserError
 from cifarkit.core.files import write_metrics
-from cifarkit.data.augment import check_tta
 from cifarkit.data.datamodule import ImageDataModule
 from cifarkit.fit.checkpoint_io import AtomicCheckpointIO
 from cifarkit.fit.classifier import ImageClassifier, check_same_classes
@@ -186,8 +185,6 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test a checkpoint and write ``metrics.json``. The test images are prepared as the
     checkpoint's ``data_info`` says (image size, mean/std), whatever the data options say."""
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.tta is not None:
-        check_tta(cfg.tta, "tta")
     saved = SavedNet.read(cfg.ckpt_path)
     net = saved.rebuild(list(cfg.trusted_targets))  # the whole net config is judged before anything is built
     model = ImageClassifier(
