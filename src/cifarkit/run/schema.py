@@ -264,8 +264,8 @@ class Trainer(TypedDict):
     max_epochs: Annotated[int, Field(ge=-1)] | None
     max_steps: Annotated[int, Field(ge=-1)]
     max_time: Annotated[
-        Annotated[str, Field(pattern=r"^\d+:\d\d:\d\d:\d\d$")] | dict[str, int] | None,
-        Field(description="DD:HH:MM:SS (e.g. 00:00:10:00), or null"),
+        Annotated[str, Field(pattern=r"^\d+:\d+:\d+:\d+$")] | dict[str, float] | None,
+        Field(description="DD:HH:MM:SS (e.g. 00:00:10:00), a mapping such as {minutes: 10}, or null"),
     ]
     num_nodes: NotRequired[Count]
     strategy: NotRequired[str | Targeted]
