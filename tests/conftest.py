@@ -229,6 +229,7 @@ def main(capfd: pytest.CaptureFixture):
         handlers, level = list(root.handlers), root.level
         capfd.readouterr()
         GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None  # as in a new process: no run is current (a test may have set one)
         sys.argv = [script, *args]
         try:
             run(getattr(importlib.import_module(module), task), CONFIG_DIR, config)

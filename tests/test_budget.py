@@ -15,6 +15,7 @@ from cifarkit.core.errors import UserError
 from cifarkit.fit.optim import FreezeParameters, Lookahead
 from cifarkit.run import budget
 from cifarkit.run.jobs import train_job
+from cifarkit.run.schema import check
 from conftest import FAST, add_callback, folder_overrides
 
 STEP_S = 0.25  # the fake clock's seconds per reading
@@ -150,8 +151,8 @@ def test_a_net_on_the_command_line_turns_the_choice_off(image_folder: Path, tmp_
 
 
 def test_what_a_budget_cannot_do(image_folder: Path, tmp_path: Path, compose_cfg) -> None:
-    with pytest.raises(UserError, match="budget_s=0 must be a number of seconds above 0"):
-        train_job(compose_cfg(cpu10(image_folder, tmp_path, "zero", "budget_s=0")))
+    with pytest.raises(UserError, match="budget_s=0: must be seconds of training above 0"):
+        check(compose_cfg(cpu10(image_folder, tmp_path, "zero", "budget_s=0")))
     ckpt = tmp_path / "run" / "checkpoints" / "some.ckpt"  # of a run that recorded no decision
     ckpt.parent.mkdir(parents=True)
     ckpt.write_bytes(b"x")

@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.errors import InstantiationException
 from PIL import Image
 
 from cifarkit.core.errors import UserError
 from cifarkit.data import datamodule as datamodule_module
 from cifarkit.data.images import load_image
 from cifarkit.data.sources import CIFAR10_CLASSES
-from conftest import FAST, datamodule, error_line, folder_overrides
+from cifarkit.run.schema import check
+from conftest import FAST, compose, datamodule, error_line, folder_overrides
 from tiny_files import APPLEDOUBLE, CLASSES3, class_images, hide_metadata_beside, write_image_folder
 
 
@@ -196,10 +196,11 @@ def test_bad_image_folders(tmp_path: Path, breakage: str, message: str) -> None:
 
 
 def test_unknown_pipeline_and_half_stats_are_user_errors(tmp_path: Path) -> None:
-    with pytest.raises(InstantiationException, match="data.pipeline"):
-        folder(tmp_path / "x", tmp_path, "data.pipeline=gpu")
-    with pytest.raises(InstantiationException, match="data.mean and data.std"):
-        folder(tmp_path / "x", tmp_path, "data.mean=[0.5,0.5,0.5]")
+    base = folder_overrides(tmp_path / "x", tmp_path)
+    with pytest.raises(UserError, match="data.pipeline=gpu: must be one of device, torchvision"):
+        check(compose(tmp_path, [*base, "data.pipeline=gpu"]))
+    with pytest.raises(UserError, match="data.mean and data.std"):
+        check(compose(tmp_path, [*base, "data.mean=[0.5,0.5,0.5]"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from cifarkit.data.images import load_image, normalize
 from cifarkit.infer.export import PT2_EXTRA_FILE, export, export_model
 from cifarkit.nets.saved import SavedNet
 from cifarkit.run.jobs import train_job
+from cifarkit.run.schema import check
 from conftest import FAST, ROOT, compose, folder_overrides, run_dirs
 from tiny_files import CLASSES3, class_images
 
@@ -178,11 +179,13 @@ def test_predict_runs_without_lightning(exported: Exported, tmp_path: Path, main
 
 def test_bad_options_are_one_line(exported: Exported, tmp_path: Path) -> None:
     for overrides, message in (
-        ([f"ckpt_path={exported.ckpt}", "format=tflite"], "format=tflite is not known"),
+        ([f"ckpt_path={exported.ckpt}", "format=tflite"], "format=tflite: must be one of onnx, pt2"),
         ([f"ckpt_path={exported.ckpt}", f"output={tmp_path / 'model.pt2'}"], r"does not end in \.onnx"),
         ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist"),
     ):
+        cfg = compose(tmp_path, overrides, "export")
         with pytest.raises(UserError, match=message) as e:
-            export(compose(tmp_path, overrides, "export"))
+            check(cfg)  # as export.py's command line checks it first
+            export(cfg)
         assert "\n" not in str(e.value)
     assert not list(tmp_path.glob("*.*"))  # nothing written

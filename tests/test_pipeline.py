@@ -3,11 +3,12 @@ distributions), what the loaders give each split and each DDP rank, and the test
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import torch
-from hydra.errors import InstantiationException
+from omegaconf import open_dict
 from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
@@ -16,8 +17,9 @@ from cifarkit.core.errors import UserError
 from cifarkit.data import loader as loader_module
 from cifarkit.data.augment import Augment, crop_flip, tta_logits
 from cifarkit.data.images import normalize
-from cifarkit.data.loader import DeviceLoader, pil_transform
-from conftest import CHI2_CRITICAL, chi_square, datamodule, device_loader, folder_overrides, random_images
+from cifarkit.data.loader import DeviceLoader
+from cifarkit.run.schema import check
+from conftest import CHI2_CRITICAL, chi_square, compose, datamodule, device_loader, folder_overrides, random_images
 
 MODES = {"zeros": ("constant", 4), "reflect": ("reflect", 2)}  # ours -> torchvision's padding_mode, a padding to test
 
@@ -200,18 +202,21 @@ def test_ddp_ranks_split_each_epoch_disjointly_and_completely(n: int) -> None:
 @pytest.mark.parametrize(
     "steps, expected",
     [
-        ({"crop_padding": 4}, "data.augment.crop_padding is not an augmentation step"),
-        ({"crop": {"pad": 4, "mode": "zeros"}}, "data.augment.crop has no option pad"),
-        ({"crop": {"padding": 4}}, "data.augment.crop needs mode, e.g. crop: {padding: 4, mode: zeros}"),
-        ({"crop": {"padding": 2, "mode": "edge"}}, "use zeros or reflect"),
+        ({"crop_padding": 4}, "data.augment.crop_padding is not an option; data.augment takes crop, flip,"),
+        ({"crop": {"pad": 4, "mode": "zeros"}}, "data.augment.crop.pad is not an option; data.augment.crop takes"),
+        ({"crop": {"padding": 4}}, "data.augment.crop.mode is not set; pass data.augment.crop.mode=... (one of zeros"),
+        ({"crop": {"padding": 2, "mode": "edge"}}, "data.augment.crop.mode=edge: must be one of zeros, reflect"),
         ({"flip": {"p": 0.5}, "alternating_flip": {}}, "both flip and alternating_flip"),
-        ({"flip": 0.5}, "give its options as a mapping"),
-        ({"cutout": {"size": -1}}, "must be >= 0"),
+        ({"flip": 0.5}, "data.augment.flip=0.5: must be a mapping with p, or null"),
+        ({"cutout": {"size": -1}}, "data.augment.cutout.size=-1: must be an integer of at least 0"),
     ],
 )
-def test_bad_steps_are_named(steps: dict, expected: str) -> None:
-    with pytest.raises(UserError, match=expected.replace("{", r"\{").replace("}", r"\}")):
-        Augment.from_steps(steps)
+def test_bad_steps_are_named(steps: dict, expected: str, tmp_path: Path) -> None:
+    cfg = compose(tmp_path, [])
+    with open_dict(cfg):
+        cfg.data.augment = steps
+    with pytest.raises(UserError, match=re.escape(expected)):
+        check(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,10 +279,10 @@ def test_no_steps_is_every_image_once_normalized(tmp_path: Path, image_folder: P
 
 def test_steps_that_cannot_run_are_refused(tmp_path: Path, image_folder: Path) -> None:
     base = folder_overrides(image_folder, tmp_path)
-    with pytest.raises(InstantiationException, match="below the image size"):
-        datamodule(tmp_path, base + ["data.augment.crop.padding=32", "data.augment.crop.mode=reflect"])
+    with pytest.raises(UserError, match=r"data.augment.crop.padding=32 must be below data.image_size \(32\)"):
+        check(compose(tmp_path, base + ["data.augment.crop.padding=32", "data.augment.crop.mode=reflect"]))
     with pytest.raises(UserError, match="device pipeline only"):
-        pil_transform(Augment(cutout=8), 32, [0.5] * 3, [0.25] * 3, train=True)
+        check(compose(tmp_path, base + ["data.pipeline=torchvision", "+data.augment.cutout={size: 8}"]))
 
 
 # ---------------------------------------------------------------------------------------------

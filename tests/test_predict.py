@@ -15,6 +15,7 @@ from cifarkit.infer.predict import predict
 from cifarkit.nets.models import BasicCNN
 from cifarkit.nets.saved import SavedNet
 from cifarkit.run.jobs import train_job
+from cifarkit.run.schema import check
 from conftest import FAST, craft_checkpoint, folder_overrides
 from tiny_files import CLASSES3, hide_metadata_beside
 
@@ -79,10 +80,11 @@ def test_bad_inputs_and_options(tmp_path: Path, compose_cfg) -> None:
     for overrides, message in (
         ([f"inputs={ckpt}", f"ckpt_path={tmp_path / 'empty.ckpt'}"], "weights do not fit"),
         ([f"inputs={ckpt}", f"ckpt_path={ckpt}", "format=xml"], "format=xml"),
-        ([f"inputs={ckpt}", f"ckpt_path={ckpt}", "top_k=0"], "top_k=0"),
+        ([f"inputs={ckpt}", f"ckpt_path={ckpt}", "top_k=0"], "top_k=0: must be an integer of at least 1"),
         ([f"inputs={tmp_path / 'missing'}", f"ckpt_path={ckpt}"], "does not exist"),
         ([f"inputs={ckpt}", f"ckpt_path={ckpt}"], "no PNG or JPEG image"),  # the only file is not an image
     ):
         cfg = compose_cfg(overrides, config_name="predict")
         with pytest.raises(UserError, match=message):
+            check(cfg)  # as predict.py's command line checks it first
             predict(cfg)

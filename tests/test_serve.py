@@ -38,6 +38,7 @@ from cifarkit.infer.export import export_model
 from cifarkit.infer.serve import serve
 from cifarkit.infer.serve_page import CHROMIUM, CHROMIUM_ARGS
 from cifarkit.run.jobs import train_job
+from cifarkit.run.schema import check
 from conftest import FAST, ROOT, compose, folder_overrides, free_port
 from test_data import bomb_png
 from untrusted_files import EPS, fake_gs, mutants, seeds
@@ -384,14 +385,14 @@ def test_bad_options_are_one_line(setup: Setup, tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         cases = [
-            (["top_k=0"], "top_k=0 must be at least 1"),
+            (["top_k=0"], "top_k=0: must be an integer of at least 1"),
             (["max_batch_size=0"], "max_batch_size=0"),
             (["batch_timeout=-1"], "batch_timeout=-1"),
             (["max_body_mb=0"], "max_body_mb=0"),
             (["threads=0"], "threads=0"),
             (["batch_timeout=60"], "batch_timeout must be less than request_timeout"),  # LitServe's own check
-            (["port=80"], "port=80 must be from 1024 to 65535"),
-            (["host=localhost"], "host=localhost cannot be served"),
+            (["port=80"], "port=80: must be an integer from 1024 to 65535"),
+            (["host=localhost"], r"host=localhost: must be 127.0.0.1 \(this machine\), or 0.0.0.0 or ::"),
             ([f"ckpt_path={tmp_path / 'missing.ckpt'}"], "does not exist"),
             ([f"ckpt_path={tmp_path / 'missing.onnx'}"], "does not exist"),
             ([f"port={taken.getsockname()[1]}"], f"port={taken.getsockname()[1]} cannot be used on 127.0.0.1"),
@@ -399,6 +400,7 @@ def test_bad_options_are_one_line(setup: Setup, tmp_path: Path) -> None:
         for overrides, message in cases:
             cfg = compose(tmp_path, [f"ckpt_path={setup.ckpt}", *overrides], "serve")
             with pytest.raises(UserError, match=message) as e:
+                check(cfg)  # as serve.py's command line checks it first
                 serve(cfg)
             assert "\n" not in str(e.value)
 

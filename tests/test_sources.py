@@ -15,7 +15,8 @@ from PIL import Image
 
 from cifarkit.core.errors import UserError
 from cifarkit.data.sources import CIFAR100_COARSE, CIFAR100_FINE, SVHN_CLASSES
-from conftest import FAST, datamodule, error_line, run_dirs
+from cifarkit.run.schema import check
+from conftest import FAST, compose, datamodule, error_line, run_dirs
 from tiny_files import CIFAR100_SPLITS, SVHN_SPLITS, cifar100_split, svhn_split
 
 
@@ -62,8 +63,8 @@ def test_cifar100_decodes_fine_and_coarse_labels_exactly(tiny_cifar100: dict, tm
 
 
 def test_cifar100_options_are_checked(tmp_path: Path) -> None:
-    with pytest.raises(InstantiationException, match=r"data.labels='medium'.*data.labels=coarse"):
-        source(tmp_path, "cifar100", "data.labels=medium")
+    with pytest.raises(UserError, match="data.labels=medium: must be one of fine, coarse"):
+        check(compose(tmp_path, ["data=cifar100", "data.labels=medium"]))
     with pytest.raises(InstantiationException, match="CIFAR-100 images are 32x32, not data.image_size=64"):
         source(tmp_path, "cifar100", "data.image_size=64")
 

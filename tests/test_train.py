@@ -16,6 +16,7 @@ from cifarkit.core.devices import resolve_precision
 from cifarkit.core.errors import UserError
 from cifarkit.fit.metrics import optimized_value
 from cifarkit.run.jobs import eval_job, train_job
+from cifarkit.run.schema import check
 from conftest import FAST, add_callback, folder_overrides, run_dirs
 from tiny_files import write_image_folder
 
@@ -221,8 +222,8 @@ def test_eval_tta_option_changes_the_test_and_is_recorded(image_folder: Path, co
         assert json.loads((tmp_path / "out" / "metrics.json").read_text())["tta"] == tta
     assert results["none"]["test/loss"] != results["flip_translate"]["test/loss"]
     assert 0 <= results["flip_translate"]["test/acc"] <= 1
-    with pytest.raises(UserError, match="tta='mirror' is not known"):
-        eval_job(
+    with pytest.raises(UserError, match="tta=mirror: must be one of none, flip, flip_translate, or null"):
+        check(
             compose_cfg(
                 ["trainer=cpu", f"ckpt_path={ckpt}", "tta=mirror", *folder_overrides(image_folder, tmp_path)], "eval"
             )

@@ -1,8 +1,8 @@
 """Training augmentation as steps named in YAML, run on whole batches on the training device.
 
 ``data.augment`` maps step names to their options (null turns a step off; every option is
-given, as configs/data/common/pipeline.yaml gives the tutorial's); the steps always run in this
-order, whatever order the YAML lists:
+given, as configs/data/common/pipeline.yaml gives the tutorial's; cifarkit/run/schema.py holds them
+to their types and bounds); the steps always run in this order, whatever order the YAML lists:
 
 * ``crop: {padding: 4, mode: zeros}``: torchvision's ``RandomCrop(size, padding, padding_mode)``
   with ``mode`` ``zeros`` (its ``constant`` 0) or ``reflect`` (airbench's "translate").
@@ -28,10 +28,6 @@ from typing import Any
 import torch
 from torchvision import transforms as T
 
-from cifarkit.core.errors import UserError
-
-STEPS = {"crop": ("padding", "mode"), "flip": ("p",), "alternating_flip": (), "cutout": ("size",)}
-EXAMPLES = {"crop": "{padding: 4, mode: zeros}", "flip": "{p: 0.5}", "alternating_flip": "{}", "cutout": "{size: 16}"}
 PADDING_MODES = {"zeros": "constant", "reflect": "reflect"}  # ours -> torchvision's padding_mode
 
 
@@ -52,42 +48,13 @@ class Augment:
 
     @classmethod
     def from_steps(cls, steps: Mapping[str, Any]) -> Augment:
-        """Check the steps' names and options and turn them into one ``Augment``."""
+        """The steps (checked by cifarkit/run/schema.py) as one ``Augment``."""
         steps = {k: v for k, v in steps.items() if v is not None}
-        for name, options in steps.items():
-            if name not in STEPS:
-                raise UserError(
-                    f"data.augment.{name} is not an augmentation step; use {', '.join(STEPS)} (see data/augment.py)"
-                )
-            if not isinstance(options, Mapping):
-                raise UserError(
-                    f"data.augment.{name}={options!r}: give its options as a mapping, e.g. {name}: {EXAMPLES[name]}, "
-                    "or null to turn it off"
-                )
-            unknown, missing = set(options) - set(STEPS[name]), set(STEPS[name]) - set(options)
-            if unknown:
-                raise UserError(
-                    f"data.augment.{name} has no option {', '.join(sorted(unknown))}; it takes "
-                    f"{', '.join(STEPS[name]) or 'none'}"
-                )
-            if missing:
-                raise UserError(
-                    f"data.augment.{name} needs {', '.join(sorted(missing))}, e.g. {name}: {EXAMPLES[name]}"
-                )
         crop, flip, cutout = steps.get("crop"), steps.get("flip"), steps.get("cutout")
-        if flip is not None and "alternating_flip" in steps:
-            raise UserError("data.augment has both flip and alternating_flip; keep one (set the other to null)")
         mode = crop["mode"] if crop is not None else "zeros"
-        if mode not in PADDING_MODES:
-            raise UserError(f"data.augment.crop.mode={mode!r}; use zeros or reflect")
         padding = int(crop["padding"]) if crop is not None else 0
         size = int(cutout["size"]) if cutout is not None else 0
         p = float(flip["p"]) if flip is not None else 0.0
-        if padding < 0 or size < 0 or not 0 <= p <= 1:
-            raise UserError(
-                f"data.augment: crop.padding and cutout.size must be >= 0 and flip.p in [0, 1] (got {padding}, "
-                f"{size}, {p})"
-            )
         return cls(padding, mode, p, "alternating_flip" in steps, size)
 
     def __bool__(self) -> bool:
@@ -134,11 +101,8 @@ class Augment:
         return x.masked_fill_(inside, 0.0)
 
     def pil_steps(self, image_size: int) -> list[Any]:
-        """The per-sample torchvision transforms of the same steps (the torchvision pipeline)."""
-        if self.alternating_flip or self.cutout:
-            raise UserError(
-                "data.augment.alternating_flip and cutout run on the device pipeline only; use data.pipeline=device"
-            )
+        """The per-sample torchvision transforms of the same steps (the torchvision pipeline, which
+        has neither alternating_flip nor cutout: the schema refuses them there)."""
         steps: list[Any] = []
         if self.padding:
             steps.append(T.RandomCrop(image_size, padding=self.padding, padding_mode=PADDING_MODES[self.padding_mode]))
@@ -178,13 +142,6 @@ def crop_flip(
 
 
 TTA = ("none", "flip", "flip_translate")
-
-
-def check_tta(tta: str, key: str) -> str:
-    """``tta`` if it is one of ``TTA``, else the one line that says so (``key``: the option that set it)."""
-    if tta not in TTA:
-        raise UserError(f"{key}={tta!r} is not known; use one of {', '.join(TTA)}")
-    return tta
 
 
 def tta_logits(forward: Any, x: torch.Tensor, tta: str) -> torch.Tensor:

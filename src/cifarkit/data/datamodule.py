@@ -6,7 +6,8 @@ with a fixed seed and computes the per-channel mean/std of the training split; t
 (cifarkit/data/loader.py) then augment and normalize batches of it. ``classes`` keeps some of the
 source's classes (labels renumbered in that order) and ``train_per_class`` a seeded, stratified
 number of training images per class: transfer to little data, taken from the same cache. Every
-option comes from configs/data/ (``common/pipeline.yaml`` holds their defaults and says what each does).
+option comes from configs/data/ (``common/pipeline.yaml`` holds their defaults and says what each does),
+held to its type and bounds by cifarkit/run/schema.py before this module sees it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,6 @@ from cifarkit.core.files import atomic_write
 from cifarkit.data.augment import Augment
 from cifarkit.data.images import DataInfo, normalize
 from cifarkit.data.loader import DeviceLoader, PILDataset, pil_transform
-
-PIPELINES = ("device", "torchvision")
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -67,26 +66,7 @@ class ImageDataModule(L.LightningDataModule):
         pin_memory: bool,
     ) -> None:
         super().__init__()
-        if pipeline not in PIPELINES:
-            raise UserError(
-                f"unknown data.pipeline={pipeline!r}; use data.pipeline=device or data.pipeline=torchvision"
-            )
-        if train_per_class is not None and train_per_class < 1:
-            raise UserError(
-                f"data.train_per_class={train_per_class} must be at least 1 (null keeps every training image)"
-            )
-        if classes is not None and (len(classes) < 2 or len(set(classes)) < len(classes)):
-            raise UserError(
-                f"data.classes={list(classes)} must name at least 2 different classes (null keeps them all)"
-            )
-        if (mean is None) != (std is None):
-            raise UserError("set both data.mean and data.std, or neither (then they are computed)")
         self.augment = Augment.from_steps(augment)
-        if self.augment.padding_mode == "reflect" and self.augment.padding >= image_size:
-            raise UserError(
-                f"data.augment.crop.padding={self.augment.padding} must be below the image size ({image_size}) to "
-                "reflect"
-            )
         mean, std = (list(mean), list(std)) if mean is not None else (None, None)
         # Plain values: TensorBoard's HPARAMS tab and the checkpoint show them. Not ``classes``: the
         # classifier's hparams hold the classes learnt, and Lightning refuses one key with two values.

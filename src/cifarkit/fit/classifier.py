@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from cifarkit.core.errors import UserError
-from cifarkit.data.augment import check_tta, tta_logits
+from cifarkit.data.augment import tta_logits
 from cifarkit.fit import optim
 from cifarkit.nets import start
 
@@ -64,20 +64,14 @@ class ImageClassifier(L.LightningModule):
         from its own checkpoint). A timm net's ``pretrained``/``weights`` are taken out of its
         config here: they say where its first weights come from, which ``setup`` loads."""
         super().__init__()
-        check_tta(tta, "model.tta")
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
         param_groups = _plain(param_groups)
         built = isinstance(net, nn.Module)
         self.timm_weights = None
         if not built:
             net, self.timm_weights = start.split_timm_start(net)
-        if init_from is not None:
-            if self.timm_weights is not None:
-                raise UserError(
-                    "model.init_from and model.net.pretrained/weights both give the first weights; keep one"
-                )
-            if not Path(init_from).is_file():
-                raise UserError(f"model.init_from={init_from} does not exist; pass a .ckpt written by train.py")
+        if init_from is not None and not Path(init_from).is_file():  # with timm's weights too: the schema refuses
+            raise UserError(f"model.init_from={init_from} does not exist; pass a .ckpt written by train.py")
         self.save_hyperparameters(ignore=["net"] if built else None)
         self.net: nn.Module = net if built else instantiate(net, num_classes=len(classes))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format

@@ -106,11 +106,7 @@ def warmup_then_decay(
     A ``LambdaLR`` rather than ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``: the
     cosine's floor ``eta_min`` is one absolute lr for every group, where each group here (the
     norm biases at 64x) decays to its own fraction, and the closed form gives the same lr at a
-    step however the run got there (a resumed run included)."""
-    if decay not in ("linear", "cosine"):
-        raise ValueError(f"decay={decay!r}: use linear or cosine")
-    if not 0 <= warmup < 1:
-        raise ValueError(f"warmup={warmup} must be a fraction of the steps in [0, 1)")
+    step however the run got there (a resumed run included). Its options' bounds are cifarkit/run/schema.py's."""
     warm = int(round(warmup * total_steps))
 
     def scale(step: int) -> float:
@@ -136,8 +132,6 @@ class Lookahead(WeightAveraging):
 
     def __init__(self, every_n_steps: int, decay: float, power: float, use_buffers: bool) -> None:
         super().__init__(use_buffers=use_buffers, avg_fn=self._fold)
-        if every_n_steps < 1 or not 0 <= decay <= 1:
-            raise UserError(f"Lookahead needs every_n_steps >= 1 and 0 <= decay <= 1, got {every_n_steps} and {decay}")
         self.every_n_steps, self.decay, self.power = every_n_steps, decay, power
         self.total_steps = 1
         self.weight = 0.0  # the average's share in the update being made
@@ -178,8 +172,6 @@ class FreezeParameters(L.Callback):
     parameters that DDP synchronizes fixed."""
 
     def __init__(self, names: list[str], after: float) -> None:
-        if not 0 <= after <= 1:
-            raise UserError(f"FreezeParameters needs 0 <= after <= 1 (a fraction of the run's steps), got {after}")
         self.names, self.after = list(names), after
         self.params: list[torch.nn.Parameter] = []
         self.from_step = 0
@@ -213,8 +205,6 @@ class HeadFirst(L.Callback):
     BatchNorm statistics still follow the new data."""
 
     def __init__(self, until: float) -> None:
-        if not 0 <= until <= 1:
-            raise UserError(f"HeadFirst needs 0 <= until <= 1 (a fraction of the run's steps), got {until}")
         self.until = until
         self.body: list[torch.nn.Parameter] = []
         self.to_step = 0

@@ -53,14 +53,10 @@ class ImagesToProbabilities(nn.Module):
 
 
 def output_path(ckpt_path: str, fmt: str, output: str | None) -> Path:
-    """``output``, or the checkpoint's path with the format's suffix; the suffix must match, as
-    predict.py tells the formats apart by it."""
+    """``output``, or the checkpoint's path with the format's suffix (the schema holds a given
+    ``output`` to it, as predict.py tells the formats apart by it)."""
     suffix = FORMATS[fmt]
     path = Path(output) if output else Path(ckpt_path).with_suffix(suffix)
-    if path.suffix != suffix:
-        raise UserError(
-            f"output={output} does not end in {suffix}; name the {fmt} file *{suffix} (predict.py goes by the suffix)"
-        )
     if path.is_dir():
         raise UserError(f"output={output} is a folder; pass a file path ending in {suffix}")
     return path
@@ -86,8 +82,6 @@ def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic: Any, metadata:
 def export_model(ckpt_path: str, fmt: str, output: str | None, trusted: list[str]) -> tuple[Path, DataInfo]:
     """Write the checkpoint's net, preprocessing and softmax included, as ``fmt``; return the
     path written and the checkpoint's ``DataInfo``."""
-    if fmt not in FORMATS:
-        raise UserError(f"format={fmt} is not known; use format=onnx or format=pt2")
     path = output_path(ckpt_path, fmt, output)
     saved = SavedNet.read(ckpt_path)
     info = saved.data

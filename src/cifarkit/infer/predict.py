@@ -130,12 +130,6 @@ def top_classes(probs: torch.Tensor, classes: list[str], k: int) -> list[list[li
 @torch.inference_mode()
 def predict(cfg: DictConfig) -> int:
     """Print the top-k classes of every image under ``cfg.inputs``; return how many were classified."""
-    if cfg.format not in ("text", "json"):
-        raise UserError(f"format={cfg.format} is not known; use format=text or format=json")
-    if int(cfg.top_k) < 1:
-        raise UserError(f"top_k={cfg.top_k} must be at least 1")
-    if not float(cfg.max_megapixels) > 0:
-        raise UserError(f"max_megapixels={cfg.max_megapixels} must be over 0")
     files = image_files(str(cfg.inputs))
     score, classes, size = model_scorer(cfg)
     done = 0

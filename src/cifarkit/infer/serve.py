@@ -64,7 +64,6 @@ from cifarkit.infer.predict import model_scorer, top_classes
 from cifarkit.infer.serve_page import PAGE
 
 log = logging.getLogger(__name__)
-HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # the addresses LitServe binds
 ROUTES = (
     "/predict",
     "/health",
@@ -316,28 +315,6 @@ async def page() -> HTMLResponse:
     return HTMLResponse(PAGE)
 
 
-def check_options(cfg: DictConfig) -> None:
-    for key, ok, want in (
-        ("top_k", int(cfg.top_k) >= 1, "at least 1"),
-        ("max_batch_size", int(cfg.max_batch_size) >= 1, "at least 1"),
-        ("batch_timeout", float(cfg.batch_timeout) >= 0, "0 or more seconds"),
-        ("max_body_mb", float(cfg.max_body_mb) > 0, "over 0"),
-        ("max_megapixels", float(cfg.max_megapixels) > 0, "over 0"),
-        ("decode_threads", int(cfg.decode_threads) >= 1, "at least 1"),
-        ("read_timeout", float(cfg.read_timeout) > 0, "over 0 seconds"),
-        ("max_connections", int(cfg.max_connections) >= 1, "at least 1"),
-        ("threads", cfg.threads is None or int(cfg.threads) >= 1, "at least 1, or null"),
-        ("port", 1024 <= int(cfg.port) <= 65535, "from 1024 to 65535"),
-    ):
-        if not ok:
-            raise UserError(f"{key}={cfg[key]} must be {want}")
-    if cfg.host not in HOSTS:
-        raise UserError(
-            f"host={cfg.host} cannot be served by LitServe; use 127.0.0.1 (this machine), or 0.0.0.0 or :: (every "
-            "interface)"
-        )
-
-
 def check_port_free(host: str, port: int) -> None:
     """The port can be bound (as uvicorn binds it), or one line now rather than a log line later."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -401,8 +378,8 @@ class Server(ls.LitServer):
 
 
 def serve(cfg: DictConfig) -> None:
-    """Serve ``cfg.ckpt_path`` on ``cfg.host:cfg.port`` until SIGTERM or Ctrl+C."""
-    check_options(cfg)
+    """Serve ``cfg.ckpt_path`` on ``cfg.host:cfg.port`` until SIGTERM or Ctrl+C (its options checked by
+    cifarkit/run/schema.py)."""
     is_onnx = str(cfg.ckpt_path).lower().endswith(".onnx")
     device = "cpu" if is_onnx else resolve_accelerator(cfg.device)
     _, classes, size = model_scorer(OmegaConf.merge(cfg, {"device": "cpu"}))  # refused here, in one line, if bad

@@ -170,12 +170,7 @@ def candidate_nets(cfg: DictConfig) -> list[dict[str, Any] | None]:
     ladder = cfg.get("budget_nets")
     if not ladder or net_given():
         return [None]
-    nets = OmegaConf.to_container(ladder, resolve=True)
-    if not isinstance(nets, list) or not all(isinstance(n, dict) and n for n in nets):
-        raise UserError(
-            f"budget_nets={ladder} must be a list of model.net options, narrowest first, e.g. "
-            "[{widths: [32, 64, 128]}, {widths: [64, 128, 256]}]; or null"
-        )
+    nets = OmegaConf.to_container(ladder, resolve=True)  # a list of non-empty mappings: the schema's
     unknown = {k for n in nets for k in n} - set(cfg.model.net)
     if unknown:
         raise UserError(

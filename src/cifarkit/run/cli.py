@@ -44,6 +44,7 @@ from cifarkit.core.files import DiskFull, disk_full, write_metrics
 from cifarkit.core.ranks import from_lightning, global_zero
 from cifarkit.core.untrusted import shown
 from cifarkit.run.resolvers import register_resolvers
+from cifarkit.run.schema import check
 
 log = logging.getLogger(__name__)
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
@@ -90,6 +91,7 @@ def compose(config_dir: Path, config_name: str, overrides: list[str], job_name: 
     if cfg.hydra.mode is None:
         with read_write(cfg.hydra):
             cfg.hydra.mode = RunMode.RUN
+    check(cfg)  # every option's type and bounds (cifarkit/run/schema.py)
     return cfg
 
 
@@ -151,6 +153,8 @@ def guarded(task: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
         out, lock = _output_dir(), None
         try:
+            if multirun:  # each job's own values: its launcher composed them
+                check(cfg)
             if out is not None and global_zero():  # the run directory is this process's while it lives
                 lock = rundir.hold_run(out)
             if cfg.get("ckpt_path") == rundir.AUTO:  # a sweep's job, or a rank > 0 started with the command line

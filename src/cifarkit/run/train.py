@@ -10,7 +10,6 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 
-from cifarkit.data.augment import check_tta
 from cifarkit.fit.classifier import ImageClassifier, check_same_classes
 from cifarkit.fit.metrics import final_metrics, log_hyperparams, tested_metrics, throughput
 from cifarkit.nets.saved import SavedNet
@@ -71,8 +70,6 @@ def evaluate(plan: Plan) -> dict[str, Any]:
     checkpoint's ``data_info`` says (image size, mean/std), whatever the data options say."""
     cfg = plan.cfg
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.tta is not None:
-        check_tta(cfg.tta, "tta")
     saved = SavedNet.read(cfg.ckpt_path)
     net = saved.rebuild(list(cfg.trusted_targets))  # the whole net config is judged before anything is built
     model = ImageClassifier(
