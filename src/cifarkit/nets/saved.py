@@ -63,6 +63,11 @@ def _moved(target: Any) -> Any:
     return MOVED[old] + target.removeprefix(old) if old else target
 
 
+def not_from_train(what: str) -> UserError:
+    """A checkpoint that train.py did not write as it is: what is wrong with it, and what to pass instead."""
+    return UserError(f"{what}; {FROM_TRAIN}")
+
+
 def check_records(path: Path) -> None:
     """Refuse a checkpoint whose records would inflate past the file's own size, before any is
     read: ``torch.save`` writes a zip archive of uncompressed records (since torch 1.6), so a
@@ -72,18 +77,17 @@ def check_records(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             records = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise UserError(
-            f"{where} is not a readable checkpoint (not the zip archive torch.save writes: "
-            f"{e.__class__.__name__}); {FROM_TRAIN}"
+        raise not_from_train(
+            f"{where} is not a readable checkpoint (not the zip archive torch.save writes: {e.__class__.__name__})"
         ) from None
     inflated = sum(r.file_size for r in records)
     if (
         any(r.compress_type != zipfile.ZIP_STORED or r.file_size != r.compress_size for r in records)
         or inflated > path.stat().st_size
     ):
-        raise UserError(
+        raise not_from_train(
             f"{where} holds compressed records ({inflated / 1e6:.1f} MB from a {path.stat().st_size / 1e6:.1f} MB "
-            f"file), which torch.save never writes, so nothing was inflated; {FROM_TRAIN}"
+            f"file), which torch.save never writes, so nothing was inflated"
         )
 
 
@@ -96,13 +100,13 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{where} is not a readable checkpoint ({e.__class__.__name__}); {FROM_TRAIN}") from e
+        raise not_from_train(f"{where} is not a readable checkpoint ({e.__class__.__name__})") from e
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-        raise UserError(f"{where} is not a Lightning checkpoint (no state_dict); {FROM_TRAIN}")
+        raise not_from_train(f"{where} is not a Lightning checkpoint (no state_dict)")
     check_tree(ckpt, where, FROM_TRAIN)
     for key in ("hyper_parameters", "data_info", "callbacks"):
         if key in ckpt and not isinstance(ckpt[key], dict):
-            raise UserError(f"{where} has a {key} that is a {type(ckpt[key]).__name__}, not a mapping; {FROM_TRAIN}")
+            raise not_from_train(f"{where} has a {key} that is a {type(ckpt[key]).__name__}, not a mapping")
     return ckpt
 
 
@@ -128,9 +132,9 @@ def checked_weights(state_dict: dict[Any, Any], where: str) -> dict[str, torch.T
             not isinstance(value, torch.Tensor)
             or value.numel() * value.element_size() > value.untyped_storage().nbytes()
         ):
-            raise UserError(f"{where} has a weight {shown(key)[:80]} that is not a plain stored tensor; {FROM_TRAIN}")
+            raise not_from_train(f"{where} has a weight {shown(key)[:80]} that is not a plain stored tensor")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise UserError(f"{where} has NaN or infinite values in {shown(key)[:80]} (diverged weights); {FROM_TRAIN}")
+            raise not_from_train(f"{where} has NaN or infinite values in {shown(key)[:80]} (diverged weights)")
         weights[key.removeprefix("net.")] = value
     return weights
 
@@ -154,11 +158,11 @@ class SavedNet:
         hparams = ckpt.get("hyper_parameters", {})
         net = hparams.get("net")
         if not isinstance(net, dict) or "_target_" not in net:
-            raise UserError(f"{where} has no net config (hyper_parameters.net); {FROM_TRAIN}")
+            raise not_from_train(f"{where} has no net config (hyper_parameters.net)")
         try:
             checked = SavedHyperParameters.model_validate(hparams)
         except ValidationError as e:
-            raise UserError(f"{where} has invalid hyper_parameters ({invalid(e)}); {FROM_TRAIN}") from None
+            raise not_from_train(f"{where} has invalid hyper_parameters ({invalid(e)})") from None
         return cls(
             Path(path),
             DataInfo.check(ckpt.get("data_info"), where),
@@ -181,16 +185,16 @@ class SavedNet:
             k for k in shapes if shapes[k] != tuple(self.weights[k].shape)
         ]
         if wrong:  # the net is not built at all: a crafted config cannot ask for more memory than its file holds
-            raise UserError(
+            raise not_from_train(
                 f"{where}: its weights do not fit its net config ({len(wrong)} missing, extra or odd-shaped, "
-                f"e.g. {shown(wrong[0])[:80]}); {FROM_TRAIN}"
+                f"e.g. {shown(wrong[0])[:80]})"
             )
         net = build_net(self.net_config, len(self.data.classes), trusted)
         try:
             net.load_state_dict(self.weights)
         except (RuntimeError, TypeError) as e:  # a dtype that cannot be copied in
-            raise UserError(
-                f"{where}: its weights do not fit its net config ({shown(str(e).splitlines()[0])[:200]}); {FROM_TRAIN}"
+            raise not_from_train(
+                f"{where}: its weights do not fit its net config ({shown(str(e).splitlines()[0])[:200]})"
             ) from e
         return ready(net.eval(), self.data.image_size, len(self.data.classes), where)
 
@@ -202,15 +206,15 @@ def ready(net: nn.Module, image_size: int, num_classes: int, where: str) -> nn.M
     try:
         out = net(torch.zeros(1, 3, image_size, image_size))
     except Exception as e:
-        raise UserError(
+        raise not_from_train(
             f"{where}: its net cannot classify a {image_size}x{image_size} image, its recorded size "
-            f"({shown(' '.join(str(e).split()))[:200]}); {FROM_TRAIN}"
+            f"({shown(' '.join(str(e).split()))[:200]})"
         ) from e
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, num_classes) or not bool(torch.isfinite(out).all()):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UserError(
+        raise not_from_train(
             f"{where}: its net gives {shape} scores, or not finite ones, for one blank image of its "
-            f"{num_classes} classes; {FROM_TRAIN}"
+            f"{num_classes} classes"
         )
     return net
 
@@ -298,7 +302,7 @@ def _check_scalar(value: Any, where: str) -> None:
 
 
 def _bound(where: str, what: str) -> UserError:
-    return UserError(f"the checkpoint's {where} {what}, out of bounds for a net train.py saves; {FROM_TRAIN}")
+    return not_from_train(f"the checkpoint's {where} {what}, out of bounds for a net train.py saves")
 
 
 def build_net(
@@ -321,7 +325,6 @@ def build_net(
         raise
     except Exception as e:
         why = shown(" ".join(str(e).split()))[:200]
-        raise UserError(
-            f"the checkpoint's net config does not fit {net_config['_target_']} ({e.__class__.__name__}: {why}); "
-            f"{FROM_TRAIN}"
+        raise not_from_train(
+            f"the checkpoint's net config does not fit {net_config['_target_']} ({e.__class__.__name__}: {why})"
         ) from e
