@@ -241,6 +241,7 @@ def test_nan_is_never_written_as_json(tmp_path: Path, main, monkeypatch: pytest.
     """A net that overflows on one image: predict.py skips it in one line, serve.py answers a JSON
     error; ``to_json`` refuses NaN rather than write it."""
     import cifarkit.infer.predict as cp
+    from cifarkit.infer.model import Model
     from cifarkit.infer.serve import Answer, Classifier  # the serve extra's LitServe
 
     with pytest.raises(ValueError):
@@ -256,9 +257,9 @@ def test_nan_is_never_written_as_json(tmp_path: Path, main, monkeypatch: pytest.
             p[torch.from_numpy(x).float().mean(dim=(1, 2, 3)) > 128] = math.nan
             return p
 
-        return score, ["cat", "dog", "frog"], 32
+        return Model(score, ["cat", "dog", "frog"], 32)
 
-    monkeypatch.setattr(cp, "model_scorer", scorer)
+    monkeypatch.setattr(cp, "load_model", scorer)
     r = main(
         "predict.py",
         [f"ckpt_path={tmp_path / 'x.ckpt'}", f"inputs={images}", "format=json", f"paths.log_dir={tmp_path / 'logs'}"],

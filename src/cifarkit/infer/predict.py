@@ -12,24 +12,20 @@ Neither path imports Lightning, so predict.py also runs where Lightning is not i
 
 from __future__ import annotations
 
-import json
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cifarkit.core.devices import resolve_accelerator
 from cifarkit.core.errors import UserError
 from cifarkit.core.untrusted import shown, to_json
-from cifarkit.data.images import DataInfo, image_files, load_image, normalize
-from cifarkit.nets.saved import SavedNet
+from cifarkit.data.images import image_files, load_image
+from cifarkit.infer.model import load_model
 
 BATCH = 256
-# uint8 images (B, size, size, 3) -> class probabilities (B, C)
-Scorer = Callable[[np.ndarray], torch.Tensor]
 
 
 def decoded(files: list[Path], size: int, max_megapixels: float) -> Iterator[tuple[list[Path], np.ndarray]]:
@@ -48,74 +44,6 @@ def decoded(files: list[Path], size: int, max_megapixels: float) -> Iterator[tup
         yield paths, np.stack(images)
 
 
-def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
-    """The checkpoint's net on ``cfg.device``, fed as in training; its classes and image size."""
-    device = resolve_accelerator(cfg.device)
-    saved = SavedNet.read(str(cfg.ckpt_path))
-    net = saved.rebuild(list(cfg.trusted_targets)).to(device)
-    mean, std = torch.tensor(saved.data.mean, device=device), torch.tensor(saved.data.std, device=device)
-
-    def score(images: np.ndarray) -> torch.Tensor:
-        x = normalize(torch.from_numpy(images).to(device).permute(0, 3, 1, 2), mean, std)
-        return net(x).float().softmax(dim=1)
-
-    return score, saved.data.classes, saved.data.image_size
-
-
-def onnx_scorer(path: str, threads: int | None) -> tuple[Scorer, list[str], int]:
-    """An export.py ONNX model in ONNX Runtime (CPU provider, ``threads`` or one per core), whose
-    graph does the preprocessing and softmax itself; the classes and image size come from its metadata."""
-    import onnxruntime as ort  # only this path needs it
-
-    if not Path(path).is_file():
-        raise UserError(f"ckpt_path={path} does not exist; pass a .ckpt, or a .onnx written by export.py")
-    try:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
-        inputs = session.get_inputs()
-    except Exception as e:  # not ONNX, or ONNX without export.py's metadata
-        raise UserError(
-            f"ckpt_path={path} is not an ONNX model written by export.py ({e.__class__.__name__}); export one with "
-            "export.py"
-        ) from e
-    info = DataInfo.check(meta, f"ckpt_path={path}")
-    size = info.image_size
-    if not (len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and inputs[0].shape[1:] == [3, size, size]):
-        raise UserError(f"ckpt_path={path} lacks export.py's uint8 (N, 3, H, W) input; export it again with export.py")
-    name = inputs[0].name
-
-    def score(images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(images.transpose(0, 3, 1, 2))})[0])
-
-    try:  # one blank batch at its own size before any door says it is ready
-        probs = score(np.zeros((2, size, size, 3), np.uint8))
-    except Exception as e:
-        raise UserError(
-            f"ckpt_path={path} cannot classify a {size}x{size} image ({_first_line(e)}); export it again with export.py"
-        ) from e
-    if tuple(probs.shape) != (2, len(info.classes)) or not bool(torch.isfinite(probs).all()):
-        raise UserError(
-            f"ckpt_path={path} gives {tuple(probs.shape)} outputs, or not finite ones, for 2 blank images of its "
-            f"{len(info.classes)} classes; export it again with export.py"
-        )
-    return score, info.classes, size
-
-
-def _first_line(e: Exception) -> str:
-    return shown(" ".join(str(e).split())[:200]) or e.__class__.__name__
-
-
-def model_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
-    """``cfg.ckpt_path``'s scorer, classes and image size: ONNX Runtime for a ``.onnx`` (with
-    serve.yaml's ``threads``), else the checkpoint's net on ``cfg.device``. predict.py and
-    serve.py load a model only this way."""
-    if Path(str(cfg.ckpt_path)).suffix.lower() == ".onnx":
-        return onnx_scorer(str(cfg.ckpt_path), cfg.get("threads"))
-    return checkpoint_scorer(cfg)
-
-
 def top_classes(probs: torch.Tensor, classes: list[str], k: int) -> list[list[list] | None]:
     """Each row's ``k`` most likely ``[class, probability]``, the probability rounded to 6 places;
     None for a row that is not all finite (a net can overflow on one image): no NaN is ever reported."""
@@ -131,7 +59,8 @@ def top_classes(probs: torch.Tensor, classes: list[str], k: int) -> list[list[li
 def predict(cfg: DictConfig) -> int:
     """Print the top-k classes of every image under ``cfg.inputs``; return how many were classified."""
     files = image_files(str(cfg.inputs))
-    score, classes, size = model_scorer(cfg)
+    model = load_model(cfg)
+    score, classes, size = model.score, model.classes, model.image_size
     done = 0
     for paths, images in decoded(files, size, float(cfg.max_megapixels)):
         for path, top in zip(paths, top_classes(score(images), classes, int(cfg.top_k))):

@@ -15,7 +15,7 @@ the image decoded by ``decode_image`` (PNG or JPEG, ``max_megapixels``) in a poo
 ``decode_threads`` threads, off the event loop; a client has ``read_timeout`` seconds to send a
 whole request, and at most ``max_connections`` are open at once.
 
-The model is loaded as predict.py loads it (``model_scorer``: checked, then only trusted classes
+The model is loaded as predict.py loads it (``infer.model.load_model``: checked, then only trusted classes
 built): once in this process on the CPU, so that a bad or crafted file is refused in one line
 before anything starts, then in LitServe's inference worker for serving. Requests are read and
 decoded in LitServe's API process; the worker only ever sees decoded pixels.
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from fastapi import Depends, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -60,7 +60,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from cifarkit.core.devices import resolve_accelerator
 from cifarkit.core.errors import UserError
 from cifarkit.core.untrusted import ImageTooLarge, decode_image, shown, to_json
-from cifarkit.infer.predict import model_scorer, top_classes
+from cifarkit.infer.model import load_model
+from cifarkit.infer.predict import top_classes
 from cifarkit.infer.serve_page import PAGE
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,8 @@ class Classifier(ls.LitAPI):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C reaches every process: the main one stops this one
         if self.cfg.threads:
             torch.set_num_threads(int(self.cfg.threads))
-        self.score, self.classes, _ = model_scorer(self.cfg)
+        model = load_model(self.cfg)
+        self.score, self.classes = model.score, model.classes
 
     def decode_request(self, request: Upload) -> np.ndarray:
         return request  # decoded in the API process by ``upload``
@@ -380,9 +382,9 @@ class Server(ls.LitServer):
 def serve(cfg: DictConfig) -> None:
     """Serve ``cfg.ckpt_path`` on ``cfg.host:cfg.port`` until SIGTERM or Ctrl+C (its options checked by
     cifarkit/run/schema.py)."""
-    is_onnx = str(cfg.ckpt_path).lower().endswith(".onnx")
-    device = "cpu" if is_onnx else resolve_accelerator(cfg.device)
-    _, classes, size = model_scorer(OmegaConf.merge(cfg, {"device": "cpu"}))  # refused here, in one line, if bad
+    checked = load_model(cfg, device="cpu")  # refused here, in one line, if bad; the worker loads it on its device
+    classes, size = checked.classes, checked.image_size
+    device = "cpu" if str(cfg.ckpt_path).lower().endswith(".onnx") else resolve_accelerator(cfg.device)
     check_port_free(cfg.host, int(cfg.port))
 
     try:
