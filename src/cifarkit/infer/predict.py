@@ -7,7 +7,7 @@ with ``weights_only=True`` and rebuilds only trusted ``nn.Module`` classes.
 ``ckpt_path=model.onnx`` (written by export.py) runs the model with ONNX Runtime on the CPU
 instead, reading the classes and image size from the model's metadata; the output is the same.
 Neither path imports Lightning, so predict.py also runs where Lightning is not installed
-(torch, onnxruntime, Pillow and Hydra suffice).
+(torch, Pillow and Hydra suffice; onnxruntime, of the export extra, for a .onnx model).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from cifarkit.core.devices import resolve_accelerator
 from cifarkit.core.errors import UserError
+from cifarkit.core.extras import require
 from cifarkit.core.untrusted import shown, to_json
 from cifarkit.data.images import DataInfo, image_files, load_image, normalize
 from cifarkit.nets.saved import SavedNet
@@ -65,8 +66,7 @@ def checkpoint_scorer(cfg: DictConfig) -> tuple[Scorer, list[str], int]:
 def onnx_scorer(path: str, threads: int | None) -> tuple[Scorer, list[str], int]:
     """An export.py ONNX model in ONNX Runtime (CPU provider, ``threads`` or one per core), whose
     graph does the preprocessing and softmax itself; the classes and image size come from its metadata."""
-    import onnxruntime as ort  # only this path needs it
-
+    ort = require("ckpt_path=*.onnx", "export", "onnxruntime")
     if not Path(path).is_file():
         raise UserError(f"ckpt_path={path} does not exist; pass a .ckpt, or a .onnx written by export.py")
     try:

@@ -36,6 +36,7 @@ from cifarkit.core.errors import (
     misconfiguration,
     one_line,
 )
+from cifarkit.core.extras import require
 from cifarkit.core.files import DiskFull, disk_full, write_metrics
 from cifarkit.core.ranks import from_lightning, global_zero
 from cifarkit.core.untrusted import shown
@@ -43,6 +44,9 @@ from cifarkit.run.resolvers import register_resolvers
 from cifarkit.run.sweep import check_sweeper
 
 log = logging.getLogger(__name__)
+# Options whose config comes from a Hydra plugin of an extra: without it, Hydra would say only that a
+# config is missing. Option: (the plugin's package, the extra).
+PLUGIN_OPTIONS = {"hydra/launcher=slurm": ("hydra_plugins.hydra_submitit_launcher", "slurm")}
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
 # goes on (optuna 2.x raises on NaN), the basic sweeper ignores it; metrics.json says "failed".
 FAILED_JOB = None
@@ -75,15 +79,18 @@ def _concrete_overrides(args: list[str]) -> list[str] | None:
 
 
 def check_command_line(config_dir: Path, config_name: str, args: list[str]) -> DictConfig | None:
-    """Compose once before Hydra starts, so a typo costs one clear line and no run directory;
-    the composed config (Hydra's node included), or None for Hydra's own flags."""
+    """Compose once before Hydra starts, so a typo (or an option whose extra is missing) costs one clear
+    line and no run directory; the composed config (Hydra's node included), or None for Hydra's own flags."""
     try:
         overrides = _concrete_overrides(args)
         if overrides is None:
             return None
+        for option, (package, extra) in PLUGIN_OPTIONS.items():
+            if option in overrides:
+                require(option, extra, package)
         with hydra.initialize_config_dir(config_dir=str(config_dir), version_base="1.3"):
             return hydra.compose(config_name, overrides=overrides, return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException) as e:
+    except (HydraException, OmegaConfBaseException, UserError) as e:
         fail(one_line(e))
         raise  # not reached: fail exits
 

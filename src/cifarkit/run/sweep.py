@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cifarkit.core import rundir
 from cifarkit.core.errors import UserError
+from cifarkit.core.extras import require
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -242,16 +243,20 @@ def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
 
 
 def check_sweeper(cfg: DictConfig) -> None:
-    """Before a multirun starts: the Optuna sweeper is this project's, and its study's storage opens
-    (a database written by Optuna 2 says how to upgrade it); a ``UserError`` otherwise."""
+    """Before a multirun starts: the Optuna sweeper is this project's, the search extra is installed, and
+    its study's storage opens (a database written by Optuna 2 says how to upgrade it); a ``UserError`` otherwise."""
     target = OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or ""
     if target.startswith("hydra_plugins.hydra_optuna_sweeper"):
         raise UserError(
             "hydra-optuna-sweeper (Optuna 2 only) is still installed and shadows cifarkit's Optuna sweeper: "
             "pip uninstall hydra-optuna-sweeper"
         )
+    if not target.startswith("hydra_plugins.cifarkit_optuna_sweeper"):
+        return
+    search = OmegaConf.select(cfg, "hydra.runtime.choices.hparams_search", default=None)
+    require(f"hparams_search={search}" if search else "hydra/sweeper=optuna", "search", "optuna", "sqlalchemy")
     storage = OmegaConf.select(cfg, "hydra.sweeper.storage", default=None)
-    if target.startswith("hydra_plugins.cifarkit_optuna_sweeper") and isinstance(storage, str):
+    if isinstance(storage, str):
         from hydra_plugins.cifarkit_optuna_sweeper.study import open_storage
 
         open_storage(storage)
