@@ -7,10 +7,13 @@ extra (LitServe): ``pip install -e ".[serve]"``.
 import sys
 from pathlib import Path
 
+from cifarkit.core.errors import UserError
+from cifarkit.core.extras import require
+
 try:
-    import litserve  # noqa: F401  the serve extra, checked before anything else is loaded
-except ImportError:
-    print('error: serve.py needs the serve extra: pip install -e ".[serve]"', file=sys.stderr)
+    require("serve.py", "serve", "litserve")  # checked before the serving code loads it
+except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
     raise SystemExit(1) from None
 
 from cifarkit.infer.serve import serve

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 
 from cifarkit.run.cli import compose
 from cifarkit.run.resolvers import register_resolvers
+from cifarkit.run.schema import check
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -77,7 +79,9 @@ def test_every_command_composes(page: str, command: str) -> None:
     register_resolvers()
     name, args = entry_point(command)
     if (overrides := first_values(args)) is not None:
-        compose(ROOT / "configs", name, overrides)
+        cfg = compose(ROOT / "configs", name, overrides)
+        if cfg.hydra.mode != RunMode.MULTIRUN:  # a search's config resolves in its sweeper
+            check(cfg)
 
 
 def test_the_configuration_table_names_every_option() -> None:

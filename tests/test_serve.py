@@ -405,21 +405,6 @@ def test_bad_options_are_one_line(setup: Setup, tmp_path: Path) -> None:
             assert "\n" not in str(e.value)
 
 
-def test_without_the_serve_extra(tmp_path: Path) -> None:
-    code = (
-        "import runpy, sys; sys.modules['litserve'] = None; sys.argv = ['serve.py', 'ckpt_path=x']; "
-        f"runpy.run_path({str(ROOT / 'serve.py')!r}, run_name='__main__')"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", code], check=False, cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert (
-        r.returncode == 1
-        and r.stderr == 'error: serve.py needs the serve extra: pip install -e ".[serve]"\n'
-        and r.stdout == ""
-    )
-
-
 def answered_json(reply: Reply) -> None:
     """A 200 with classes, or a 4xx with one error line: strict JSON either way (``call`` parsed it)."""
     assert reply.status == 200 or (400 <= reply.status < 500 and list(reply.body) == ["error"]), reply

@@ -41,9 +41,11 @@ def misconfiguration() -> tuple[type[Exception], ...]:
 
 def one_line(e: BaseException) -> str:
     """An exception (and the config error that caused it) as a single line; a ``UserError``
-    raised while Hydra instantiated a class speaks for itself."""
-    if isinstance(e.__cause__, UserError):
-        e = e.__cause__
+    raised while Hydra instantiated a class (or a class inside one) speaks for itself."""
+    cause = e.__cause__
+    while cause is not None and not isinstance(cause, UserError):
+        cause = cause.__cause__
+    e = cause or e
     parts = [str(e)]
     if isinstance(e.__cause__, (OmegaConfBaseException, *misconfiguration())):
         parts.append(str(e.__cause__).splitlines()[0])

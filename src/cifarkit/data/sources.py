@@ -22,6 +22,7 @@ import torch
 from torchvision.datasets.folder import find_classes, make_dataset
 
 from cifarkit.core.errors import UserError
+from cifarkit.core.extras import require
 from cifarkit.core.untrusted import DECODER, shown
 from cifarkit.data.datamodule import ImageDataModule
 from cifarkit.data.images import IMAGE_SUFFIXES, is_hidden, load_image
@@ -173,6 +174,7 @@ class SVHNDataModule(DownloadedDataModule):
     title, key = "SVHN", "svhn"
 
     def __init__(self, extra: bool, **kwargs: Any) -> None:
+        require("data=svhn", "svhn", "scipy.io")  # torchvision's SVHN reads the .mat files with it
         super().__init__(**kwargs)
         self.extra = extra
         self.files = (

@@ -1,12 +1,12 @@
 """The experiment trackers users already run, as Lightning loggers: MLflow and Weights & Biases.
 
 Each is an optional extra (``pip install -e ".[mlflow]"``, ``".[wandb]"``); choosing one whose
-package is missing stops in one line that names the extra. configs/logger/ holds their options.
+package is missing stops in one line that names the extra (cifarkit/core/extras.py). configs/logger/
+holds their options.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
 from pathlib import Path
 from typing import Any
@@ -14,15 +14,7 @@ from typing import Any
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import MLFlowLogger, WandbLogger
 
-from cifarkit.core.errors import UserError
-
-
-def require(extra: str) -> None:
-    """Import the package of ``logger=<extra>``, or stop in one line naming the extra."""
-    try:
-        importlib.import_module(extra)
-    except ImportError:
-        raise UserError(f'logger={extra} needs the {extra} extra: pip install -e ".[{extra}]"') from None
+from cifarkit.core.extras import require
 
 
 def run_name(run_dir: str) -> str:
@@ -49,7 +41,7 @@ def mlflow_logger(tracking_uri: str, artifact_location: str, run_dir: str, **kwa
     """The MLflow logger of ``logger=mlflow``: a local store gets its database folder created and
     keeps its artifacts at ``artifact_location`` (absolute, so any working directory finds them);
     a server decides where artifacts go."""
-    require("mlflow")
+    require("logger=mlflow", "mlflow", "mlflow")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 reports usage to its makers unless told not to
     local = tracking_uri.startswith(("sqlite:", "file:"))
     if tracking_uri.startswith("sqlite:///"):
@@ -66,8 +58,7 @@ def mlflow_logger(tracking_uri: str, artifact_location: str, run_dir: str, **kwa
 def wandb_logger(run_dir: str, **kwargs: Any) -> WandbLogger:
     """The W&B logger of ``logger=wandb``. A run still open in this process (the previous job of
     an in-process sweep) is finished first: Lightning's ``WandbLogger`` would log into it."""
-    require("wandb")
-    import wandb
+    wandb = require("logger=wandb", "wandb", "wandb")
 
     if wandb.run is not None:
         wandb.finish()

@@ -24,6 +24,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from cifarkit.core.errors import UserError
+from cifarkit.core.extras import require
 from cifarkit.core.files import atomic_write
 from cifarkit.data.images import DataInfo
 from cifarkit.nets.saved import SavedNet
@@ -63,7 +64,7 @@ def output_path(ckpt_path: str, fmt: str, output: str | None) -> Path:
 
 
 def _onnx_bytes(model: nn.Module, example: torch.Tensor, dynamic: Any, metadata: dict[str, str]) -> bytes:
-    import onnx  # with onnxscript, which the exporter imports itself: needed for ONNX only
+    import onnx  # export_model checked the export extra before reading the checkpoint
 
     program = torch.onnx.export(
         model,
@@ -83,6 +84,8 @@ def export_model(ckpt_path: str, fmt: str, output: str | None, trusted: list[str
     """Write the checkpoint's net, preprocessing and softmax included, as ``fmt``; return the
     path written and the checkpoint's ``DataInfo``."""
     path = output_path(ckpt_path, fmt, output)
+    if fmt == "onnx":  # torch's ONNX exporter imports onnxscript itself
+        require("export.py format=onnx", "export", "onnx", "onnxscript")
     saved = SavedNet.read(ckpt_path)
     info = saved.data
     model = ImagesToProbabilities(saved.rebuild(trusted), info.mean, info.std).eval()

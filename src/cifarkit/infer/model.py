@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from cifarkit.core.devices import resolve_accelerator
 from cifarkit.core.errors import UserError
+from cifarkit.core.extras import require
 from cifarkit.core.untrusted import shown
 from cifarkit.data.images import DataInfo, normalize
 from cifarkit.nets.saved import SavedNet
@@ -50,7 +51,7 @@ def load_model(cfg: DictConfig, device: str | None = None) -> Model:
 def _onnx_model(path: str, threads: int | None) -> Model:
     """An export.py ONNX model in ONNX Runtime (CPU provider, ``threads`` or one per core), whose graph does the
     preprocessing and softmax itself."""
-    import onnxruntime as ort  # only this path needs it
+    ort = require("ckpt_path=*.onnx", "export", "onnxruntime")
 
     if not Path(path).is_file():
         raise UserError(f"ckpt_path={path} does not exist; pass a .ckpt, or a .onnx written by export.py")

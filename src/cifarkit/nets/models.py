@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cifarkit.core.errors import UserError
+from cifarkit.core.extras import require
 
 
 class BasicBlock(nn.Module):
@@ -251,11 +252,7 @@ VIT_MODULES = ("vision_transformer", "deit")  # timm's modules of VisionTransfor
 
 
 def _timm() -> Any:
-    try:
-        import timm
-    except ImportError as e:
-        raise UserError(f'model=timm needs timm ({e}); install the extra: pip install -e ".[timm]"') from e
-    return timm
+    return require("model=timm", "timm", "timm")
 
 
 class TimmNet(nn.Module):

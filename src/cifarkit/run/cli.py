@@ -40,13 +40,23 @@ from cifarkit.core.errors import (
     misconfiguration,
     one_line,
 )
+from cifarkit.core.extras import require
 from cifarkit.core.files import DiskFull, disk_full, write_metrics
 from cifarkit.core.ranks import from_lightning, global_zero
 from cifarkit.core.untrusted import shown
 from cifarkit.run.resolvers import register_resolvers
 from cifarkit.run.schema import check
+from cifarkit.run.sweep import check_sweeper
 
 log = logging.getLogger(__name__)
+# Options of the command line that need an extra (option, or its key and "=": the extra and its packages),
+# checked before Hydra composes anything: without them Hydra would say only that a plugin's config is missing,
+# or a search would fail once it starts.
+EXTRA_OPTIONS = {
+    "hydra/launcher=slurm": ("slurm", ("hydra_plugins.hydra_submitit_launcher",)),
+    "hydra/sweeper=optuna": ("search", ("optuna", "sqlalchemy")),
+    "hparams_search=": ("search", ("optuna", "sqlalchemy")),
+}
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
 # goes on, the basic sweeper ignores it; metrics.json says "failed".
 FAILED_JOB = None
@@ -62,6 +72,10 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
     """Entry point of train.py, eval.py, predict.py, export.py and serve.py."""
     register_resolvers()
     args = sys.argv[1:]
+    try:
+        check_extras(args)
+    except UserError as e:
+        fail(str(e))
     if any(a.startswith("-") for a in args):  # Hydra's flags and sweeps, Hydra's way
         _hydra_main(task, config_dir, config_name)
         return
@@ -71,6 +85,7 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
             GlobalHydra.instance().clear()
             _hydra_main(task, config_dir, config_name)
             return
+        check(cfg)  # every option's type and bounds (cifarkit/run/schema.py)
         place(cfg)
     except (*USER_ERRORS, *misconfiguration()) as e:
         fail(one_line(e))
@@ -83,6 +98,17 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
     _ = ret.return_value  # a bug's exception, raised here with its traceback
 
 
+def check_extras(args: list[str]) -> None:
+    """Each option of ``args`` that needs an extra finds its packages (``EXTRA_OPTIONS``); a search, this
+    project's sweeper."""
+    for arg in args:
+        for option, (extra, packages) in EXTRA_OPTIONS.items():
+            if arg == option or (option.endswith("=") and arg.startswith(option)):
+                require(arg, extra, *packages)
+                if extra == "search":
+                    check_sweeper()
+
+
 def compose(config_dir: Path, config_name: str, overrides: list[str], job_name: str = "app") -> DictConfig:
     """The config of a single run (Hydra's node included): the one composition of the command line."""
     GlobalHydra.instance().clear()
@@ -91,7 +117,6 @@ def compose(config_dir: Path, config_name: str, overrides: list[str], job_name: 
     if cfg.hydra.mode is None:
         with read_write(cfg.hydra):
             cfg.hydra.mode = RunMode.RUN
-    check(cfg)  # every option's type and bounds (cifarkit/run/schema.py)
     return cfg
 
 

@@ -27,9 +27,14 @@ def checkpoint_name(which: str) -> str:
     return Path(getattr(rundir, which.upper())).stem
 
 
+def checkpoint_dir(run_dir: str | None) -> str | None:
+    """The run directory's checkpoints/; None before Hydra made the directory (``--cfg job --resolve``)."""
+    return None if run_dir is None else str(rundir.checkpoint_dir(run_dir))
+
+
 def register_resolvers() -> None:
     """The configs' own resolvers (the module's docstring lists them)."""
     OmegaConf.register_new_resolver("lr_for_batch", lr_for_batch, replace=True)
     OmegaConf.register_new_resolver("study_seed", study_seed, replace=True)
-    OmegaConf.register_new_resolver("checkpoint_dir", lambda run_dir: str(rundir.checkpoint_dir(run_dir)), replace=True)
+    OmegaConf.register_new_resolver("checkpoint_dir", checkpoint_dir, replace=True)
     OmegaConf.register_new_resolver("checkpoint_name", checkpoint_name, replace=True)

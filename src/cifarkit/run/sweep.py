@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import logging
 import math
@@ -204,7 +205,6 @@ class SweepSummary(Callback):
         self.x = x
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        check_sweeper(config)  # Hydra calls this before it makes the sweeper: before any job starts
         # Optuna's SQLite storage creates its file but not the folder it lives in.
         storage = OmegaConf.select(config, "hydra.sweeper.storage", default=None)
         if isinstance(storage, str) and storage.startswith("sqlite:///"):
@@ -242,17 +242,11 @@ def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
     return int(seed) + study_trial_count(storage, study_name)
 
 
-def check_sweeper(cfg: DictConfig) -> None:
-    """Before a multirun starts: the Optuna sweeper is this project's, and its study's storage opens
-    (a database written by Optuna 2 says how to upgrade it); a ``UserError`` otherwise."""
-    target = OmegaConf.select(cfg, "hydra.sweeper._target_", default="") or ""
-    if target.startswith("hydra_plugins.hydra_optuna_sweeper"):
+def check_sweeper() -> None:
+    """Before a search starts: the Optuna sweeper Hydra finds is this project's (pip leaves the old
+    hydra-optuna-sweeper installed, and its config of the same name would shadow ours)."""
+    if importlib.util.find_spec("hydra_plugins.hydra_optuna_sweeper") is not None:
         raise UserError(
             "hydra-optuna-sweeper (Optuna 2 only) is still installed and shadows cifarkit's Optuna sweeper: "
             "pip uninstall hydra-optuna-sweeper"
         )
-    storage = OmegaConf.select(cfg, "hydra.sweeper.storage", default=None)
-    if target.startswith("hydra_plugins.cifarkit_optuna_sweeper") and isinstance(storage, str):
-        from hydra_plugins.cifarkit_optuna_sweeper._study import open_storage
-
-        open_storage(storage)
