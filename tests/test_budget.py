@@ -160,7 +160,7 @@ def test_what_a_budget_cannot_do(image_folder: Path, tmp_path: Path, compose_cfg
         UserError,
         match=(
             r"budget_s is set but .*budget.json does not say the step count the run "
-            r"was sized to; add trainer.max_steps="
+            r"was sized to; add its replay overrides from its log"
         ),
     ):
         train_job(compose_cfg(cpu10(image_folder, tmp_path, "resumed", "budget_s=10", f"ckpt_path={ckpt}")))

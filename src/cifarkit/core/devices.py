@@ -15,15 +15,14 @@ from cifarkit.core.errors import UserError
 def resolve_accelerator(accelerator: str) -> str:
     """The device type a run will use; a requested accelerator that is absent is a user error."""
     cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    absent = None  # what is missing, and what to use instead
     if accelerator in ("gpu", "cuda") and not cuda:
-        hint = "trainer.accelerator=mps" if mps else "trainer=cpu"
+        absent = "no CUDA GPU is", "trainer.accelerator=mps" if mps else "trainer=cpu"
+    elif accelerator == "mps" and not mps:
+        absent = "Apple's MPS backend is not", "trainer=cpu"
+    if absent:
         raise UserError(
-            f"trainer.accelerator={accelerator} but no CUDA GPU is available here; use {hint} or "
-            "trainer.accelerator=auto"
-        )
-    if accelerator == "mps" and not mps:
-        raise UserError(
-            "trainer.accelerator=mps but Apple's MPS backend is not available here; use trainer=cpu or "
+            f"trainer.accelerator={accelerator} but {absent[0]} available here; use {absent[1]} or "
             "trainer.accelerator=auto"
         )
     if accelerator == "auto":

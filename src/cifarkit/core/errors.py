@@ -7,6 +7,8 @@ catches these without loading the training stack.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hydra.errors import HydraException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -15,6 +17,14 @@ from cifarkit.core.ranks import from_lightning
 
 class UserError(Exception):
     """A problem with the user's input (data, paths, config); its message says how to fix it."""
+
+
+def existing(option: str, path: str | Path, what: str, folder: bool = False) -> Path:
+    """The file (or ``folder``: the file or folder) an option names, or the one line that says it does not
+    exist and what to pass instead."""
+    if not (Path(path).exists() if folder else Path(path).is_file()):
+        raise UserError(f"{option}={path} does not exist; pass {what}")
+    return Path(path)
 
 
 class RunInUse(UserError):

@@ -25,7 +25,6 @@ def require(door: str, extra: str, *modules: str) -> ModuleType:
         try:
             imported.append(importlib.import_module(name))
         except ImportError as e:
-            if e.name is not None and e.name.split(".")[0] == name.split(".")[0]:  # the package itself is absent
-                raise UserError(line) from None
-            raise UserError(f"{line} (import {name} failed: {str(e).splitlines()[0]})") from e
+            absent = e.name is not None and e.name.split(".")[0] == name.split(".")[0]  # the package itself
+            raise UserError(line if absent else f"{line} (import {name} failed: {str(e).splitlines()[0]})") from e
     return imported[0]

@@ -39,7 +39,7 @@ from typing import Any
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
-from cifarkit.core.errors import RunInUse, UserError
+from cifarkit.core.errors import RunInUse, existing
 from cifarkit.core.untrusted import read_json_object
 
 AUTO = "auto"
@@ -67,12 +67,7 @@ def budget_file(run_dir: str | Path) -> Path:
 
 def checkpoint_file(path: str | Path) -> Path:
     """``path`` if it is a file, else the one line that says so (before any work starts)."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(
-            f"ckpt_path={path} does not exist; pass the path of a .ckpt file (e.g. <run>/{CHECKPOINTS}/{LAST})"
-        )
-    return p
+    return existing("ckpt_path", path, f"the path of a .ckpt file (e.g. <run>/{CHECKPOINTS}/{LAST})")
 
 
 def of_checkpoint(ckpt: str | Path) -> Path:

@@ -129,11 +129,11 @@ def check_tree(data: Any, where: str, fix: str, max_depth: int = MAX_DEPTH, max_
     while stack:
         node, depth = stack.pop()
         nodes += 1
-        if nodes > max_nodes:
-            raise UserError(f"{where} holds over {max_nodes} values; {fix}")
-        if isinstance(node, (dict, list, tuple)):
-            if depth >= max_depth:
-                raise UserError(f"{where} is nested over {max_depth} levels deep; {fix}")
+        nested = isinstance(node, (dict, list, tuple))
+        if nodes > max_nodes or (nested and depth >= max_depth):
+            what = f"holds over {max_nodes} values" if nodes > max_nodes else f"is nested over {max_depth} levels deep"
+            raise UserError(f"{where} {what}; {fix}")
+        if nested:
             stack.extend((child, depth + 1) for child in (node.values() if isinstance(node, dict) else node))
 
 

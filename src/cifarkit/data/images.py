@@ -16,7 +16,7 @@ import torch
 from pydantic import AfterValidator, ConfigDict, Field, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
-from cifarkit.core.errors import UserError
+from cifarkit.core.errors import UserError, existing
 from cifarkit.core.untrusted import MAX_MEGAPIXELS, decode_image, invalid, shown
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -59,13 +59,14 @@ class DataInfo:
     @classmethod
     def check(cls, raw: Any, where: str) -> DataInfo:
         """``raw`` (from a file a stranger may have made) as a ``DataInfo``, or one line naming ``where``."""
-        fix = "pass a .ckpt written by train.py or a model written by export.py"
-        if not isinstance(raw, dict):
-            raise UserError(f"{where} lacks a valid data_info (classes, mean/std, image size); {fix}")
+        fields = ("classes", "mean", "std", "image_size")
         try:
-            return cls(**{k: raw.get(k) for k in ("classes", "mean", "std", "image_size")})
-        except ValidationError as e:
-            raise UserError(f"{where} has an invalid data_info ({invalid(e)}); {fix}") from None
+            return cls(**{k: raw.get(k) for k in fields} if isinstance(raw, dict) else {})
+        except ValidationError as e:  # not a mapping: every field is missing
+            raise UserError(
+                f"{where} has an invalid data_info ({invalid(e)}); pass a .ckpt written by train.py or a model written "
+                "by export.py"
+            ) from None
 
     def as_metadata(self) -> dict[str, str]:
         """Each field as a JSON string (ONNX ``metadata_props`` hold strings only)."""
@@ -92,9 +93,7 @@ def is_hidden(path: Path, under: Path) -> bool:
 
 def image_files(inputs: str) -> list[Path]:
     """The file itself, or every visible file under the folder (recursively, sorted)."""
-    p = Path(inputs)
+    p = existing("inputs", inputs, "an image file or a folder of images", folder=True)
     if p.is_file():
         return [p]
-    if p.is_dir():
-        return sorted(f for f in p.rglob("*") if f.is_file() and not is_hidden(f, p))
-    raise UserError(f"inputs={inputs} does not exist; pass an image file or a folder of images")
+    return sorted(f for f in p.rglob("*") if f.is_file() and not is_hidden(f, p))

@@ -12,7 +12,6 @@ import inspect
 import logging
 from dataclasses import asdict
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -24,7 +23,7 @@ from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
 
-from cifarkit.core.errors import UserError
+from cifarkit.core.errors import UserError, existing
 from cifarkit.data.augment import tta_logits
 from cifarkit.fit import optim
 from cifarkit.nets import start
@@ -70,8 +69,8 @@ class ImageClassifier(L.LightningModule):
         self.timm_weights = None
         if not built:
             net, self.timm_weights = start.split_timm_start(net)
-        if init_from is not None and not Path(init_from).is_file():  # with timm's weights too: the schema refuses
-            raise UserError(f"model.init_from={init_from} does not exist; pass a .ckpt written by train.py")
+        if init_from is not None:  # with timm's weights too: the schema refuses
+            existing("model.init_from", init_from, "a .ckpt written by train.py")
         self.save_hyperparameters(ignore=["net"] if built else None)
         self.net: nn.Module = net if built else instantiate(net, num_classes=len(classes))
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -122,7 +121,7 @@ class ImageClassifier(L.LightningModule):
         """The net's tensors (state dict keys) sized by the class count: its head."""
         net_config = self.hparams.get("net")
         if net_config is None:  # a net rebuilt from a checkpoint: no config to build another from
-            raise UserError("the head of a net given as a module is not known; build the classifier from a net config")
+            raise TypeError("the head of a net given as a module is not known; build the classifier from a net config")
         return start.head_names(lambda n: instantiate(net_config, num_classes=n), len(self.hparams.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig
 
 from cifarkit.core.devices import resolve_accelerator
-from cifarkit.core.errors import UserError
+from cifarkit.core.errors import UserError, existing
 from cifarkit.core.extras import require
 from cifarkit.core.untrusted import shown
 from cifarkit.data.images import DataInfo, normalize
@@ -53,8 +53,7 @@ def _onnx_model(path: str, threads: int | None) -> Model:
     preprocessing and softmax itself."""
     ort = require("ckpt_path=*.onnx", "export", "onnxruntime")
 
-    if not Path(path).is_file():
-        raise UserError(f"ckpt_path={path} does not exist; pass a .ckpt, or a .onnx written by export.py")
+    existing("ckpt_path", path, "a .ckpt, or a .onnx written by export.py")
     try:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice

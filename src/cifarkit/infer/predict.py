@@ -6,8 +6,9 @@ with ``weights_only=True`` and rebuilds only trusted ``nn.Module`` classes.
 
 ``ckpt_path=model.onnx`` (written by export.py) runs the model with ONNX Runtime on the CPU
 instead, reading the classes and image size from the model's metadata; the output is the same.
-Neither path imports Lightning, so predict.py also runs where Lightning is not installed
-(torch, Pillow and Hydra suffice; onnxruntime, of the export extra, for a .onnx model).
+Neither path imports Lightning (predict.py starts without loading it); it uses torch,
+torchvision, Hydra, pydantic, NumPy and Pillow of the base install, and onnxruntime (the export
+extra) for a .onnx model.
 """
 
 from __future__ import annotations

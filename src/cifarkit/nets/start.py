@@ -20,13 +20,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from cifarkit.core.errors import UserError
+from cifarkit.core.errors import UserError, existing
 from cifarkit.nets.models import _timm
 from cifarkit.nets.saved import SavedNet
 
@@ -80,10 +79,8 @@ def split_timm_start(net: dict[str, Any]) -> tuple[dict[str, Any], TimmWeights |
                 f"timm has no pretrained config for model.net.name={name} ({e}); "
                 "list them with python -c 'import timm; print(timm.list_pretrained())'"
             ) from e
-        if file is not None and not Path(file).is_file():
-            raise UserError(
-                f"model.net.weights={file} does not exist; pass a .safetensors or .pth file of {name}'s weights"
-            )
+        if file is not None:
+            existing("model.net.weights", file, f"a .safetensors or .pth file of {name}'s weights")
         net["name"] = timm.models.split_model_name_tag(name)[0]  # the architecture: the tag picks weights
         weights = TimmWeights(name, None if file is None else str(file), cfg.num_classes, list(cfg.mean), list(cfg.std))
         if net.get("cifar_stem") is None:
@@ -128,14 +125,12 @@ def timm_start(weights: TimmWeights, net: nn.Module, num_classes: int) -> Start:
     except Exception as e:
         why = f"{e.__class__.__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if weights.file is not None:
-            raise UserError(
-                f"model.net.weights={weights.file} does not load into timm's {weights.name} ({why}); "
-                "pass a file of that net's weights"
-            ) from e
-        raise UserError(
-            f"timm could not load {weights.name}'s pretrained weights ({why}); without a network, "
-            f"download them elsewhere and pass model.net.weights=<file> (.safetensors or .pth)"
-        ) from e
+            what = f"model.net.weights={weights.file} does not load into timm's {weights.name}"
+            fix = "pass a file of that net's weights"
+        else:
+            what = f"timm could not load {weights.name}'s pretrained weights"
+            fix = "without a network, download them elsewhere and pass model.net.weights=<file> (.safetensors or .pth)"
+        raise UserError(f"{what} ({why}); {fix}") from e
     where = weights.file or "timm's hub"
     return Start(
         f"timm's {weights.name} ({where})",

@@ -124,8 +124,6 @@ def decide(cfg: DictConfig, recorded: tuple[Path, dict[str, Any] | None] | None)
     if why := skipped(cfg):
         log.info(why)
         return {}, []
-    if float(cfg.budget_s) <= 0:
-        raise UserError(f"budget_s={cfg.budget_s} must be a number of seconds above 0, or null")
     decision = _resumed(cfg, *recorded) if recorded else size_to_budget(cfg)
     return decision, overrides(decision)
 
@@ -278,16 +276,18 @@ def _resumed(cfg: DictConfig, recorded: Path, decision: dict[str, Any] | None) -
     """The decision a checkpoint's run recorded beside its checkpoints (``budget.json``), if it is one."""
     steps = decision.get("steps") if decision else None
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        raise UserError(
-            f"budget_s is set but {recorded} does not say the step count the run was sized to; "
-            "add trainer.max_steps=<its steps, from its log> to resume it"
-        )
-    if net_given():  # the command line's net, as for a new run
+        unusable = "does not say the step count the run was sized to"
+    elif net_given():  # the command line's net, as for a new run
         decision.pop("net", None)
+        unusable = None
     elif "net" in decision and decision["net"] not in candidate_nets(cfg):  # only the config's own options
+        unusable = "names a net that budget_nets does not offer"
+    else:
+        unusable = None
+    if unusable:  # what the run's log line names instead: its replay overrides
         raise UserError(
-            f"{recorded} names a net that budget_nets does not offer; add model.net options and "
-            "trainer.max_steps=<its steps> from its log to resume it"
+            f"budget_s is set but {recorded} {unusable}; add its replay overrides from its log "
+            "(model.net options, trainer.max_steps=<its steps> trainer.max_epochs=-1) to resume it"
         )
     log.info("budget %g s: resuming the run sized to %s (%s)", decision["seconds"], replay(decision), recorded)
     return decision

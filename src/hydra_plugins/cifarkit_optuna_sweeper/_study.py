@@ -125,21 +125,21 @@ def distribution(override: Any) -> Any:
     if isinstance(value, ChoiceSweep) or (isinstance(value, RangeSweep) and value.shuffle):
         choices = list(override.sweep_iterator(transformer=Transformer.encode))
         bad = [c for c in choices if not isinstance(c, (str, int, float, bool, type(None)))]
-        if bad:
-            raise UserError(
-                f"{override.input_line}: a choice takes str, int, float, bool or null values, not {bad[0]!r}"
-            )
-        return CategoricalDistribution(choices)
-    if isinstance(value, RangeSweep):  # both ends included, as hydra-optuna-sweeper had it
+        if not bad:
+            return CategoricalDistribution(choices)
+        why = f"a choice takes str, int, float, bool or null values, not {bad[0]!r}"
+    elif isinstance(value, RangeSweep):  # both ends included, as hydra-optuna-sweeper had it
         if any(isinstance(x, float) for x in (value.start, value.stop, value.step)):
             return FloatDistribution(value.start, value.stop, step=value.step)
         return IntDistribution(int(value.start), int(value.stop), step=int(value.step))
-    if isinstance(value, IntervalSweep):
+    elif isinstance(value, IntervalSweep):
         log_scale = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(value.start, value.end, log=log_scale)
-    raise UserError(f"{override.input_line}: the Optuna sweeper takes choice(), range() or interval(), not this sweep")
+    else:
+        why = "the Optuna sweeper takes choice(), range() or interval(), not this sweep"
+    raise UserError(f"{override.input_line}: {why}")
 
 
 def search_space(arguments: Sequence[str]) -> tuple[dict[str, Any], dict[str, str]]:
