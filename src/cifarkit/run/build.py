@@ -43,24 +43,22 @@ def build(cfg: DictConfig, with_loggers: bool = True, **data_overrides: Any) -> 
         logger=loggers or False,
         plugins=[AtomicCheckpointIO()],
     )
-    check_launcher(trainer, cfg.trainer.get("strategy"))
-    return datamodule, trainer
-
-
-def check_launcher(trainer: L.Trainer, strategy: Any) -> None:
-    """Refuse DDP's script launcher in a local sweep: it starts ranks > 0 by re-running the command line (-m too)."""
-    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    # DDP's script launcher starts ranks > 0 by re-running the command line, -m too: not inside a local sweep.
+    strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, str):  # a registered name: ddp (popen), ddp_spawn, ddp_fork...
         options = StrategyRegistry[strategy]["init_params"] if strategy in StrategyRegistry else {}
     else:
         options = strategy or {}
-    relaunches = (
-        isinstance(trainer.strategy, DDPStrategy)
+    if (
+        HydraConfig.initialized()
+        and HydraConfig.get().mode == RunMode.MULTIRUN
+        and isinstance(trainer.strategy, DDPStrategy)
         and options.get("start_method", "popen") == "popen"  # DDPStrategy's default re-runs the command line
         and not trainer.strategy.cluster_environment.creates_processes_externally  # torchrun, SLURM: ranks exist
-    )
-    if multirun and relaunches and trainer.num_devices > 1:
+        and trainer.num_devices > 1
+    ):
         raise UserError(
             f"trainer.strategy=ddp with {trainer.num_devices} devices cannot run inside a local sweep (-m); "
             "add +trainer.strategy.start_method=spawn on one machine, or use hydra/launcher=slurm on a cluster"
         )
+    return datamodule, trainer
