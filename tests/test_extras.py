@@ -110,10 +110,11 @@ def test_a_logger_without_its_extra(extra: str, image_folder: Path, tmp_path: Pa
     assert r.code == 1 and error_line(r.err) == needs(f"logger={extra}", extra)
 
 
-def test_the_slurm_launcher_without_the_slurm_extra(tmp_path: Path) -> None:
+def test_the_slurm_launcher_without_the_slurm_extra(tmp_path: Path, main, monkeypatch) -> None:
     """Hydra finds no submitit_slurm config without the plugin; the command line is checked first."""
-    r = script("train.py", ["-m", "hydra/launcher=slurm"], ["hydra_plugins.hydra_submitit_launcher"], tmp_path)
-    assert r.returncode == 1 and error_line(r.stderr) == needs("hydra/launcher=slurm", "slurm")
+    without(monkeypatch, "hydra_plugins.hydra_submitit_launcher")
+    r = main("train.py", ["-m", "hydra/launcher=slurm", f"paths.log_dir={tmp_path / 'logs'}"])
+    assert r.code == 1 and error_line(r.err) == needs("hydra/launcher=slurm", "slurm")
     assert not (tmp_path / "logs").exists()
 
 

@@ -157,11 +157,17 @@ class HydraCallbacks:
 
 def _hydra_main(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -> None:
     """``hydra.main``, with the errors of composing the command line (or of starting a sweep) in one line."""
+    before = os.environ.get("HYDRA_FULL_ERROR")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra hands its errors to the caller instead of printing them
     try:
         hydra.main(version_base="1.3", config_path=str(config_dir), config_name=config_name)(guarded(task))()
     except (*USER_ERRORS, *misconfiguration()) as e:
         fail(one_line(e))
+    finally:
+        if before is None:
+            del os.environ["HYDRA_FULL_ERROR"]
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = before
 
 
 def _output_dir() -> Path | None:
