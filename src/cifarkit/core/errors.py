@@ -50,12 +50,13 @@ def misconfiguration() -> tuple[type[Exception], ...]:
 
 
 def one_line(e: BaseException) -> str:
-    """An exception (and the config error that caused it) as a single line; a ``UserError``
-    raised while Hydra instantiated a class (or a class inside one) speaks for itself."""
-    cause = e.__cause__
-    while cause is not None and not isinstance(cause, UserError):
-        cause = cause.__cause__
-    e = cause or e
+    """An exception (and the config error that caused it) as a single line; a ``UserError`` raised while
+    Hydra instantiated a class (or a class inside one) or OmegaConf resolved an interpolation speaks for
+    itself (OmegaConf chains its errors as the context, not the cause)."""
+    cause, seen = e.__cause__ or e.__context__, 0
+    while cause is not None and not isinstance(cause, UserError) and seen < 10:
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    e = cause if isinstance(cause, UserError) else e
     parts = [str(e)]
     if isinstance(e.__cause__, (OmegaConfBaseException, *misconfiguration())):
         parts.append(str(e.__cause__).splitlines()[0])

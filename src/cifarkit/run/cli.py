@@ -24,7 +24,9 @@ from typing import Any
 import hydra
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import configure_log, run_job
+from hydra.errors import HydraException
 from hydra.experimental.callback import Callback
 from hydra.types import HydraContext, RunMode
 from hydra.utils import instantiate
@@ -76,7 +78,7 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
         check_extras(args)
     except UserError as e:
         fail(str(e))
-    if any(a.startswith("-") for a in args):  # Hydra's flags and sweeps, Hydra's way
+    if any(a.startswith("-") for a in args) or _sweeps(args):  # Hydra's flags and sweeps, Hydra's way
         _hydra_main(task, config_dir, config_name)
         return
     try:
@@ -96,6 +98,15 @@ def run(task: Callable[[DictConfig], Any], config_dir: Path, config_name: str) -
     ret = run_job(guarded(task), cfg, job_dir_key="hydra.run.dir", job_subdir_key=None, hydra_context=context)
     callbacks.on_run_end(config=cfg, config_name=config_name, job_return=ret)
     _ = ret.return_value  # a bug's exception, raised here with its traceback
+
+
+def _sweeps(args: list[str]) -> bool:
+    """Whether the command line sweeps a value (``lr=1e-3,1e-2``, ``choice(...)``): a sweep, as a preset that
+    is one (``hparams_search=...``) takes it without ``-m``; Hydra says so in one line where it is not."""
+    try:
+        return any(o.is_sweep_override() for o in OverridesParser.create().parse_overrides(args))
+    except HydraException:  # a malformed override: the composition says which, in one line
+        return False
 
 
 def check_extras(args: list[str]) -> None:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 ROUND = "cifarkit:round_end"  # the study's user attribute: the trial number the current round stops before
 TRIAL_KEY = "optuna_trial"  # the config key a job reads its trial number from
 # storage: null: this process's studies, each with its in-memory storage, for its in-process jobs
+_COUNTED: dict[tuple[str, str | None], int] = {}  # the trial count each study's sampler seed was read at
 _IN_MEMORY: dict[str, tuple[optuna.Study, optuna.storages.BaseStorage]] = {}
 
 
@@ -55,6 +56,7 @@ def open_storage(storage: Any) -> Any:
     import optuna
     from optuna.storages import JournalStorage, RDBStorage
     from optuna.storages.journal import JournalFileBackend
+    from sqlalchemy.exc import IntegrityError
 
     if is_journal(storage):
         path = Path(storage).expanduser()
@@ -62,10 +64,12 @@ def open_storage(storage: Any) -> Any:
         return JournalStorage(JournalFileBackend(str(path)))
     if storage.startswith("sqlite:///"):  # SQLite creates its file but not the folder it lives in
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine = {"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
     try:
-        return RDBStorage(
-            storage, engine_kwargs={"connect_args": {"timeout": 60}} if storage.startswith("sqlite") else None
-        )
+        try:
+            return RDBStorage(storage, engine_kwargs=engine)
+        except IntegrityError:  # another process created the schema at the same moment: it is there now
+            return RDBStorage(storage, engine_kwargs=engine)
     except RuntimeError as e:  # an older Optuna's schema
         if "optuna storage upgrade" not in str(e):
             raise
@@ -104,9 +108,11 @@ def study_trial_count(storage: Any, study_name: str | None) -> int:
     import optuna
 
     try:
-        return len(optuna.load_study(study_name=study_name, storage=open_storage(storage)).get_trials(deepcopy=False))
+        count = len(optuna.load_study(study_name=study_name, storage=open_storage(storage)).get_trials(deepcopy=False))
     except KeyError:  # no such study yet: this run creates it
-        return 0
+        count = 0
+    _COUNTED[(str(storage), study_name)] = count
+    return count
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,6 +266,11 @@ class Search:
         )
 
         next_number, reseeded = len(trials), False
+        if _COUNTED.get((str(self.s.storage), self.s.study_name), len(trials)) != len(trials):
+            # Another worker added trials after this one's seed counted them (study_seed): started from the same
+            # count, it has the same seed, and would sample the same values.
+            study.sampler.reseed_rng()
+            reseeded = True
         while True:
             batch = []
             for _ in range(max(1, self.s.n_jobs)):
