@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -149,6 +150,7 @@ def test_auto_leaves_a_run_that_is_still_training_alone(image_folder: Path, tmp_
     try:
         assert find_unfinished(run.parent, cfg) == (None, [run])
         before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        time.sleep(1.1)  # run directories are named by the second (configs/hydra/default.yaml): the new one is another
         r = main("train.py", argv)
         assert r.code == 0, r.err[-3000:]
         assert f"under {run.parent} (1 still training, left alone: {run}); starting a new one" in r.err
