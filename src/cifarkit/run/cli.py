@@ -62,7 +62,6 @@ EXTRA_OPTIONS = {
 # What a failed multirun job returns: the Optuna sweeper records a non-float as a FAIL trial and
 # goes on, the basic sweeper ignores it; metrics.json says "failed".
 FAILED_JOB = None
-SWEEP = ("-m", "--multirun")
 
 
 def fail(message: str) -> None:
