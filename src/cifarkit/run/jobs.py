@@ -21,7 +21,7 @@ def train_job(cfg: DictConfig) -> float:
     """Train as ``cfg`` says, write ``metrics.json`` and return ``cfg.optimized_metric`` (a sweeper reads a
     pruned trial's status from metrics.json)."""
     the_plan = plan(cfg)
-    if global_zero() and the_plan.budget and the_plan.new_budget:  # what a resume of this run continues with
+    if global_zero() and the_plan.budget and the_plan.ckpt is None:  # decided now: what a resume continues with
         write_json(the_plan.run_dir / rundir.BUDGET, the_plan.budget)
     metrics = train(the_plan)
     value = optimized_value(cfg.optimized_metric, metrics, has_validation=cfg.data.get("val_size") != 0)

@@ -28,7 +28,6 @@ class Plan:
     run_dir: Path
     ckpt: Path | None  # the checkpoint the run starts from
     budget: dict[str, Any]  # the budget's decision, as budget.json and metrics.json record it; {}: none
-    new_budget: bool  # decided now (budget.json to write), not recorded by the run it continues
     expected_warnings: tuple[str, ...]  # Lightning's warnings that only restate what this plan means to do
 
 
@@ -36,11 +35,12 @@ def plan(cfg: DictConfig) -> Plan:
     """The plan of the run ``cfg`` describes (``cfg`` itself is left as it is)."""
     run_dir = Path(cfg.paths.output_dir)
     ckpt = rundir.checkpoint_file(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # before any data is decoded
+    in_place = ckpt is not None and rundir.of_checkpoint(ckpt) == run_dir.resolve()  # continued in its own directory
     recorded = rundir.recorded_budget(ckpt) if ckpt and cfg.get("budget_s") is not None else None
     decision, overrides = budget.decide(cfg, recorded)
     planned = with_overrides(cfg, overrides)
     OmegaConf.set_readonly(planned, True)
-    return Plan(planned, run_dir, ckpt, decision, recorded is None, expected_warnings(planned, ckpt, run_dir))
+    return Plan(planned, run_dir, ckpt, decision, expected_warnings(planned, in_place))
 
 
 def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
@@ -52,13 +52,13 @@ def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:
     return out
 
 
-def expected_warnings(cfg: DictConfig, ckpt: Path | None, run_dir: Path) -> tuple[str, ...]:
+def expected_warnings(cfg: DictConfig, in_place: bool) -> tuple[str, ...]:
     """Lightning's warnings that only restate the plan, so they are not shown: without a validation split
     (``data.val_size=0``) the validation loader is empty and the best checkpoint finds no val/acc (the final
     weights are tested, and the log says so); a run continued in its own directory finds its checkpoints there."""
     patterns = []
     if cfg.data.get("val_size") == 0:
         patterns += ["Total length of `DeviceLoader` across ranks is zero", r"`ModelCheckpoint\(monitor='val/"]
-    if ckpt and ckpt.resolve().parent.parent == run_dir.resolve():  # its checkpoints/ folder
+    if in_place:
         patterns.append("Checkpoint directory .* exists and is not empty")
     return tuple(patterns)
