@@ -1,4 +1,4 @@
-"""The one boundary (cifarkit/core/untrusted.py): what a stranger's image, file name, folder or run
+"""The one boundary (cifarkit/core/untrusted/): what a stranger's image, file name, folder or run
 folder can make the project do. Each test is an input crafted as an attacker would make it.
 
 * Images: only PNG and JPEG are decoded (no other decoder, Ghostscript included, is reached: a
@@ -28,15 +28,8 @@ from PIL import Image
 
 from cifarkit.core.errors import UserError
 from cifarkit.core.rundir import completed, find_unfinished
-from cifarkit.core.untrusted import (
-    BACKGROUND,
-    ImageTooLarge,
-    check_tree,
-    decode_image,
-    read_json_object,
-    shown,
-    to_json,
-)
+from cifarkit.core.untrusted import ImageTooLarge, check_tree, decode_image, read_json_object, shown, to_json
+from cifarkit.core.untrusted.images import BACKGROUND
 from cifarkit.data.images import load_image
 from cifarkit.fit.checkpoint_io import CarryCheckpoints
 from cifarkit.nets.models import BasicCNN

@@ -9,7 +9,7 @@
   ``GET /metrics``: requests by status, latency and batch sizes in Prometheus's text format.
 * Bad input gets a 4xx ``{"error": "<one line>"}`` and the server goes on; every answer is strict JSON.
 
-Everything a client sends crosses the project's one boundary (cifarkit/core/untrusted.py, docs/trust.md):
+Everything a client sends crosses the project's one boundary (cifarkit/core/untrusted/, docs/trust.md):
 the body is read up to ``max_body_mb``, a multipart upload parsed by Starlette's own parser,
 the image decoded by ``decode_image`` (PNG or JPEG, ``max_megapixels``) in a pool of
 ``decode_threads`` threads, off the event loop; a client has ``read_timeout`` seconds to send a
