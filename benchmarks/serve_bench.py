@@ -1,18 +1,22 @@
-"""Load on serve.py: requests/s and latency with dynamic batching on and off, and the README's screenshot.
+"""Load on serve.py: requests/s and latency with dynamic batching on and off, against the model's own
+batched forward rate; and the README's screenshot.
 
-    python benchmarks/serve_bench.py --ckpt CKPT [--clients 16] [--requests 800] [--image FILE]
-                                     [--override key=value ...]
+    python benchmarks/serve_bench.py --ckpt CKPT [--clients 16 ...] [--requests 800] [--image FILE]
+                                     [--png32] [--raw] [--batching-only] [--override key=value ...]
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 [--clients 16] [--requests 800]
     python benchmarks/serve_bench.py --ckpt CKPT --screenshot docs/serve.png [--photo FILE]
 
 With ``--ckpt`` it starts ``serve.py`` twice on a free port of 127.0.0.1, first as configured
-(serve.yaml's batching, or ``--override``) and then with ``max_batch_size=1``, and stops each with
-SIGTERM; with ``--url`` it loads a server that is already running, once. Each run sends warm-up
-requests, then ``--clients`` threads (one keep-alive connection each) post the same image until
-``--requests`` answers are in: a 640x480 JPEG made here (a photo's size, so that decoding and
-resizing count) unless ``--image``. It prints a table, then one JSON object as its last line:
-requests/s, p50/p99 latency, the mean batch the server reported, and failed requests (any answer
-but 200, or none), which should be 0.
+(serve.yaml's batching, or ``--override``) and then with ``max_batch_size=1`` (not with
+``--batching-only``), and stops each with SIGTERM; with ``--url`` it loads a server that is already
+running, once. Each run sends warm-up requests, then for each ``--clients`` count that many threads (one
+keep-alive connection each) post the same image until ``--requests`` answers are in: a 640x480 JPEG made
+here (a photo's size, so that decoding and resizing count) unless ``--image`` or ``--png32`` (a 32x32
+PNG). ``--raw`` first times the model alone in this process, before any server starts: batches of
+``max_batch_size`` 32x32 images through the same scorer serve.py uses (``infer.model.load_model``), with
+torch using every core and with one thread, so each served rate has a ratio to the raw rate on the same
+cores. It prints a table, then one JSON object as its last line: requests/s, p50/p99 latency, the mean
+batch the server reported, failed requests (any answer but 200, or none; should be 0) and the ratios.
 
 ``--screenshot PATH`` instead opens the page in Chromium (Playwright, /usr/bin/chromium), chooses
 ``--photo`` (default: scikit-image's ``data.chelsea()``, a cat photo in the public domain, cropped
@@ -54,9 +58,12 @@ def parse_args() -> argparse.Namespace:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--ckpt", help="a .ckpt or .onnx: start serve.py on it (batching on, then off)")
     target.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
-    p.add_argument("--clients", type=int, default=16, help="concurrent clients")
+    p.add_argument("--clients", type=int, nargs="+", default=[16], help="concurrent clients (one run each)")
     p.add_argument("--requests", type=int, default=800, help="answers to wait for, per run")
     p.add_argument("--image", help="the image every request sends (default: a 640x480 JPEG made here)")
+    p.add_argument("--png32", action="store_true", help="send a 32x32 PNG made here instead")
+    p.add_argument("--raw", action="store_true", help="time the model's own batched forward pass first")
+    p.add_argument("--batching-only", action="store_true", help="skip the run with max_batch_size=1")
     p.add_argument(
         "--override", nargs="*", default=[], help="serve.py options for the batching run, e.g. max_batch_size=32"
     )
@@ -77,6 +84,41 @@ def jpeg_640x480() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
     return buf.getvalue()
+
+
+def png_32x32() -> bytes:
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def raw_rate(ckpt: str, overrides: list[str], seconds: float = 5.0) -> dict[str, Any]:
+    """Images/s of the model alone: ``max_batch_size`` images a pass through serve.py's own scorer, at
+    every core's threads and at one, after warm-up passes."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from cifarkit.infer.model import load_model
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose(config_name="serve", overrides=[f"ckpt_path={ckpt}", *overrides])
+    model = load_model(cfg, device="cpu")
+    batch = np.random.default_rng(0).integers(
+        0, 256, (int(cfg.max_batch_size), model.image_size, model.image_size, 3), dtype=np.uint8
+    )
+    rates = {}
+    for threads in (os.cpu_count() or 1, 1):
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            for _ in range(10):
+                model.score(batch)
+            passes, t0 = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - t0) < seconds:
+                model.score(batch)
+                passes += 1
+        rates[f"threads_{threads}"] = round(passes * len(batch) / elapsed, 1)
+    return {"batch": len(batch), "images_per_s": rates}
 
 
 def free_port() -> int:
@@ -108,8 +150,8 @@ class Served:
             if self.proc.poll() is not None:
                 raise SystemExit(f"serve.py stopped:\n{self.log.read_text()[-2000:]}")
             try:
-                with urllib.request.urlopen(self.url + "/health", timeout=5) as r:
-                    if r.read() == b"ok":
+                with urllib.request.urlopen(self.url + "/ready", timeout=5) as r:
+                    if r.status == 200:
                         return self.url
             except OSError:
                 time.sleep(0.2)
@@ -139,7 +181,7 @@ def load(url: str, body: bytes, clients: int, requests: int) -> dict[str, Any]:
                 started[0] += 1
             t0 = time.perf_counter()
             try:
-                conn.request("POST", "/predict", body=body, headers={"Content-Type": "image/jpeg"})
+                conn.request("POST", "/predict", body=body, headers={"Content-Type": "application/octet-stream"})
                 r = conn.getresponse()
                 r.read()
                 ok, batch = r.status == 200, int(r.getheader("X-Batch-Size") or 0)
@@ -174,9 +216,9 @@ def load(url: str, body: bytes, clients: int, requests: int) -> dict[str, Any]:
     }
 
 
-def measure(url: str, body: bytes, args: argparse.Namespace) -> dict[str, Any]:
-    load(url, body, min(args.clients, WARMUP), WARMUP)
-    return load(url, body, args.clients, args.requests)
+def measure(url: str, body: bytes, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    load(url, body, min(max(args.clients), WARMUP), WARMUP)
+    return {str(clients): load(url, body, clients, args.requests) for clients in args.clients}
 
 
 def screenshot(args: argparse.Namespace, log_dir: Path) -> None:
@@ -211,23 +253,33 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="serve_bench-") as tmp:
         if args.screenshot:
             return screenshot(args, Path(tmp))
-        body = Path(args.image).read_bytes() if args.image else jpeg_640x480()
-        runs: dict[str, dict[str, Any]] = {}
+        body = Path(args.image).read_bytes() if args.image else png_32x32() if args.png32 else jpeg_640x480()
+        raw = raw_rate(args.ckpt, args.override) if args.raw and args.ckpt else None
+        runs: dict[str, dict[str, dict[str, Any]]] = {}
         if args.url:
             runs["as running"] = measure(args.url, body, args)
         else:
-            for name, overrides in (("batching", args.override), ("no batching", [*args.override, "max_batch_size=1"])):
+            plans = [("batching", args.override)]
+            if not args.batching_only:
+                plans.append(("no batching", [*args.override, "max_batch_size=1"]))
+            for name, overrides in plans:
                 with Served(args.ckpt, overrides, Path(tmp)) as url:
                     runs[name] = measure(url, body, args)
-    print(f"{'':<12} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'failed':>6}")
-    for name, r in runs.items():
-        print(
-            f"{name:<12} {r['requests_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} {r['mean_batch']!s:>6} "
-            f"{r['failed']:>6}"
-        )
-    report = {"image_bytes": len(body), "clients": args.clients, "runs": runs, "machine": machine()}
+    best = max(raw["images_per_s"].values()) if raw else None
+    print(f"{'':<12} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'failed':>6} {'of raw':>7}")
+    for name, by_clients in runs.items():
+        for clients, r in by_clients.items():
+            if best:
+                r["of_raw"] = round(r["requests_per_s"] / best, 3)
+            print(
+                f"{name:<12} {clients:>7} {r['requests_per_s']:>8} {r['p50_ms']:>8} {r['p99_ms']:>8} "
+                f"{r['mean_batch']!s:>6} {r['failed']:>6} {r.get('of_raw', '')!s:>7}"
+            )
+    if raw:
+        print(f"raw batched forward ({raw['batch']} images a pass): {raw['images_per_s']} images/s")
+    report = {"image_bytes": len(body), "raw": raw, "runs": runs, "machine": machine()}
     if not args.url:  # a server started here, on this machine
-        save(args.results, "serve", report)
+        save(args.results, "serve-png32" if args.png32 else "serve", report)
     print(json.dumps(report))
 
 

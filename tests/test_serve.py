@@ -17,6 +17,7 @@ import http.client
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -334,8 +335,11 @@ def test_page_health_and_address(setup: Setup) -> None:
     with urllib.request.urlopen(setup.batched.url + "/", timeout=60) as r:
         page = r.read().decode()
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/html")
-    assert '<input id="file" type="file"' in page and "fetch(" in page
-    assert "http://" not in page and "https://" not in page  # no external assets
+    with urllib.request.urlopen(setup.batched.url + "/page.js", timeout=60) as r:
+        script = r.read().decode()
+        assert r.status == 200 and r.headers["Content-Type"].startswith("text/javascript")
+    assert '<input id="file" type="file"' in page and '<script src="page.js">' in page and "fetch(" in script
+    assert not any(x in text for text in (page, script) for x in ("http://", "https://"))  # no external assets
     with urllib.request.urlopen(setup.batched.url + "/health", timeout=60) as r:
         assert r.status == 200 and r.read() == b"ok"
     # listening on 127.0.0.1 only (state 0A: LISTEN)
@@ -487,6 +491,145 @@ def test_a_good_request_is_answered_while_costly_ones_are_in_flight(setup: Setup
     assert metrics(server)['cifarkit_requests_total{path="/predict",status="400"}'] == refused + 1  # the empty parts
 
 
+def server_pids(server: Server) -> list[int]:
+    return [server.proc.pid, *descendants(server.proc.pid)]
+
+
+def memory_growth(server: Server, during: Callable[[], None]) -> float:
+    """MB that the server's processes' peak memory (VmHWM, reset first through clear_refs) grew by over their
+    memory before ``during`` ran, summed over the processes."""
+
+    def status(pid: int, field: str) -> int:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith(field + ":"))
+        return int(line.split()[1])  # kB
+
+    pids = server_pids(server)
+    for pid in pids:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = {pid: status(pid, "VmRSS") for pid in pids}
+    during()
+    return sum(status(pid, "VmHWM") - before[pid] for pid in pids) / 1024
+
+
+def timed_good_request(server: Server, image: Path, expected: list) -> float:
+    """Seconds a good request took; it must be answered as when the server is idle."""
+    start = time.monotonic()
+    reply = server.post(image.read_bytes())
+    took = time.monotonic() - start
+    assert reply.status == 200 and reply.body["top"] == expected, reply
+    return took
+
+
+def test_idle_connections_neither_count_nor_stay(setup: Setup) -> None:
+    """70 idle sockets (past max_requests=64): a good request is answered within 1 s, memory grows under
+    100 MB more than for good requests alone, and the server closes an idle connection after keep_alive (5 s)."""
+    server, image = setup.single, setup.images[0]
+    expected = server.top(image)
+    control = memory_growth(server, lambda: [server.top(image) for _ in range(3)])
+    took: list[float] = []
+    closed_after: list[float] = []
+
+    def attack() -> None:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(70)]
+        try:
+            opened = time.monotonic()
+            time.sleep(0.3)
+            took.extend(timed_good_request(server, image, expected) for _ in range(3))
+            assert idle[0].recv(1) == b""  # closed by the server (a reset would raise)
+            closed_after.append(time.monotonic() - opened)
+        finally:
+            for s in idle:
+                s.close()
+
+    growth = memory_growth(server, attack)
+    assert max(took) < 1, took
+    assert closed_after[0] < 5 + 2, closed_after
+    assert growth - control < 100, (growth, control)
+
+
+def test_header_floods_are_cut_short(setup: Setup) -> None:
+    """10 MB of small headers that never end: the server cuts each connection short once its headers pass the
+    bound (so it takes several), a good request meanwhile is answered within 1 s, and memory grows under
+    100 MB more than for good requests alone. A whole request with 101 headers gets a one-line JSON 431."""
+    server, image = setup.single, setup.images[0]
+    expected = server.top(image)
+    control = memory_growth(server, lambda: [server.top(image) for _ in range(3)])
+    line = b"X: y\r\n"  # the smallest headers cost uvicorn the most: a tuple of two bytes objects each
+    chunk = line * (65536 // len(line))
+    started, answers, took = threading.Event(), [], []
+
+    def flood() -> None:
+        sent = 0
+        while sent < 10_000_000:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+                try:
+                    s.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n")
+                    while sent < 10_000_000:
+                        s.sendall(chunk)
+                        sent += len(chunk)
+                        if sent > 1_000_000:
+                            started.set()
+                    answers.append(s.recv(4096))
+                except OSError:  # reset: closed by the server while the flood was still coming
+                    answers.append(b"reset")
+
+    def attack() -> None:
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(flood)
+            started.wait(60)
+            took.extend(timed_good_request(server, image, expected) for _ in range(3))
+            done.result()
+
+    growth = memory_growth(server, attack)
+    assert max(took) < 1, took
+    assert len(answers) >= 2 and all(a == b"reset" or a.startswith(b"HTTP/1.1 431 ") for a in answers), answers
+    assert growth - control < 100, (growth, control)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(b"GET /live HTTP/1.1\r\nHost: x\r\n" + b"X-A: b\r\n" * 101 + b"\r\n")
+        head, body = s.recv(65536).split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 431 ") and b"content-type: application/json" in head, head
+    error = strict(body)["error"]
+    assert "headers are over 100 lines or 32 kB" in error and "\n" not in error
+
+
+def test_abandoned_uploads_are_not_decoded(setup: Setup) -> None:
+    """30 clients each send a PNG just under max_megapixels (0.1 s and 76 MB to decode) and go away half a second
+    later, their uploads read and waiting to be decoded: those whose turn comes after their client has gone
+    are not decoded (counted as 499s, most of the 30), a good request right after is answered within 1 s, and
+    memory grows under 100 MB more than for one such upload whose client waits for the answer."""
+    server, image = setup.single, setup.images[0]
+    expected = server.top(image)
+    near_limit = io.BytesIO()
+    Image.new("L", (4000, 3990), 90).save(near_limit, "PNG")
+    request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(near_limit.getvalue()),
+        near_limit.getvalue(),
+    )
+    # the control: one such upload from a client that waits for its answer (its decode's memory is allowed)
+    control = memory_growth(server, lambda: [server.post(near_limit.getvalue()), server.top(image)])
+    gone = 'cifarkit_requests_total{path="/predict",status="499"}'
+    before = metrics(server).get(gone, 0)
+    took: list[float] = []
+
+    def attack() -> None:
+        clients = [socket.create_connection(("127.0.0.1", server.port), timeout=30) for _ in range(30)]
+        for s in clients:
+            s.sendall(request)
+        time.sleep(0.5)
+        for s in clients:
+            s.close()
+        took.append(timed_good_request(server, image, expected))
+        deadline = time.monotonic() + 30  # until every abandoned upload is answered or skipped
+        while time.monotonic() < deadline and metrics(server).get(gone, 0) < before + 20:
+            time.sleep(0.1)
+        time.sleep(1)
+
+    growth = memory_growth(server, attack)
+    assert took[0] < 1, took
+    assert metrics(server).get(gone, 0) >= before + 20
+    assert growth - control < 100, (growth, control)
+
+
 def test_slow_clients_are_cut_off_and_do_not_stall_others(setup: Setup) -> None:
     """8 clients on 127.0.0.1 that send their headers (4) or their body (4) one byte at a time:
     good requests are answered meanwhile, and each slow connection is closed by the server after
@@ -523,12 +666,13 @@ def test_slow_clients_are_cut_off_and_do_not_stall_others(setup: Setup) -> None:
 
 
 def metrics(server: Server) -> dict[str, float]:
-    """GET /metrics, read as Prometheus's text format: each sample's name and labels, and its value."""
+    """GET /metrics, read as Prometheus's text format: each sample's name and labels (but the model's, which
+    tests/test_serve_ops.py checks), and its value."""
     with urllib.request.urlopen(server.url + "/metrics", timeout=60) as r:
         assert r.status == 200 and r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
     return {
-        line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+        re.sub(r',?model="[0-9a-f]{16}"', "", line.rsplit(" ", 1)[0]).replace("{,", "{"): float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
         if line and not line.startswith("#")
     }

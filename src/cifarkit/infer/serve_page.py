@@ -1,8 +1,10 @@
 """serve.py's page (``GET /``): choose or drop an image, see it and its top classes as bars.
 
-One self-contained HTML document (inline CSS and JS, no external assets, nothing to build), kept
-as a string so that it ships inside the package. It posts the file's bytes to ``/predict`` and
-draws the answer; class names are set as text, never as HTML.
+An HTML document, its style (``/page.css``) and its script (``/page.js``): no inline code, so the
+Content-Security-Policy can allow the page's own files only; no external assets, nothing to build;
+kept as strings so that they ship inside the package. The script posts the file's bytes to ``/predict``
+(with the API key, asked once when an answer is 401 and kept for the tab) and draws the answer; class names
+are set as text, never as HTML.
 """
 
 # How the tests and benchmarks/serve_bench.py open the page: Debian's Chromium through Playwright,
@@ -26,8 +28,32 @@ PAGE = """<!doctype html>
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>cifarkit: classify an image</title>
 <link rel="icon" href="data:,">
-<style>
-  body { font: 16px/1.4 system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2330; }
+<link rel="stylesheet" href="page.css">
+</head>
+<body>
+<main>
+  <h1>Classify an image</h1>
+  <label id="drop">
+    <img id="preview" alt="the chosen image">
+    <div id="side">
+      <p id="hint">Drop a PNG or JPEG here, or choose a file.</p>
+      <div id="result"></div>
+      <p id="error" role="alert"></p>
+      <input id="file" type="file" accept="image/png,image/jpeg,image/*">
+    </div>
+  </label>
+  <form id="keyform" hidden>
+    <label for="key">This server needs its API key:</label>
+    <input id="key" type="password" autocomplete="off" required>
+    <button id="keysave" type="submit">Use the key</button>
+  </form>
+</main>
+<script src="page.js"></script>
+</body>
+</html>
+"""
+
+STYLE = """  body { font: 16px/1.4 system-ui, sans-serif; margin: 0; background: #f4f5f7; color: #1d2330; }
   main { max-width: 760px; margin: 32px auto; padding: 0 16px; }
   h1 { font-size: 22px; margin: 0 0 16px; }
   #drop { display: flex; gap: 24px; align-items: center; border: 2px dashed #9aa3b5; border-radius: 12px;
@@ -45,25 +71,25 @@ PAGE = """<!doctype html>
   .pct { text-align: right; font-variant-numeric: tabular-nums; }
   #error { color: #c0392b; }
   input[type=file] { margin-top: 8px; }
-</style>
-</head>
-<body>
-<main>
-  <h1>Classify an image</h1>
-  <label id="drop">
-    <img id="preview" alt="the chosen image">
-    <div id="side">
-      <p id="hint">Drop a PNG or JPEG here, or choose a file.</p>
-      <div id="result"></div>
-      <p id="error" role="alert"></p>
-      <input id="file" type="file" accept="image/png,image/jpeg,image/*">
-    </div>
-  </label>
-</main>
-<script>
-const drop = document.getElementById("drop"), preview = document.getElementById("preview");
+  #keyform { margin-top: 16px; padding: 12px 16px; background: #fff; border-radius: 12px; }
+  #keyform[hidden] { display: none; }
+  #key { margin: 0 8px; }
+"""
+
+SCRIPT = """const drop = document.getElementById("drop"), preview = document.getElementById("preview");
 const result = document.getElementById("result"), error = document.getElementById("error");
 const hint = document.getElementById("hint"), input = document.getElementById("file");
+const keyform = document.getElementById("keyform"), keyInput = document.getElementById("key");
+// The API key, asked once (when an answer is 401) and kept for this tab only.
+let key = sessionStorage.getItem("cifarkit-api-key"), waiting = null;
+
+keyform.addEventListener("submit", e => {
+  e.preventDefault();
+  key = keyInput.value;
+  sessionStorage.setItem("cifarkit-api-key", key);
+  keyform.hidden = true;
+  if (waiting) classify(waiting);
+});
 
 async function classify(file) {
   if (preview.src) URL.revokeObjectURL(preview.src);
@@ -72,9 +98,17 @@ async function classify(file) {
   error.textContent = "";
   hint.textContent = file.name + ": classifying...";
   try {
-    const response = await fetch("predict", {method: "POST", body: file,
-      headers: {"Content-Type": file.type || "application/octet-stream"}});
+    const headers = {"Content-Type": file.type || "application/octet-stream"};
+    if (key) headers["X-API-Key"] = key;
+    const response = await fetch("predict", {method: "POST", body: file, headers});
     const answer = await response.json();
+    if (response.status === 401) {
+      waiting = file;
+      keyform.hidden = false;
+      keyInput.focus();
+      throw new Error(key ? "the key was not accepted; enter it again" : "enter the server's API key");
+    }
+    waiting = null;
     if (!response.ok) throw new Error(answer.error || response.statusText);
     hint.textContent = file.name;
     for (const [name, p] of answer.top) {
@@ -101,7 +135,4 @@ drop.addEventListener("drop", e => {
   drop.classList.remove("over");
   if (e.dataTransfer.files.length) classify(e.dataTransfer.files[0]);
 });
-</script>
-</body>
-</html>
 """

@@ -416,6 +416,15 @@ class Serve(TypedDict):
     read_timeout: Positive
     max_connections: Count
     threads: Count | None
+    api_key_file: str | None
+    allow_anonymous: bool
+    max_decode_queue: Annotated[int, Field(ge=0)]
+    keep_alive: Positive
+    max_headers: Count
+    max_header_kb: Positive
+    max_requests: Count
+    drain_grace: Annotated[float, Field(ge=0)]
+    request_log: Literal["text", "json", "none"]
     trusted_targets: list[str]
     paths: Paths
 
