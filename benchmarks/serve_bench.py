@@ -64,6 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--png32", action="store_true", help="send a 32x32 PNG made here instead")
     p.add_argument("--raw", action="store_true", help="time the model's own batched forward pass first")
     p.add_argument("--batching-only", action="store_true", help="skip the run with max_batch_size=1")
+    p.add_argument("--profile", metavar="PREFIX", help="py-spy the server in the largest run: PREFIX-<role>.txt")
     p.add_argument(
         "--override", nargs="*", default=[], help="serve.py options for the batching run, e.g. max_batch_size=32"
     )
@@ -142,7 +143,7 @@ class Served:
         ]
         self.log = log_dir / f"serve-{len(list(log_dir.glob('serve-*.log')))}.log"
 
-    def __enter__(self) -> str:
+    def __enter__(self) -> Served:
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, cwd=self.log.parent)
         deadline = time.monotonic() + 300
@@ -152,7 +153,7 @@ class Served:
             try:
                 with urllib.request.urlopen(self.url + "/ready", timeout=5) as r:
                     if r.status == 200:
-                        return self.url
+                        return self
             except OSError:
                 time.sleep(0.2)
         raise SystemExit(f"serve.py was not ready in 300 s:\n{self.log.read_text()[-2000:]}")
@@ -216,9 +217,77 @@ def load(url: str, body: bytes, clients: int, requests: int) -> dict[str, Any]:
     }
 
 
-def measure(url: str, body: bytes, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def processes(root: int | None) -> dict[str, int]:
+    """This process (the clients) and the server's, by role: main, worker (the model, spawned), and the two it
+    forks, LitServe's queue manager first, then the API process (uvicorn)."""
+    found = {"clients": os.getpid()}
+    if root is None:
+        return found
+    found["main"] = root
+    forked = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if ppid == root and b"resource_tracker" not in cmdline:
+            if b"spawn_main" in cmdline:
+                found["worker"] = int(stat.parent.name)
+            else:
+                forked.append(int(stat.parent.name))
+    found.update(zip(("manager", "api"), sorted(forked)))
+    return found
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process and its threads so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(url: str, body: bytes, args: argparse.Namespace, server: int | None = None) -> dict[str, dict[str, Any]]:
+    """Each ``--clients`` run after a warm-up; with ``server`` (its main pid), the CPU time each process spent per
+    request, and with ``--profile`` a py-spy profile of the busiest server processes during the largest run."""
     load(url, body, min(max(args.clients), WARMUP), WARMUP)
-    return {str(clients): load(url, body, clients, args.requests) for clients in args.clients}
+    runs = {}
+    for clients in args.clients:
+        procs = processes(server)
+        before = {role: cpu_seconds(pid) for role, pid in procs.items()}
+        spies = []
+        if args.profile and server is not None and clients == max(args.clients):
+            spies = [
+                subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        "--format",
+                        "raw",
+                        "--nonblocking",
+                        "-r",
+                        "200",
+                        "-o",
+                        f"{args.profile}-{role}.txt",
+                        "-p",
+                        str(pid),
+                    ],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                for role, pid in procs.items()
+                if role not in ("clients", "main")
+            ]
+            time.sleep(1)
+        r = load(url, body, clients, args.requests)
+        for spy in spies:
+            spy.send_signal(signal.SIGINT)
+            spy.wait(60)
+        if server is not None:
+            r["cpu_ms_per_request"] = {
+                role: round(1000 * (cpu_seconds(pid) - before[role]) / r["requests"], 3) for role, pid in procs.items()
+            }
+        runs[str(clients)] = r
+    return runs
 
 
 def screenshot(args: argparse.Namespace, log_dir: Path) -> None:
@@ -232,10 +301,10 @@ def screenshot(args: argparse.Namespace, log_dir: Path) -> None:
         side = min(cat.shape[:2])
         left = (cat.shape[1] - side) // 2
         Image.fromarray(cat[:side, left : left + side]).save(photo)
-    with Served(args.ckpt, args.override, log_dir) as url, sync_playwright() as p:
+    with Served(args.ckpt, args.override, log_dir) as served, sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 800, "height": 340})
-        page.goto(url + "/")
+        page.goto(served.url + "/")
         page.set_input_files("#file", str(photo))
         page.wait_for_selector(".row", timeout=60_000)
         page.screenshot(path=args.screenshot)
@@ -263,8 +332,8 @@ def main() -> None:
             if not args.batching_only:
                 plans.append(("no batching", [*args.override, "max_batch_size=1"]))
             for name, overrides in plans:
-                with Served(args.ckpt, overrides, Path(tmp)) as url:
-                    runs[name] = measure(url, body, args)
+                with Served(args.ckpt, overrides, Path(tmp)) as served:
+                    runs[name] = measure(served.url, body, args, served.proc.pid)
     best = max(raw["images_per_s"].values()) if raw else None
     print(f"{'':<12} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'batch':>6} {'failed':>6} {'of raw':>7}")
     for name, by_clients in runs.items():

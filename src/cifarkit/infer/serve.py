@@ -37,7 +37,6 @@ decoded in LitServe's API process; the worker only ever sees decoded pixels.
 # annotation, which must be the object (``Upload``), not a string.
 
 import asyncio
-import hashlib
 import hmac
 import json
 import logging
@@ -85,6 +84,7 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from cifarkit.core.devices import resolve_accelerator
 from cifarkit.core.errors import UserError
 from cifarkit.core.untrusted import ImageTooLarge, decode_image, shown, to_json
+from cifarkit.core.untrusted.digest import sha256_of
 from cifarkit.core.untrusted.keys import ENV, read_api_key
 from cifarkit.core.untrusted.sizes import decoded_megapixels
 from cifarkit.infer.model import load_model
@@ -376,11 +376,7 @@ class Identity:
 
     @classmethod
     def of(cls, path: str, classes: list[str], image_size: int) -> "Identity":
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:  # hashed, never parsed: the reader that parses it is infer.model's
-            while chunk := f.read(2**20):
-                digest.update(chunk)
-        return cls(Path(path).name, digest.hexdigest(), list(classes), image_size)
+        return cls(Path(path).name, sha256_of(path), list(classes), image_size)
 
     @property
     def header(self) -> str:
@@ -761,7 +757,13 @@ def serve(cfg: DictConfig) -> None:
     check_port_free(cfg.host, int(cfg.port))
 
     try:
-        server = Server(Classifier(cfg), accelerator=device, devices=1, grace=float(cfg.drain_grace))
+        server = Server(
+            Classifier(cfg),
+            accelerator=device,
+            devices=1,
+            grace=float(cfg.drain_grace),
+            fast_queue=bool(cfg.fast_queue),
+        )
     except ValueError as e:  # LitServe's own checks (batch_timeout must stay under its request timeout...)
         raise UserError(str(e).splitlines()[0]) from e
     decoder = DecodePool(int(cfg.decode_threads), int(cfg.max_decode_queue), float(cfg.max_megapixels))

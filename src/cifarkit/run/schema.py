@@ -425,6 +425,7 @@ class Serve(TypedDict):
     max_requests: Count
     drain_grace: Annotated[float, Field(ge=0)]
     request_log: Literal["text", "json", "none"]
+    fast_queue: bool
     trusted_targets: list[str]
     paths: Paths
 
