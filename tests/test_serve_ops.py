@@ -198,7 +198,11 @@ def test_request_log_lines(ops: Ops) -> None:
     request_id = reply.headers["x-request-id"]
     raw = socket.create_connection(("127.0.0.1", ops.server.port), timeout=30)
     with raw:
-        raw.sendall(b"GET /\x1b[2J%0a\r\nevil HTTP/1.1\r\nHost: x\r\nX-API-Key: " + KEY.encode() + b"\r\n\r\n")
+        raw.sendall(
+            b"GET /%1b[2J%0aevil?q=evil%1b HTTP/1.1\r\nHost: x\r\nUser-Agent: evil\x1b[31m\r\nX-API-Key: "
+            + KEY.encode()
+            + b"\r\n\r\n"
+        )
         raw.recv(4096)
     deadline = time.monotonic() + 10
     while request_id not in ops.server.log.read_text() and time.monotonic() < deadline:
@@ -304,7 +308,7 @@ def test_page_with_a_key_under_its_csp(ops: Ops, tmp_path: Path) -> None:
             page.wait_for_selector(".row", timeout=60_000)
             first = page.eval_on_selector_all(".row", "rows => rows.map(r => r.dataset.name)")
             page.set_input_files("#file", str(images[1]))
-            page.wait_for_function("document.querySelector('#hint').textContent === '1.png'", timeout=60_000)
+            page.wait_for_selector('#hint:text-is("1.png")', timeout=60_000)  # no wait_for_function: CSP forbids eval
             assert page.is_hidden("#keyform") and page.text_content("#error") == ""
             second = page.eval_on_selector_all(".row", "rows => rows.map(r => r.dataset.name)")
             violations = page.evaluate("window.__csp")
