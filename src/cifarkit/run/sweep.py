@@ -4,7 +4,7 @@
   multirun (grid or Optuna) it reads each job's ``.hydra/overrides.yaml`` and ``metrics.json``
   from disk, so it works whatever launcher ran the jobs, and writes in the sweep directory
   ``jobs.csv`` (one row per job), ``summary.csv`` (one row per configuration: jobs that differ
-  only in ``seed`` are grouped, with each metric's mean, standard deviation and n, as airbench
+  only in ``seed`` or ``data.fold`` are grouped, with each metric's mean, standard deviation and n, as airbench
   reports its records) and ``summary.png``, and prints the table. A job without a
   ``metrics.json`` (killed, or crashed before writing one) is listed as failed.
 * ``study_seed`` (the ``${study_seed:...}`` resolver): the Optuna sampler's seed plus the
@@ -75,11 +75,14 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
     return rows, varying
 
 
+REPEATS = ("seed", "data.fold")  # overrides that repeat one configuration: its jobs are grouped
+
+
 def by_config(rows: list[Row], varying: list[str], metrics: list[str], x_key: str) -> list[Row]:
-    """One row per configuration (the varying overrides but ``seed``, and ``x_key``): how many
-    jobs completed (n), failed, were pruned (a column only when some were), and each metric's
-    mean and sample standard deviation over the completed ones."""
-    keys = list(dict.fromkeys([*(k for k in varying if k != "seed"), x_key]))
+    """One row per configuration (the varying overrides but ``seed`` and ``data.fold``, and ``x_key``):
+    how many jobs completed (n), failed, were pruned (a column only when some were), and each metric's
+    mean and sample standard deviation over the completed ones (over seeds, over k-fold's folds)."""
+    keys = list(dict.fromkeys([*(k for k in varying if k not in REPEATS), x_key]))
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault(tuple(str(row.get(k, "")) for k in keys), []).append(row)
@@ -231,7 +234,7 @@ class SweepSummary(Callback):
         if len(configs) < len(rows):  # seeds grouped: the statistics per configuration too
             stats = [c | {m: _mean_std(c, m) for m in self.metrics} for c in configs]
             columns = [k for k in configs[0] if k not in self.metrics and not k.endswith("_std") and k != "jobs"]
-            print_table(stats, [*columns, *self.metrics], f"sweep {sweep_dir.name}: mean ± std over seeds")
+            print_table(stats, [*columns, *self.metrics], f"sweep {sweep_dir.name}: mean ± std over seeds and folds")
         log.info("summary: %s, %s and summary.png", sweep_dir / "summary.csv", sweep_dir / "jobs.csv")
 
 
