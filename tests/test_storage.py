@@ -220,6 +220,7 @@ def finished(storage: str) -> list[optuna.trial.FrozenTrial]:
     return load_study(storage, "s").trials
 
 
+@pytest.mark.slow  # ten races of two worker processes for each storage
 @pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
 def test_two_workers_for_the_last_trial_leave_no_fail(kind: str, tmp_path: Path, request) -> None:
     """Ten times: a round of 3 trials, 2 done; two workers started together for the last one."""
@@ -246,7 +247,12 @@ def test_two_workers_for_the_last_trial_leave_no_fail(kind: str, tmp_path: Path,
         assert len((folder / "jobs.log").read_text().splitlines()) == 1
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal", "postgresql"])
+SLOW_WORKERS = pytest.mark.slow  # three worker processes and a grace period: the SQLite case stands in by default
+
+
+@pytest.mark.parametrize(
+    "kind", ["sqlite", pytest.param("journal", marks=SLOW_WORKERS), pytest.param("postgresql", marks=SLOW_WORKERS)]
+)
 def test_a_killed_workers_trial_is_failed_requeued_and_the_round_ends_full(kind: str, tmp_path: Path, request) -> None:
     """Three workers on 6 trials; one is SIGKILLed in its second trial. The others notice its heartbeat stopped
     (grace 3 s), fail that trial, run it again with the same learning rate: 6 finished, numbers unique."""
@@ -278,3 +284,84 @@ def test_a_killed_workers_trial_is_failed_requeued_and_the_round_ends_full(kind:
         json.loads(line) for line in log.read_text().splitlines()
     ]
     assert len(ran) == 7  # 6 trials and the killed one's first try
+
+
+class LrProbe:
+    """Writes ``<out>/rank<r>.json`` when fitting starts on a rank: the learning rate its optimizer was built with."""
+
+    def __new__(cls, out: str):
+        import lightning as L
+
+        class Probe(L.Callback):
+            def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+                Path(out).mkdir(parents=True, exist_ok=True)
+                lr = trainer.optimizers[0].defaults["lr"]
+                (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps({"lr": lr}))
+
+        return Probe()
+
+
+@pytest.mark.slow  # two DDP trials of a search, each two processes
+def test_every_rank_of_a_ddp_trial_trains_with_its_sampled_parameters(image_folder: Path, tmp_path: Path) -> None:
+    from conftest import FAST, folder_overrides, run_cli
+
+    storage = f"sqlite:///{tmp_path}/study.db"
+    args = [
+        "hparams_search=lr_optuna",
+        *FAST,
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "trainer=ddp_sim",
+        "+trainer.strategy.start_method=spawn",
+        *folder_overrides(image_folder, tmp_path),
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "test=false",
+        "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage='{storage}'",
+        "hydra/sweeper/pruner=none",
+        "+callbacks.lr_probe._target_=test_storage.LrProbe",
+        "+callbacks.lr_probe.out=${hydra:runtime.output_dir}/probe",
+    ]
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    r = run_cli("train.py", args, cwd=tmp_path, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = optuna.load_study(study_name="lr_optuna", storage=storage)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    for t in study.trials:
+        job = Path(t.user_attrs["cifarkit:job_dir"])
+        ranks = [json.loads((job / "probe" / f"rank{i}.json").read_text())["lr"] for i in (0, 1)]
+        assert ranks == [pytest.approx(t.params["model.optimizer.lr"])] * 2  # both ranks: the trial's value
+        assert t.value == pytest.approx(json.loads((job / "metrics.json").read_text())["val/acc_best"])
+
+
+@pytest.mark.slow  # a search whose trials run as submitit jobs (the SLURM launcher's path, on this machine)
+def test_a_search_through_submitits_local_executor(image_folder: Path, tmp_path: Path) -> None:
+    """hydra/launcher=submitit_local: the sweeper hands each batch of trials to hydra-submitit-launcher, as
+    with hydra/launcher=slurm; each job runs in its own process and reports to its trial in the storage."""
+    from conftest import FAST, folder_overrides, run_cli
+
+    storage = str(tmp_path / "shared" / "study.log")
+    args = [
+        "hparams_search=lr_optuna",
+        *FAST,
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "trainer.max_epochs=2",
+        *folder_overrides(image_folder, tmp_path),
+        f"paths.log_dir={tmp_path / 'logs'}",
+        "test=false",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "hydra.sweeper.n_trials=2",
+        "hydra.sweeper.n_jobs=2",
+        f"hydra.sweeper.storage='{storage}'",
+        "hydra/sweeper/pruner=none",
+    ]
+    r = run_cli("train.py", args, cwd=tmp_path, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    study = load_study(storage, "lr_optuna")
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in study.trials)  # each job reported its epochs
+    for t in study.trials:
+        metrics = json.loads((Path(t.user_attrs["cifarkit:job_dir"]) / "metrics.json").read_text())
+        assert t.value == pytest.approx(metrics["val/acc_best"])

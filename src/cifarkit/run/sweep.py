@@ -2,7 +2,8 @@
 
 * ``SweepSummary`` (a Hydra callback, registered in configs/hydra/default.yaml): after any
   multirun (grid or Optuna) it reads each job's ``.hydra/overrides.yaml`` and ``metrics.json``
-  from disk, so it works whatever launcher ran the jobs, and writes in the sweep directory
+  from disk, so it works whatever launcher ran the jobs (an Optuna search on a storage: what each
+  trial's worker recorded there, so every machine's jobs are in it), and writes in the sweep directory
   ``jobs.csv`` (one row per job), ``summary.csv`` (one row per configuration: jobs that differ
   only in ``seed`` or ``data.fold`` are grouped, with each metric's mean, standard deviation and n, as airbench
   reports its records) and ``summary.png``, and prints the table. A job without a
@@ -34,7 +35,7 @@ Row = dict[str, Any]
 
 
 def _job_key(job: str) -> tuple:
-    return tuple(int(p) if p.isdigit() else p for p in Path(job).parts)
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in Path(job).parts)
 
 
 def _number(value: Any) -> float | None:
@@ -51,22 +52,29 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
     for ov_file in sweep_dir.rglob(".hydra/overrides.yaml"):
         job_dir = ov_file.parent.parent
         overrides = [str(o) for o in OmegaConf.load(ov_file)]
-        given = dict(o.partition("=")[::2] for o in overrides)
         metrics_file = rundir.metrics_file(job_dir)
         result = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"status": "failed"}
-        x = given.get(x_key)
+        x = dict(o.partition("=")[::2] for o in overrides).get(x_key)
         if x is None:  # not overridden: the job's own config says
             job_cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
             x = OmegaConf.select(job_cfg, x_key, default="", throw_on_resolution_failure=False)
-        jobs.append((str(job_dir.relative_to(sweep_dir)), overrides, given, result, x))
-    jobs.sort(key=lambda j: _job_key(j[0]))
+        jobs.append((str(job_dir.relative_to(sweep_dir)), overrides, result, x))
+    return tabulate(jobs, metrics, x_key)
 
-    keys = dict.fromkeys(k for j in jobs for k in j[2])
-    varying = [k for k in keys if len({j[2].get(k) for j in jobs}) > 1]
+
+def tabulate(
+    jobs: list[tuple[str, list[str], dict, Any]], metrics: list[str], x_key: str
+) -> tuple[list[Row], list[str]]:
+    """Rows of (job, its overrides, its metrics.json, its ``x_key`` value), in job order, and the override
+    keys that vary across them."""
+    jobs = sorted(jobs, key=lambda j: _job_key(j[0]))
+    given = [dict(o.partition("=")[::2] for o in overrides) for _, overrides, _, _ in jobs]
+    keys = dict.fromkeys(k for g in given for k in g)
+    varying = [k for k in keys if len({g.get(k) for g in given}) > 1]
     rows = []
-    for job, overrides, given, result, x in jobs:
+    for (job, overrides, result, x), g in zip(jobs, given):
         row: Row = {"job": job, "status": result.get("status", "unknown")}
-        row |= {k: given.get(k, "") for k in varying}
+        row |= {k: g.get(k, "") for k in varying}
         row[x_key] = x
         row |= {m: result.get(m, "") for m in metrics}
         row["epochs"] = result.get("epochs", "")
@@ -215,7 +223,14 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows, varying = collect(sweep_dir, self.metrics, self.x)
+        sweeper = OmegaConf.select(config, "hydra.sweeper", default=None)
+        if is_shared_study(sweeper):  # every worker's trials, wherever their folders are: from the storage
+            from hydra_plugins.cifarkit_optuna_sweeper._study import study_jobs
+
+            jobs = study_jobs(sweeper.storage, sweeper.study_name, sweep_dir, self.x)
+            rows, varying = tabulate(jobs, self.metrics, self.x)
+        else:
+            rows, varying = collect(sweep_dir, self.metrics, self.x)
         if not rows:
             log.warning("no jobs found in %s; no summary written", sweep_dir)
             return
@@ -236,6 +251,12 @@ class SweepSummary(Callback):
             columns = [k for k in configs[0] if k not in self.metrics and not k.endswith("_std") and k != "jobs"]
             print_table(stats, [*columns, *self.metrics], f"sweep {sweep_dir.name}: mean ± std over seeds and folds")
         log.info("summary: %s, %s and summary.png", sweep_dir / "summary.csv", sweep_dir / "jobs.csv")
+
+
+def is_shared_study(sweeper: Any) -> bool:
+    """Whether a multirun is this project's Optuna search on a storage other workers may share."""
+    target = OmegaConf.select(sweeper, "_target_", default="") if sweeper is not None else ""
+    return target.endswith("cifarkit_optuna_sweeper.optuna_sweeper.OptunaSweeper") and bool(sweeper.get("storage"))
 
 
 def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 
 from cifarkit.core import rundir
 from cifarkit.core.errors import UserError
+from cifarkit.core.untrusted import shown
 from cifarkit.core.untrusted.storage import (
     ROUND_END,
     ROUND_START,
@@ -394,7 +395,9 @@ class Search:
         if point is not None and point.step is not None:
             log.info("trial %d continues trial %d: %s", trial.number, frozen.user_attrs[RETRY_OF], point.continues())
             extra.append(f"ckpt_path={point.ckpt}")
-        return [*(f"{k}={v}" for k, v in params.items()), *extra, f"{self.trial_key}={trial.number}"]
+        overrides = [*(f"{k}={v}" for k, v in params.items()), *extra, f"{self.trial_key}={trial.number}"]
+        trial.set_user_attr(OVERRIDES, overrides)
+        return overrides
 
     def tell(self, study: optuna.Study, trial: optuna.trial.Trial, ret: Any) -> BaseException | None:
         """Tell the study how the job went: COMPLETE, PRUNED, or FAIL (returned); the job's metrics go with it."""
@@ -457,6 +460,35 @@ STALE = "cifarkit:stale"  # a trial failed because its worker stopped beating (i
 RETRY_OF = "cifarkit:retry_of"  # a re-queued trial: the number of the one whose worker stopped
 JOB_DIR = "cifarkit:job_dir"  # where a trial's job runs (a re-queued trial continues from its checkpoints)
 METRICS = "cifarkit:metrics"  # the job's metrics.json numbers, for a summary made from the storage
+OVERRIDES = "cifarkit:overrides"  # the job's overrides, ditto
+
+
+def study_jobs(storage: Any, study_name: str | None, sweep_dir: Path, x_key: str) -> list[tuple[str, list, dict, Any]]:
+    """Every trial's job as the study's storage records it (its folder relative to ``sweep_dir`` when it is
+    there, else as its worker named it; its overrides; its metrics.json; its ``x_key``): the summary of a
+    study that several workers, on several machines, ran. Re-queued trials appear once, as their re-run."""
+    from optuna.trial import TrialState
+
+    jobs = []
+    for t in load_study(storage, study_name).get_trials(deepcopy=False):
+        overrides = t.user_attrs.get(OVERRIDES)
+        if STALE in t.user_attrs or not isinstance(overrides, list):  # re-run elsewhere, or never launched
+            continue
+        overrides = [shown(o)[:500] for o in overrides]  # another worker's words: escaped before a table shows them
+        result = t.user_attrs.get(METRICS)
+        if isinstance(result, dict):
+            result = {
+                k: shown(v)[:40] if k == "status" else v
+                for k, v in result.items()
+                if k == "status" or (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+            }
+        else:
+            result = {"status": "running" if t.state == TrialState.RUNNING else "failed"}
+        where = Path(str(t.user_attrs.get(JOB_DIR, t.number)))
+        job = str(where.relative_to(sweep_dir.resolve())) if where.is_relative_to(sweep_dir.resolve()) else str(where)
+        x = dict(o.partition("=")[::2] for o in overrides).get(x_key, "")
+        jobs.append((job, overrides, result, x))
+    return jobs
 
 
 def _now() -> float:
