@@ -33,13 +33,20 @@ class FakeLauncher:
         returns = []
         for overrides in job_overrides:
             self.jobs.append(list(overrides))
+            given = dict(o.split("=", 1) for o in overrides)
+            hang = self.hang_after is not None and len(self.jobs) > self.hang_after
+            if hang and self.log is not None:  # a checkpoint its re-run continues from (before the line says so)
+                import torch
+
+                ckpt = self.log.parent / "sweep" / given["optuna_trial"] / "checkpoints" / "last.ckpt"
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({"global_step": 3, "state_dict": {}}, ckpt)
             if self.log is not None:
                 with open(self.log, "a") as f:
                     f.write(json.dumps(overrides) + "\n")
-            if self.hang_after is not None and len(self.jobs) > self.hang_after:
-                time.sleep(3600)
+            if hang:
+                time.sleep(3600)  # stuck until killed
             time.sleep(self.seconds)
-            given = dict(o.split("=", 1) for o in overrides)
             ret = JobReturn(overrides=overrides, status=JobStatus.COMPLETED)
             ret.return_value = 1.0 - float(given.get("model.optimizer.lr", 0.5))
             returns.append(ret)

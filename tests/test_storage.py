@@ -284,6 +284,9 @@ def test_a_killed_workers_trial_is_failed_requeued_and_the_round_ends_full(kind:
         json.loads(line) for line in log.read_text().splitlines()
     ]
     assert len(ran) == 7  # 6 trials and the killed one's first try
+    (rerun,) = [job for job in ran if f"optuna_trial={retry.number}" in job]
+    first_ckpt = Path(dead.user_attrs["cifarkit:job_dir"]) / "checkpoints" / "last.ckpt"
+    assert f"ckpt_path={first_ckpt}" in rerun  # it continues from the checkpoint the killed job left
 
 
 class LrProbe:

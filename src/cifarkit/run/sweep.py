@@ -35,7 +35,7 @@ Row = dict[str, Any]
 
 
 def _job_key(job: str) -> tuple:
-    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in Path(job).parts)
+    return tuple(int(p) if p.isdigit() else p for p in Path(job).parts)
 
 
 def _number(value: Any) -> float | None:
@@ -59,15 +59,14 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
             job_cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
             x = OmegaConf.select(job_cfg, x_key, default="", throw_on_resolution_failure=False)
         jobs.append((str(job_dir.relative_to(sweep_dir)), overrides, result, x))
-    return tabulate(jobs, metrics, x_key)
+    return tabulate(sorted(jobs, key=lambda j: _job_key(j[0])), metrics, x_key)
 
 
 def tabulate(
     jobs: list[tuple[str, list[str], dict, Any]], metrics: list[str], x_key: str
 ) -> tuple[list[Row], list[str]]:
-    """Rows of (job, its overrides, its metrics.json, its ``x_key`` value), in job order, and the override
-    keys that vary across them."""
-    jobs = sorted(jobs, key=lambda j: _job_key(j[0]))
+    """Rows of (job, its overrides, its metrics.json, its ``x_key`` value), and the override keys that vary
+    across them."""
     given = [dict(o.partition("=")[::2] for o in overrides) for _, overrides, _, _ in jobs]
     keys = dict.fromkeys(k for g in given for k in g)
     varying = [k for k in keys if len({g.get(k) for g in given}) > 1]
