@@ -2,10 +2,10 @@
 space from Hydra's override syntax, and the ask/tell loop of the project's sweeper
 (hydra_plugins/cifarkit_optuna_sweeper, ``hydra/sweeper=optuna``).
 
-* Storage: ``sqlite:///...`` or any SQLAlchemy URL is Optuna's RDB storage; a plain path (no
-  ``://``) is Optuna's journal file, which many processes on a shared disk can append to; null
-  is a study in this process's memory. A database written by Optuna 2 (the old
-  hydra-optuna-sweeper) is refused in one line that gives the ``optuna storage upgrade`` command.
+* Storage: opened and checked by cifarkit/core/untrusted/storage.py (the one door for it): ``sqlite:///...``
+  or any SQLAlchemy URL (``postgresql://`` for many machines) is Optuna's RDB storage; a plain path is
+  Optuna's journal file; null is a study in this process's memory. A stored round, a trial's parameters
+  and the search space are checked there before a job launches.
 * Trials: each job gets its trial's number as ``optuna_trial=<n>``; its ``callbacks.optuna_pruning``
   (_pruning.py beside this) reports to that trial after every validation and stops the job when the
   study's pruner says so. Such a job's metrics.json says ``status: pruned``, and the sweeper tells it as PRUNED.
@@ -13,7 +13,12 @@ space from Hydra's override syntax, and the ask/tell loop of the project's sweep
   finds the study's last round done starts a new one (``n_trials`` more trials); one that finds
   it unfinished (another worker still at it, or an interrupted search) joins it. So two
   processes started on one storage share ``n_trials``, and a rerun after an interruption finishes
-  the search. A trial number is never run twice: the storage hands them out.
+  the search. A trial number is never run twice: the storage hands them out, and a worker asks only
+  while it holds the study's lock (``study_lock``), so two never take the round's last trial both.
+* Workers that die: each worker's running trials beat (``Heartbeat``, in the storage); a worker that
+  sees another's trial not beat for ``grace_period`` fails it and queues its parameters again, and
+  the re-run continues from the checkpoint its job left. A worker with nothing to ask for waits for
+  the round's running trials, so the round ends with ``n_trials`` finished trials.
 
 Lightning-free; Optuna is imported when a sweep or a trial needs it.
 """
