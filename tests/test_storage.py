@@ -75,6 +75,8 @@ def test_a_round_within_bounds_is_joined_and_ends_at_its_size(tmp_path: Path) ->
     launcher = FakeLauncher()
     search(storage, "s", 3, launcher, tmp_path / "sweep")  # a finished round: the next one, 3 more
     assert len(launcher.jobs) == 3 and len(study.trials) == 6
+    search(storage, "s", 1, launcher, tmp_path / "sweep")  # after it, a smaller round is fine
+    assert len(launcher.jobs) == 4 and len(study.trials) == 7
 
 
 @pytest.mark.parametrize(

@@ -223,7 +223,14 @@ class Search:
 
     def open_round(self, study: optuna.Study, trials: list[Any]) -> range:
         """The study's unfinished round, or a new one of ``n_trials`` trials when the last is done."""
-        current = stored_round(study.user_attrs, len(trials), self.n_trials, self.s.storage, study.study_name)
+        current = stored_round(
+            study.user_attrs,
+            len(trials),
+            self.n_trials,
+            self.s.storage,
+            study.study_name,
+            lambda r: self.done(trials, r),
+        )
         if current is not None and not self.done(trials, current):
             log.info(
                 "study %s (%s): joining its unfinished round of %d trials from trial %d",

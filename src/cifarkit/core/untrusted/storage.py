@@ -14,7 +14,7 @@ study in this process's memory.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -128,23 +128,28 @@ def create_study(storage: Any, study_name: str | None, **options: Any) -> Any:
     return optuna.create_study(study_name=study_name, storage=open_storage(storage), load_if_exists=True, **options)
 
 
-def stored_round(user_attrs: Mapping[str, Any], trials: int, n_trials: int, storage: Any, study: str) -> range | None:
-    """The study's current round (trial numbers from its start, ``n_trials`` long), or None before the first;
-    bounds that follow from the run: it starts within the trials there are and holds at most ``n_trials``."""
+def stored_round(
+    user_attrs: Mapping[str, Any], trials: int, n_trials: int, storage: Any, study: str, done: Callable[[range], bool]
+) -> range | None:
+    """The study's current round (trial numbers from its start, as many as it was opened with), or None before
+    the first; bounds that follow from the run: integers, it starts within the trials there are, and a round
+    this sweep would join (``done`` says it is not finished) holds at most ``n_trials``."""
     end, start = user_attrs.get(ROUND_END), user_attrs.get(ROUND_START, None)
     if end is None:
         return None
     if start is None:  # a study whose round was opened before round starts were stored
-        start = end - n_trials if isinstance(end, int) and not isinstance(end, bool) else 0
+        start = max(0, end - n_trials) if isinstance(end, int) and not isinstance(end, bool) else 0
     ints = all(isinstance(v, int) and not isinstance(v, bool) for v in (start, end))
-    if not ints or not 0 <= max(0, start) <= trials or not 0 < end - max(0, start) <= min(n_trials, MAX_TRIALS):
-        raise UserError(
-            f"the Optuna study {shown(study)} in {named(storage)} holds a round of trials {shown(repr(start))} to "
-            f"{shown(repr(end))} (user attributes {ROUND_START}, {ROUND_END}), outside what this sweep can run "
-            f"({trials} trials there, n_trials={n_trials}); run with the n_trials the study was started with, or "
-            "start a new study (hydra.sweeper.study_name=<new name>)"
-        )
-    return range(max(0, start), end)
+    if ints and 0 <= start <= trials and 0 < end - start <= MAX_TRIALS:
+        current = range(start, end)
+        if len(current) <= n_trials or done(current):
+            return current
+    raise UserError(
+        f"the Optuna study {shown(study)} in {named(storage)} holds a round of trials {shown(repr(start))} to "
+        f"{shown(repr(end))} (user attributes {ROUND_START}, {ROUND_END}), outside what this sweep can run "
+        f"({trials} trials there, n_trials={n_trials}); run with the n_trials the study was started with, or "
+        "start a new study (hydra.sweeper.study_name=<new name>)"
+    )
 
 
 def contains(dist: Any, value: Any) -> bool:
