@@ -29,6 +29,7 @@ import contextlib
 import functools
 import logging
 import math
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -402,10 +403,11 @@ class Search:
         trial.set_user_attr(JOB_DIR, str(job_dir))
         params = {**trial.params, **self.fixed}
         extra = []
-        first = frozen.user_attrs.get(JOB_DIR) if RETRY_OF in frozen.user_attrs else None
-        point = rundir.resume_point(Path(first)) if isinstance(first, str) and Path(first).is_dir() else None
+        first = frozen.user_attrs.get(RESUME_FROM)  # the storage's word: a plain path to a folder, or nothing
+        plain = isinstance(first, str) and re.fullmatch(r"[\w./@+-]{1,1000}", first) is not None
+        point = rundir.resume_point(Path(first)) if plain and Path(first).is_dir() else None
         if point is not None and point.step is not None:
-            log.info("trial %d continues trial %d: %s", trial.number, frozen.user_attrs[RETRY_OF], point.continues())
+            log.info("trial %d continues %s", trial.number, point.continues())
             extra.append(f"ckpt_path={point.ckpt}")
         overrides = [*(f"{k}={v}" for k, v in params.items()), *extra, f"{self.trial_key}={trial.number}"]
         trial.set_user_attr(OVERRIDES, overrides)
@@ -470,7 +472,8 @@ POLL = 1.0  # seconds between looks at the study while the round's last trials r
 HEARTBEAT = "cifarkit:heartbeat"  # a running trial's user attribute: a count its worker moves every interval
 STALE = "cifarkit:stale"  # a trial failed because its worker stopped beating (its parameters queued again)
 RETRY_OF = "cifarkit:retry_of"  # a re-queued trial: the number of the one whose worker stopped
-JOB_DIR = "cifarkit:job_dir"  # where a trial's job runs (a re-queued trial continues from its checkpoints)
+JOB_DIR = "cifarkit:job_dir"  # where a trial's job runs
+RESUME_FROM = "cifarkit:resume_from"  # a re-queued trial: its first job's folder, whose checkpoint it continues
 METRICS = "cifarkit:metrics"  # the job's metrics.json numbers, for a summary made from the storage
 OVERRIDES = "cifarkit:overrides"  # the job's overrides, ditto
 
@@ -510,7 +513,7 @@ def _now() -> float:
 
 
 def _job_of(trial: Any) -> dict[str, Any]:
-    return {JOB_DIR: trial.user_attrs[JOB_DIR]} if isinstance(trial.user_attrs.get(JOB_DIR), str) else {}
+    return {RESUME_FROM: trial.user_attrs[JOB_DIR]} if isinstance(trial.user_attrs.get(JOB_DIR), str) else {}
 
 
 def rundir_metrics(run_dir: Path) -> dict[str, float | str]:
