@@ -404,9 +404,8 @@ class Search:
         params = {**trial.params, **self.fixed}
         extra = []
         first = frozen.user_attrs.get(RESUME_FROM)  # the storage's word: a plain path to a folder, or nothing
-        plain = isinstance(first, str) and re.fullmatch(r"[\w./@+-]{1,1000}", first) is not None
-        point = rundir.resume_point(Path(first)) if plain and Path(first).is_dir() else None
-        if point is not None and point.step is not None:
+        point = rundir.resume_point(Path(first)) if _plain(first) and Path(first).is_dir() else None
+        if point is not None and point.step is not None and _plain(str(point.ckpt)):
             log.info("trial %d continues %s", trial.number, point.continues())
             extra.append(f"ckpt_path={point.ckpt}")
         overrides = [*(f"{k}={v}" for k, v in params.items()), *extra, f"{self.trial_key}={trial.number}"]
@@ -510,6 +509,11 @@ def _now() -> float:
     import time
 
     return time.monotonic()
+
+
+def _plain(path: Any) -> bool:
+    """A path an override can carry as it is (no quote, comma, '=' or space for Hydra's parser to read)."""
+    return isinstance(path, str) and re.fullmatch(r"[\w./@+-]{1,1000}", path) is not None
 
 
 def _job_of(trial: Any) -> dict[str, Any]:
