@@ -253,9 +253,10 @@ class SweepSummary(Callback):
 
 
 def is_shared_study(sweeper: Any) -> bool:
-    """Whether a multirun is this project's Optuna search on a storage other workers may share."""
+    """Whether a multirun is this project's Optuna search on a named study in a storage other workers may share."""
     target = OmegaConf.select(sweeper, "_target_", default="") if sweeper is not None else ""
-    return target.endswith("cifarkit_optuna_sweeper.optuna_sweeper.OptunaSweeper") and bool(sweeper.get("storage"))
+    ours = target.endswith("cifarkit_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+    return ours and bool(sweeper.get("storage")) and bool(sweeper.get("study_name"))
 
 
 def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:
