@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import optuna
 import pytest
 from optuna.trial import TrialState
@@ -291,19 +292,17 @@ def test_a_killed_workers_trial_is_failed_requeued_and_the_round_ends_full(kind:
     assert f"ckpt_path={first_ckpt}" in rerun  # it continues from the checkpoint the killed job left
 
 
-class LrProbe:
-    """Writes ``<out>/rank<r>.json`` when fitting starts on a rank: the learning rate its optimizer was built with."""
+class LrProbe(L.Callback):
+    """Writes ``<out>/rank<r>.json`` when fitting starts on a rank: the learning rate its optimizer was built
+    with (a module-level class: DDP's spawn start method pickles callbacks)."""
 
-    def __new__(cls, out: str):
-        import lightning as L
+    def __init__(self, out: str) -> None:
+        self.out = out
 
-        class Probe(L.Callback):
-            def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-                Path(out).mkdir(parents=True, exist_ok=True)
-                lr = trainer.optimizers[0].defaults["lr"]
-                (Path(out) / f"rank{trainer.global_rank}.json").write_text(json.dumps({"lr": lr}))
-
-        return Probe()
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        Path(self.out).mkdir(parents=True, exist_ok=True)
+        lr = trainer.optimizers[0].defaults["lr"]
+        (Path(self.out) / f"rank{trainer.global_rank}.json").write_text(json.dumps({"lr": lr}))
 
 
 @pytest.mark.slow  # two DDP trials of a search, each two processes
