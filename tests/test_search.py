@@ -206,7 +206,9 @@ def test_an_interrupted_search_is_finished_by_running_it_again(image_folder: Pat
     assert len({t.params["model.optimizer.lr"] for t in study.trials}) == 3  # continued, not replayed
     first, second = sweep_dirs(tmp_path / "logs")
     assert json.loads((first / "1" / "metrics.json").read_text())["status"] == "interrupted"
-    assert [r["job"] for r in read_jobs(second)] == ["2"] and read_jobs(second)[0]["status"] == "completed"
+    rows = read_jobs(second)  # the whole study's summary, from the storage: the first sweep's jobs by full path
+    assert [r["job"] for r in rows] == [str((first / "0").resolve()), str((first / "1").resolve()), "2"]
+    assert [r["status"] for r in rows] == ["completed", "failed", "completed"]  # the interrupted one: not told
     # A finished search run once more adds n_trials new trials.
     assert main("train.py", [*args, "trainer.max_epochs=1"]).code == 0
     assert len(load(tmp_path).trials) == 6

@@ -70,6 +70,8 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int,
         val_size: int | float,
         split_seed: int,
+        folds: int | None,
+        fold: int,
         batch_size: int,
         eval_batch_size: int,
         pipeline: str,
@@ -90,6 +92,7 @@ class ImageDataModule(L.LightningDataModule):
         self.class_subset = list(classes) if classes is not None else None
         self.train_per_class = train_per_class
         self.image_size, self.val_size, self.split_seed = image_size, val_size, split_seed
+        self.folds, self.fold = folds, fold
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.pipeline, self.num_workers, self.pin_memory = pipeline, num_workers, pin_memory
         self.do_normalize = normalize
@@ -161,11 +164,14 @@ class ImageDataModule(L.LightningDataModule):
         self.prepare_data()  # no-op when cached; covers direct use outside a Trainer
         data = self._load_cache()
         x, y = self._keep_classes(data["train_x"], data["train_y"])
-        n_val = int(round(self.val_size * len(y))) if isinstance(self.val_size, float) else int(self.val_size)
-        if not 0 <= n_val < len(y):
-            raise UserError(f"data.val_size={self.val_size} leaves no training images out of {len(y)}; lower it")
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
-        tr, va = perm[n_val:], perm[:n_val]
+        if self.folds is not None:
+            tr, va = self._fold(y)
+        else:
+            n_val = int(round(self.val_size * len(y))) if isinstance(self.val_size, float) else int(self.val_size)
+            if not 0 <= n_val < len(y):
+                raise UserError(f"data.val_size={self.val_size} leaves no training images out of {len(y)}; lower it")
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(self.split_seed))
+            tr, va = perm[n_val:], perm[:n_val]
         if self.train_per_class is not None:
             tr = self._per_class(tr, y)
         self.splits = {
@@ -176,6 +182,27 @@ class ImageDataModule(L.LightningDataModule):
         self.mean, self.std = self._stats(self.splits["train"][0])
         # Every rank seeds the same way (Lightning's seed_everything), so they share one permutation.
         self.seed = torch.initial_seed() % (2**31)
+
+    def folds_of(self, y: torch.Tensor) -> torch.Tensor:
+        """Each training image's fold (``data.folds`` of them): stratified (every class dealt out in turn, so
+        each fold holds each class's share within one image) and drawn with the split's seed, so the folds
+        of one seed are the same in every run and partition the training set."""
+        if not 2 <= self.folds <= len(y):
+            raise UserError(f"data.folds={self.folds} needs 2 to {len(y)} folds for {len(y)} training images")
+        generator = torch.Generator().manual_seed(self.split_seed)
+        fold_of = torch.empty(len(y), dtype=torch.int64)
+        dealt = 0  # the next class starts where the last stopped: fold sizes differ by one image at most
+        for label in y.unique(sorted=True):
+            members = (y == label).nonzero().flatten()
+            members = members[torch.randperm(len(members), generator=generator)]
+            fold_of[members] = (torch.arange(len(members)) + dealt) % self.folds
+            dealt += len(members)
+        return fold_of
+
+    def _fold(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training, validation) indices of ``data.fold``: it validates, the other folds train."""
+        fold_of = self.folds_of(y)
+        return (fold_of != self.fold).nonzero().flatten(), (fold_of == self.fold).nonzero().flatten()
 
     def _keep_classes(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The images of ``data.classes`` only, their labels renumbered in its order (all when null)."""

@@ -119,6 +119,8 @@ class Pipeline(TypedDict):
         NonNegative | Annotated[float, Field(ge=0, lt=1)], Field(description="an image count, or a fraction below 1")
     ]
     split_seed: int
+    folds: Annotated[int, Field(ge=2)] | None
+    fold: NonNegative
     batch_size: Count
     eval_batch_size: Count
     pipeline: Literal["device", "torchvision"]
@@ -144,6 +146,8 @@ def _pipeline_rules(data: dict[str, Any]) -> dict[str, Any]:
         raise rule("data.augment.alternating_flip and cutout run on the device pipeline only; use data.pipeline=device")
     if (data["mean"] is None) != (data["std"] is None):
         raise rule("set both data.mean and data.std, or neither (then they are computed)")
+    if data["folds"] is not None and not data["fold"] < data["folds"]:
+        raise rule(f"data.fold={data['fold']} must be below data.folds={data['folds']} (folds count from 0)")
     return data
 
 

@@ -2,9 +2,10 @@
 
 * ``SweepSummary`` (a Hydra callback, registered in configs/hydra/default.yaml): after any
   multirun (grid or Optuna) it reads each job's ``.hydra/overrides.yaml`` and ``metrics.json``
-  from disk, so it works whatever launcher ran the jobs, and writes in the sweep directory
+  from disk, so it works whatever launcher ran the jobs (an Optuna search on a storage: what each
+  trial's worker recorded there, so every machine's jobs are in it), and writes in the sweep directory
   ``jobs.csv`` (one row per job), ``summary.csv`` (one row per configuration: jobs that differ
-  only in ``seed`` are grouped, with each metric's mean, standard deviation and n, as airbench
+  only in ``seed`` or ``data.fold`` are grouped, with each metric's mean, standard deviation and n, as airbench
   reports its records) and ``summary.png``, and prints the table. A job without a
   ``metrics.json`` (killed, or crashed before writing one) is listed as failed.
 * ``study_seed`` (the ``${study_seed:...}`` resolver): the Optuna sampler's seed plus the
@@ -52,21 +53,27 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
         job_dir = ov_file.parent.parent
         saved = read_yaml(ov_file)
         overrides = [str(o) for o in saved] if isinstance(saved, ListConfig) else []
-        given = dict(o.partition("=")[::2] for o in overrides)
         result = rundir.read_metrics(job_dir) or {"status": "failed"}
-        x = given.get(x_key)
+        x = dict(o.partition("=")[::2] for o in overrides).get(x_key)
         if x is None:  # not overridden: the job's own config says
             job_cfg = read_yaml(job_dir / ".hydra" / "config.yaml")
             x = OmegaConf.select(job_cfg, x_key, default="", throw_on_resolution_failure=False) if job_cfg else ""
-        jobs.append((str(job_dir.relative_to(sweep_dir)), overrides, given, result, x))
-    jobs.sort(key=lambda j: _job_key(j[0]))
+        jobs.append((str(job_dir.relative_to(sweep_dir)), overrides, result, x))
+    return tabulate(sorted(jobs, key=lambda j: _job_key(j[0])), metrics, x_key)
 
-    keys = dict.fromkeys(k for j in jobs for k in j[2])
-    varying = [k for k in keys if len({j[2].get(k) for j in jobs}) > 1]
+
+def tabulate(
+    jobs: list[tuple[str, list[str], dict, Any]], metrics: list[str], x_key: str
+) -> tuple[list[Row], list[str]]:
+    """Rows of (job, its overrides, its metrics.json, its ``x_key`` value), and the override keys that vary
+    across them."""
+    given = [dict(o.partition("=")[::2] for o in overrides) for _, overrides, _, _ in jobs]
+    keys = dict.fromkeys(k for g in given for k in g)
+    varying = [k for k in keys if len({g.get(k) for g in given}) > 1]
     rows = []
-    for job, overrides, given, result, x in jobs:
+    for (job, overrides, result, x), g in zip(jobs, given):
         row: Row = {"job": job, "status": result.get("status", "unknown")}
-        row |= {k: given.get(k, "") for k in varying}
+        row |= {k: g.get(k, "") for k in varying}
         row[x_key] = x
         row |= {m: result.get(m, "") for m in metrics}
         row["epochs"] = result.get("epochs", "")
@@ -75,11 +82,14 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
     return rows, varying
 
 
+REPEATS = ("seed", "data.fold")  # overrides that repeat one configuration: its jobs are grouped
+
+
 def by_config(rows: list[Row], varying: list[str], metrics: list[str], x_key: str) -> list[Row]:
-    """One row per configuration (the varying overrides but ``seed``, and ``x_key``): how many
-    jobs completed (n), failed, were pruned (a column only when some were), and each metric's
-    mean and sample standard deviation over the completed ones."""
-    keys = list(dict.fromkeys([*(k for k in varying if k != "seed"), x_key]))
+    """One row per configuration (the varying overrides but ``seed`` and ``data.fold``, and ``x_key``):
+    how many jobs completed (n), failed, were pruned (a column only when some were), and each metric's
+    mean and sample standard deviation over the completed ones (over seeds, over k-fold's folds)."""
+    keys = list(dict.fromkeys([*(k for k in varying if k not in REPEATS), x_key]))
     groups: dict[tuple, list[Row]] = {}
     for row in rows:
         groups.setdefault(tuple(str(row.get(k, "")) for k in keys), []).append(row)
@@ -212,7 +222,14 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows, varying = collect(sweep_dir, self.metrics, self.x)
+        sweeper = OmegaConf.select(config, "hydra.sweeper", default=None)
+        if is_shared_study(sweeper):  # every worker's trials, wherever their folders are: from the storage
+            from hydra_plugins.cifarkit_optuna_sweeper._study import study_jobs
+
+            jobs = study_jobs(sweeper.storage, sweeper.study_name, sweep_dir, self.x)
+            rows, varying = tabulate(jobs, self.metrics, self.x)
+        else:
+            rows, varying = collect(sweep_dir, self.metrics, self.x)
         if not rows:
             log.warning("no jobs found in %s; no summary written", sweep_dir)
             return
@@ -231,8 +248,15 @@ class SweepSummary(Callback):
         if len(configs) < len(rows):  # seeds grouped: the statistics per configuration too
             stats = [c | {m: _mean_std(c, m) for m in self.metrics} for c in configs]
             columns = [k for k in configs[0] if k not in self.metrics and not k.endswith("_std") and k != "jobs"]
-            print_table(stats, [*columns, *self.metrics], f"sweep {sweep_dir.name}: mean ± std over seeds")
+            print_table(stats, [*columns, *self.metrics], f"sweep {sweep_dir.name}: mean ± std over seeds and folds")
         log.info("summary: %s, %s and summary.png", sweep_dir / "summary.csv", sweep_dir / "jobs.csv")
+
+
+def is_shared_study(sweeper: Any) -> bool:
+    """Whether a multirun is this project's Optuna search on a named study in a storage other workers may share."""
+    target = OmegaConf.select(sweeper, "_target_", default="") if sweeper is not None else ""
+    ours = target.endswith("cifarkit_optuna_sweeper.optuna_sweeper.OptunaSweeper")
+    return ours and bool(sweeper.get("storage")) and bool(sweeper.get("study_name"))
 
 
 def study_seed(seed: int, storage: str | None, study_name: str | None) -> int:

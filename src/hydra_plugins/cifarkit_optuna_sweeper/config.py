@@ -134,6 +134,10 @@ class OptunaSweeperConf:
     params: dict[str, str] | None = None
     # a function (config, optuna.trial.Trial) -> None that suggests more parameters, as a dotted path
     custom_search_space: str | None = None
+    # seconds between a worker's heartbeats for its running trials (kept in the storage)
+    heartbeat_interval: float = 30.0
+    # seconds without a heartbeat after which another worker fails a running trial and queues it again
+    grace_period: float = 180.0
 
 
 store = ConfigStore.instance()

@@ -25,9 +25,17 @@ class OptunaSweeper(Sweeper):
         params: DictConfig | None,
         custom_search_space: str | None = None,
         pruner: Any = None,
+        heartbeat_interval: float = 30.0,
+        grace_period: float = 180.0,
     ) -> None:
         if not 0.0 <= max_failure_rate <= 1.0:
             raise ValueError(f"hydra.sweeper.max_failure_rate={max_failure_rate}: a rate from 0.0 to 1.0")
+        if not 0 < heartbeat_interval < grace_period:
+            raise ValueError(
+                f"hydra.sweeper.heartbeat_interval={heartbeat_interval}, grace_period={grace_period}: "
+                "an interval above 0 and shorter than the grace period"
+            )
+        self.heartbeat_interval, self.grace_period = heartbeat_interval, grace_period
         self.sampler, self.pruner, self.direction = sampler, pruner, direction
         self.storage, self.study_name = storage, study_name
         self.n_trials, self.n_jobs, self.max_failure_rate = n_trials, n_jobs, max_failure_rate

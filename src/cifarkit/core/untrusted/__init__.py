@@ -8,6 +8,9 @@ and its guard.
 * ``text``: ``shown`` (a name made safe for a terminal), ``to_json`` (strict JSON).
 * ``plain``: ``check_tree`` (nested data within bounds, without recursion), ``invalid`` (a pydantic
   error as a phrase), ``read_json_object``, ``inside`` (a path a file names, inside a folder).
+* ``storage``: the sweep's Optuna storage (``open_storage``, ``load_study``, ``create_study``) and what it
+  holds that launches jobs (``stored_round``, ``check_params``, ``check_space``); imported by name, as Optuna
+  loads only in a search.
 
 Lightning-free; torch is imported only by the readers that need it.
 """
