@@ -27,14 +27,13 @@ from cifarkit.core.errors import UserError
 from cifarkit.core.extras import require
 from cifarkit.core.untrusted.text import shown
 
-# The operators torch's exporter (export.py) writes for BasicCNN, AirbenchNet (cpu10's net), ResNet18 and timm's
-# ResNets, ViTs, EfficientNets, ConvNeXts, MobileNets, RegNets and DenseNets, the preprocessing and softmax
-# included (tests/test_export.py exports them and compares). All are plain data flow: what they compute and
-# allocate follows from their inputs' shapes.
+# The operators torch's exporter (export.py) writes for the project's nets: BasicCNN, AirbenchNet (cpu10's net),
+# ResNet18, and timm's resnet18 (CIFAR stem, and timm's stem fed at a larger input_size) and vit_tiny_patch16_224
+# (CIFAR stem), the preprocessing and softmax included; tests/test_export.py exports them and compares. All are
+# plain data flow: what they compute and allocate follows from their inputs' shapes.
 OPERATORS = frozenset(
-    """Add AveragePool BatchNormalization Cast Concat Conv Div Expand Gather Gelu Gemm GlobalAveragePool
-    LayerNormalization MatMul MaxPool Mul ReduceMax ReduceMean Relu Reshape Resize Shape Slice Softmax Squeeze
-    Sub Transpose""".split()
+    """Add BatchNormalization Cast Concat Conv Div Expand Gather Gelu Gemm LayerNormalization MatMul MaxPool Mul
+    ReduceMax ReduceMean Relu Reshape Resize Shape Slice Softmax Squeeze Sub Transpose""".split()
 )
 DOMAINS = ("", "ai.onnx")  # the standard operator set only
 MIN_OPSET = 18  # the oldest torch.onnx's exporter (dynamo=True) writes
@@ -244,7 +243,7 @@ def _work(node: Any, shapes: dict[str, tuple[list[int], int]]) -> int:
         work += out * ins[0][-1]
     elif node.op_type == "Gemm" and ins and ins[0]:
         work += out * max(ins[0])  # A's shared dimension, transposed or not
-    elif node.op_type in ("MaxPool", "AveragePool"):
+    elif node.op_type == "MaxPool":
         kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [])
         work += out * math.prod(kernel)
     return work
