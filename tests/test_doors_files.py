@@ -106,21 +106,33 @@ def expand_model(path: Path) -> Path:
     return graph_model(path, nodes, weights, joins="most")
 
 
-LOADER = """
-import resource, sys
+# The process's peak resident memory in MB: VmHWM, which starts afresh at exec (ru_maxrss starts at the
+# parent's peak, the test process's, so it would not grow for anything smaller than pytest's own).
+PEAK_MB = """
+import re
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) // 1024
+"""
+
+LOADER = (
+    PEAK_MB
+    + """
+import sys
 import onnx, onnxruntime  # imported before the baseline: only the model's own cost is measured
 from omegaconf import OmegaConf
 from cifarkit.core.errors import UserError
 from cifarkit.infer.model import load_model
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mb()
 cfg = {"ckpt_path": sys.argv[1], "threads": 1, "trusted_targets": ["cifarkit."], "device": "cpu"}
 try:
     load_model(OmegaConf.create(cfg))
     print("loaded")
 except UserError as e:
     print(e)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, "MB")
+print(peak_mb() - before, "MB")
 """
+)
 
 
 @pytest.mark.parametrize(
@@ -365,15 +377,18 @@ def test_json_output_is_valid_utf8_for_a_name_that_is_not(tmp_path: Path, main) 
 # ---------------------------------------------------------------------------------------------
 # A 16-bit image decodes within an 8-bit one's memory.
 
-DECODER_PEAK = """
-import resource, sys
+DECODER_PEAK = (
+    PEAK_MB
+    + """
+import sys
 from pathlib import Path
 from cifarkit.core.untrusted import decode_image
 decode_image(Path(sys.argv[2]), 32, "warm-up", "x")  # the decoders' own first allocations
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = peak_mb()
 pixels = decode_image(Path(sys.argv[1]), 32, "image", "x")
-print(int(pixels.mean()), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+print(int(pixels.mean()), peak_mb() - before)
 """
+)
 
 
 def test_a_16_bit_png_decodes_within_an_8_bit_ones_memory(tmp_path: Path) -> None:
@@ -399,4 +414,4 @@ def test_a_16_bit_png_decodes_within_an_8_bit_ones_memory(tmp_path: Path) -> Non
 
     (mean16, peak16), (mean8, peak8) = peak(grey16), peak(rgb8)
     assert mean16 == mean8 == 128
-    assert peak16 <= peak8 + 8, (peak16, peak8)
+    assert peak8 > 100 and peak16 <= peak8 + 8, (peak16, peak8)  # RGB alone is 64 MB (Pillow: 4 bytes a pixel)

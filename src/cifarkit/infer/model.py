@@ -2,8 +2,9 @@
 
 Either way the answer is a scorer (uint8 images in, class probabilities out), the class names and the image
 size, and the model has classified blank images at that size before any door reports it ready. A
-checkpoint is read and rebuilt by cifarkit/nets/saved.py (no code in it runs); an ONNX model runs in ONNX
-Runtime on the CPU, its classes and image size read from export.py's metadata. Nothing here imports
+checkpoint is read and rebuilt by cifarkit/nets/saved.py (no code in it runs); an ONNX model's graph is judged by
+cifarkit/core/untrusted/onnx_graph.py (export.py's operators, bounded static shapes), then runs in ONNX Runtime on
+the CPU, its classes and image size read from export.py's metadata. Nothing here imports
 Lightning.
 """
 

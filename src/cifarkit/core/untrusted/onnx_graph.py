@@ -138,8 +138,8 @@ def _check_structure(model: Any, onnx: Any, refuse: Callable[[str], UserError]) 
     for node in graph.node:
         if node.domain not in DOMAINS or node.op_type not in OPERATORS:
             raise refuse(
-                f"runs the operator {shown(node.op_type)[:60]}, which export.py never writes (it writes "
-                f"{', '.join(sorted(OPERATORS))})"
+                f"runs the operator {shown(node.op_type)[:60]}, which export.py never writes (docs/trust.md lists "
+                "the 25 it does)"
             )
         for a in node.attribute:
             if a.type in (attr.GRAPH, attr.GRAPHS, attr.SPARSE_TENSOR, attr.SPARSE_TENSORS) or (
@@ -216,7 +216,7 @@ def _costs(skeleton: Any, batch: int, onnx: Any, refuse: Callable[[str], UserErr
         shapes[t.name] = (list(t.dims), onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize)
     values = work = 0
     for node in g.node:
-        for name in node.output:
+        for name in filter(None, node.output):  # an empty name: an optional output not computed
             if name not in shapes:
                 raise refuse(
                     f"has a value whose shape does not follow from the input's ({shown(name)[:60]}, a "
@@ -234,7 +234,7 @@ def _costs(skeleton: Any, batch: int, onnx: Any, refuse: Callable[[str], UserErr
 def _work(node: Any, shapes: dict[str, tuple[list[int], int]]) -> int:
     """Elements the node reads and writes, plus the multiply-adds of a convolution, matrix product or pool."""
     ins = [shapes[n][0] for n in node.input if n in shapes]
-    outs = [shapes[n][0] for n in node.output]
+    outs = [shapes[n][0] for n in node.output if n]
     work = sum(math.prod(d) for d in ins) + sum(math.prod(d) for d in outs)
     out = math.prod(outs[0]) if outs else 0
     if node.op_type == "Conv" and len(ins) > 1:  # each output: C_in / groups * kernel multiply-adds
