@@ -296,7 +296,7 @@ def test_class_names_are_drawn_as_plain_text(tmp_path: Path, main) -> None:
         assert render(fig).ndim == 3
         drawn = {t.get_text() for t in fig.findobj(matplotlib.text.Text)}
         assert set(names) <= drawn
-    root = write_image_folder(tmp_path / "folder", n_train=3, n_test=2)
+    root = write_image_folder(tmp_path / "folder", n_train=8, n_test=2)  # 24: 12 held out, 12 trained on
     rename_class(root, "dog", "$\\x$")
     r = main("train.py", FAST + folder_overrides(root, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}"])
     assert r.code == 0, r.err[-3000:]
