@@ -273,7 +273,7 @@ def rename_class(root: Path, old: str, new: str) -> None:
 def test_a_class_name_no_checkpoint_holds_stops_before_training(tmp_path: Path, main) -> None:
     """A class folder of 201 characters trained a whole epoch, then stopped in a pydantic traceback at the first
     checkpoint: now one line before any step."""
-    root = write_image_folder(tmp_path / "folder", n_train=3, n_test=2)
+    root = write_image_folder(tmp_path / "folder", n_train=8, n_test=2)  # enough to train on
     rename_class(root, "dog", "d" * 201)
     r = main("train.py", FAST + folder_overrides(root, tmp_path) + [f"paths.log_dir={tmp_path / 'logs'}"])
     assert r.code == 1
