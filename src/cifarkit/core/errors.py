@@ -61,7 +61,19 @@ def one_line(e: BaseException) -> str:
     if isinstance(e.__cause__, (OmegaConfBaseException, *misconfiguration())):
         parts.append(str(e.__cause__).splitlines()[0])
     text = " ".join(part.strip() for p in parts for part in p.splitlines() if part.strip())
-    return text.replace("\t", " ")
+    return bounded(text.replace("\t", " "))
+
+
+MAX_LINE = 500  # characters of an error line; a crafted name or config cannot make one longer
+
+
+def bounded(text: str, limit: int = MAX_LINE) -> str:
+    """``text`` cut to about ``limit`` characters, its middle left out: the start says what is wrong, the end
+    says how to fix it."""
+    if len(text) <= limit:
+        return text
+    head, tail = limit * 2 // 3, limit // 4
+    return f"{text[:head]} [... {len(text) - head - tail} characters left out ...] {text[-tail:]}"
 
 
 # gloo (the CPU backend) reports a collective's timeout and a dead peer as a plain RuntimeError that only its words tell

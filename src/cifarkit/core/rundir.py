@@ -31,16 +31,19 @@ released however the process ends, even by SIGKILL), and ``ckpt_path=auto`` leav
 
 from __future__ import annotations
 
+import math
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cifarkit.core.errors import RunInUse, existing
+from cifarkit.core.errors import RunInUse, UserError, existing
 from cifarkit.core.untrusted import read_json_object
+from cifarkit.core.untrusted.plain import read_yaml
 
 AUTO = "auto"
 CONFIG = Path(".hydra") / "config.yaml"
@@ -65,9 +68,9 @@ def budget_file(run_dir: str | Path) -> Path:
     return Path(run_dir) / BUDGET
 
 
-def checkpoint_file(path: str | Path) -> Path:
-    """``path`` if it is a file, else the one line that says so (before any work starts)."""
-    return existing("ckpt_path", path, f"the path of a .ckpt file (e.g. <run>/{CHECKPOINTS}/{LAST})")
+def checkpoint_file(path: str | Path, option: str = "ckpt_path") -> Path:
+    """``path`` if it is a file, else the one line that says so, naming ``option`` (before any work starts)."""
+    return existing(option, path, f"the path of a .ckpt file (e.g. <run>/{CHECKPOINTS}/{LAST})")
 
 
 def of_checkpoint(ckpt: str | Path) -> Path:
@@ -121,11 +124,41 @@ def in_use(run_dir: str | Path) -> RunInUse:
 # Finished or not, and where an unfinished run continues from.
 
 
-def status(run_dir: Path) -> str | None:
-    """What the run's ``metrics.json`` says of its end; None without one (or a half-written one from a killed run,
-    or one edited into something else: a run folder is read as untrusted)."""
+class RunRecord(BaseModel):
+    """What a run's ``metrics.json`` must hold to be believed: one of the statuses train.py and eval.py write,
+    and metrics (``<stage>/<name>`` keys) that are finite numbers; other keys pass as written."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+    status: Literal["completed", "pruned", "failed", "interrupted"]
+    steps: Annotated[int, Field(ge=0)] | None = None
+    epochs: Annotated[int, Field(ge=0)] | None = None
+    error: Annotated[str, Field(max_length=4000)] | None = None
+
+    @model_validator(mode="after")
+    def _finite_metrics(self) -> RunRecord:
+        for key, value in (self.model_extra or {}).items():
+            if "/" in key and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            ):
+                raise ValueError(f"{key} is not a finite number")
+        return self
+
+
+def read_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """The run's ``metrics.json`` when it meets ``RunRecord``; None without one (or a half-written one from a
+    killed run, or one edited into something else: a run folder is read as untrusted)."""
     metrics = read_json_object(metrics_file(run_dir))
-    return metrics.get("status") if metrics is not None else None
+    try:
+        return RunRecord.model_validate(metrics).model_dump(exclude_none=True) if metrics is not None else None
+    except ValidationError:
+        return None
+
+
+def status(run_dir: Path) -> str | None:
+    """What the run's believable ``metrics.json`` says of its end, or None."""
+    metrics = read_metrics(run_dir)
+    return metrics["status"] if metrics is not None else None
 
 
 def completed(run_dir: Path) -> bool:
@@ -136,12 +169,12 @@ def completed(run_dir: Path) -> bool:
 
 def checkpoint_step(path: Path) -> int | None:
     """The training step a checkpoint was saved at, or None when it cannot be read (cut short, not a
-    checkpoint). Memory-mapped and ``weights_only``: no tensor is read, no pickled code runs."""
-    import torch  # only here: cifarkit/run/cli.py imports this module before anything heavy
+    checkpoint, made by hand). Through the one tensor-file reader, memory-mapped: no tensor is read."""
+    from cifarkit.core.untrusted.tensors import read_torch_file  # torch: only here, cli.py imports this module early
 
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
+        ckpt = read_torch_file(path, str(path), "", "checkpoint", mmap=True)
+    except UserError:
         return None
     step = ckpt.get("global_step") if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) else None
     return step if isinstance(step, int) else None
@@ -187,10 +220,7 @@ def _comparable(cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 def _saved_config(run_dir: Path) -> dict[str, Any] | None:
     """The run's composed config, or None when it has none, or one cut short or not a mapping."""
-    try:
-        saved = OmegaConf.load(run_dir / CONFIG)
-    except Exception:  # noqa: BLE001  a missing file, or YAML's and OmegaConf's errors on one edited by hand
-        return None
+    saved = read_yaml(run_dir / CONFIG)
     return _comparable(saved) if isinstance(saved, DictConfig) else None
 
 

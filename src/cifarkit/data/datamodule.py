@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
@@ -24,9 +26,13 @@ from torch.utils.data import DataLoader
 
 from cifarkit.core.errors import UserError
 from cifarkit.core.files import atomic_write
+from cifarkit.core.untrusted import read_json_object
+from cifarkit.core.untrusted.tensors import read_image_cache
 from cifarkit.data.augment import Augment
 from cifarkit.data.images import DataInfo, normalize
 from cifarkit.data.loader import DeviceLoader, PILDataset, pil_transform
+
+log = logging.getLogger(__name__)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float], list[float]]:
@@ -41,6 +47,15 @@ def channel_stats(images: torch.Tensor, chunk: int = 4096) -> tuple[list[float],
     mean = s / n
     std = ((s2 - n * mean.square()) / (n - 1)).sqrt()
     return mean.tolist(), std.tolist()
+
+
+def _stats_ok(values: object, low: float) -> bool:
+    """Whether a cached mean or std is three finite numbers in [``low``, 1], as images in [0, 1] give."""
+    return (
+        isinstance(values, list)
+        and len(values) == 3
+        and all(isinstance(v, (int, float)) and math.isfinite(v) and low <= v <= 1 for v in values)
+    )
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -122,16 +137,21 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Decode once and cache the uint8 tensors (rank 0 only; the others wait)."""
         if not self.cache_file.exists():
-            data = self._decode()
-            atomic_write(self.cache_file, lambda f: torch.save(data, f))
+            self._write_cache()
+
+    def _write_cache(self) -> dict[str, torch.Tensor]:
+        data = self._decode()
+        atomic_write(self.cache_file, lambda f: torch.save(data, f))
+        return data
 
     def _load_cache(self) -> dict[str, torch.Tensor]:
+        """The cache as the trust layer reads it; one that is cut short, foreign or out of its bounds (labels
+        outside the classes...) is decoded again rather than trained on."""
         try:
-            return torch.load(self.cache_file, weights_only=True)
-        except Exception as e:  # a truncated or foreign file: rebuild rather than fail later
-            raise UserError(
-                f"the dataset cache {self.cache_file} is unreadable ({e.__class__.__name__}); delete it and run again"
-            ) from e
+            return read_image_cache(self.cache_file, len(self.source_classes))
+        except UserError as e:
+            log.warning("%s", e)
+            return self._write_cache()
 
     # -- split, statistics -------------------------------------------------------------------
 
@@ -191,8 +211,8 @@ class ImageDataModule(L.LightningDataModule):
         if self.class_subset is not None or self.train_per_class is not None:
             subset = "-" + hashlib.sha1(json.dumps([self.class_subset, self.train_per_class]).encode()).hexdigest()[:8]
         stats_file = self.cache_file.with_suffix(f".stats-{self.split_seed}-{self.val_size}{subset}.json")
-        if stats_file.exists():
-            stats = json.loads(stats_file.read_text())
+        stats = read_json_object(stats_file)
+        if stats is not None and _stats_ok(stats.get("mean"), 0.0) and _stats_ok(stats.get("std"), 1e-6):
             return stats["mean"], stats["std"]
         mean, std = channel_stats(train_x)
         atomic_write(stats_file, lambda f: f.write(json.dumps({"mean": mean, "std": std}).encode()))

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from cifarkit.core.errors import UserError
+from cifarkit.core.errors import UserError, bounded
 from cifarkit.core.untrusted import shown, to_json
 from cifarkit.data.images import image_files, load_image
 from cifarkit.infer.model import load_model
@@ -37,7 +37,7 @@ def decoded(files: list[Path], size: int, max_megapixels: float) -> Iterator[tup
             images.append(load_image(f, size, max_megapixels))
             paths.append(f)
         except UserError as e:
-            print(f"skipped: {shown(e)}", file=sys.stderr)
+            print(f"skipped: {bounded(shown(e))}", file=sys.stderr)
         if len(paths) == BATCH:
             yield paths, np.stack(images)
             paths, images = [], []

@@ -2,10 +2,9 @@
 
 A checkpoint is read once per entry point, always here:
 
-* ``read_checkpoint``: the file's records are checked against its size before anything is
-  inflated (``torch.save`` stores them uncompressed: a record that would inflate is refused
-  unread), then ``torch.load(weights_only=True)`` (no pickled code runs), then its plain data is
-  held to a depth and size limit (``cifarkit.core.untrusted.check_tree``); or one line.
+* ``read_checkpoint``: the file through the one tensor-file reader (cifarkit/core/untrusted/tensors.py:
+  records checked against the file's size before anything is inflated, ``weights_only``, plain data
+  within bounds), then held to be a Lightning checkpoint; or one line naming the option that named it.
 * ``SavedNet.read``: what eval.py, predict.py and export.py need from it, checked against a
   schema (pydantic: ``SavedHyperParameters``, ``DataInfo``): the net's config, its weights
   (dense, finite), the ``DataInfo`` it was trained with and the test-time options.
@@ -26,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import math
-import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from torch import nn
 from cifarkit.core import rundir
 from cifarkit.core.errors import UserError
 from cifarkit.core.untrusted import check_tree, invalid, shown
+from cifarkit.core.untrusted.tensors import plain_tensor, read_torch_file
 from cifarkit.data.augment import TTA
 from cifarkit.data.images import DataInfo
 
@@ -68,42 +67,15 @@ def not_from_train(what: str) -> UserError:
     return UserError(f"{what}; {FROM_TRAIN}")
 
 
-def check_records(path: Path) -> None:
-    """Refuse a checkpoint whose records would inflate past the file's own size, before any is
-    read: ``torch.save`` writes a zip archive of uncompressed records (since torch 1.6), so a
-    compressed record, or sizes that add up to more than the file, were made by hand."""
-    where = f"ckpt_path={shown(path)}"
-    try:
-        with zipfile.ZipFile(path) as archive:
-            records = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise not_from_train(
-            f"{where} is not a readable checkpoint (not the zip archive torch.save writes: {e.__class__.__name__})"
-        ) from None
-    inflated = sum(r.file_size for r in records)
-    if (
-        any(r.compress_type != zipfile.ZIP_STORED or r.file_size != r.compress_size for r in records)
-        or inflated > path.stat().st_size
-    ):
-        raise not_from_train(
-            f"{where} holds compressed records ({inflated / 1e6:.1f} MB from a {path.stat().st_size / 1e6:.1f} MB "
-            f"file), which torch.save never writes, so nothing was inflated"
-        )
-
-
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint safely (no code runs: ``weights_only``; no record inflated past the
-    file's size; plain data within a depth and size limit) or stop with one clear line."""
-    p = rundir.checkpoint_file(path)
-    where = f"ckpt_path={shown(path)}"
-    check_records(p)
-    try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise not_from_train(f"{where} is not a readable checkpoint ({e.__class__.__name__})") from e
+def read_checkpoint(path: str | Path, option: str = "ckpt_path") -> dict[str, Any]:
+    """Load a checkpoint through the one tensor-file reader (records against the file's size, no code
+    runs, plain data within bounds) and check it is a Lightning checkpoint, or stop with one line that
+    names ``option``, the option the user set."""
+    p = rundir.checkpoint_file(path, option)
+    where = f"{option}={shown(path)}"
+    ckpt = read_torch_file(p, where, FROM_TRAIN, "checkpoint")
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
         raise not_from_train(f"{where} is not a Lightning checkpoint (no state_dict)")
-    check_tree(ckpt, where, FROM_TRAIN)
     for key in ("hyper_parameters", "data_info", "callbacks"):
         if key in ckpt and not isinstance(ckpt[key], dict):
             raise not_from_train(f"{where} has a {key} that is a {type(ckpt[key]).__name__}, not a mapping")
@@ -122,16 +94,13 @@ class SavedHyperParameters(BaseModel):
 
 
 def checked_weights(state_dict: dict[Any, Any], where: str) -> dict[str, torch.Tensor]:
-    """The net's own weights (``net.`` keys), each a dense, finite tensor: a view that broadcasts
-    a few bytes to a large shape, or NaN/inf weights, are refused here."""
+    """The net's own weights (``net.`` keys), each a dense, finite tensor: a sparse tensor, a view that
+    broadcasts a few bytes to a large shape, or NaN/inf weights, are refused here."""
     weights = {}
     for key, value in state_dict.items():
         if not (isinstance(key, str) and key.startswith("net.")):
             continue
-        if (
-            not isinstance(value, torch.Tensor)
-            or value.numel() * value.element_size() > value.untyped_storage().nbytes()
-        ):
+        if not plain_tensor(value):
             raise not_from_train(f"{where} has a weight {shown(key)[:80]} that is not a plain stored tensor")
         if value.is_floating_point() and not bool(torch.isfinite(value).all()):
             raise not_from_train(f"{where} has NaN or infinite values in {shown(key)[:80]} (diverged weights)")
@@ -150,11 +119,12 @@ class SavedNet:
     label_smoothing: float
     channels_last: bool
     tta: str
+    option: str = "ckpt_path"  # the option that named the file, for every line about it
 
     @classmethod
-    def read(cls, path: str | Path) -> SavedNet:
-        ckpt = read_checkpoint(path)
-        where = f"ckpt_path={shown(path)}"
+    def read(cls, path: str | Path, option: str = "ckpt_path") -> SavedNet:
+        ckpt = read_checkpoint(path, option)
+        where = f"{option}={shown(path)}"
         hparams = ckpt.get("hyper_parameters", {})
         net = hparams.get("net")
         if not isinstance(net, dict) or "_target_" not in net:
@@ -171,12 +141,13 @@ class SavedNet:
             checked.label_smoothing,
             checked.channels_last,
             checked.tta,
+            option,
         )
 
     def rebuild(self, trusted: Sequence[str]) -> nn.Module:
         """The net with its trained weights (CPU, eval mode), built under the trust rules, its size
         bounded by its weights', and run once at its image size."""
-        where = f"ckpt_path={shown(self.path)}"
+        where = f"{self.option}={shown(self.path)}"
         shapes = {
             k: tuple(v.shape)
             for k, v in build_net(self.net_config, len(self.data.classes), trusted, "meta").state_dict().items()
@@ -245,16 +216,18 @@ def _module_class(target: Any, trusted: Sequence[str], where: str) -> type[nn.Mo
         raise _refuse(where, f"has a _target_ that is not a string ({type(target).__name__})", trusted)
     module_name, _, name = target.rpartition(".")
     if not module_name or not _is_trusted(module_name, trusted):
-        raise _refuse(where, f"names _target_={target!r}", trusted)
+        raise _refuse(where, f"names _target_={shown(repr(target))[:120]}", trusted)
     try:
         module = importlib.import_module(module_name)
     except ImportError:
         raise _refuse(
-            where, f"names _target_={target!r}, whose module {module_name!r} does not exist", trusted
+            where, f"names _target_={shown(repr(target))[:120]}, whose module does not exist", trusted
         ) from None
     obj = vars(module).get(name)
     if not (isinstance(obj, type) and issubclass(obj, nn.Module) and _is_trusted(obj.__module__, trusted)):
-        raise _refuse(where, f"names _target_={target!r}, which is not an nn.Module class defined there", trusted)
+        raise _refuse(
+            where, f"names _target_={shown(repr(target))[:120]}, which is not an nn.Module class defined there", trusted
+        )
     return obj
 
 
@@ -326,5 +299,6 @@ def build_net(
     except Exception as e:
         why = shown(" ".join(str(e).split()))[:200]
         raise not_from_train(
-            f"the checkpoint's net config does not fit {net_config['_target_']} ({e.__class__.__name__}: {why})"
+            f"the checkpoint's net config does not fit {shown(net_config['_target_'])[:120]} "
+            f"({e.__class__.__name__}: {why})"
         ) from e

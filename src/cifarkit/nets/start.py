@@ -1,8 +1,9 @@
 """Where a net's first weights come from: timm's pretrained weights, or another run's checkpoint.
 
 * ``model.net.pretrained=true`` / ``model.net.weights=<file>`` (timm nets): the weights timm
-  loads for the net, from its hub or from a local file (safetensors, or a PyTorch state dict
-  read with ``weights_only``), through timm's own loading path, so its handling of the head,
+  loads for the net, from its hub or from a local file (safetensors, or a PyTorch state dict, read
+  once by the trust layer's ``read_weights_file`` and handed to timm as tensors), through timm's own
+  loading path, so its handling of the head,
   the input stem and the pretrained config applies. They are start options, not part of the
   net: ``split_timm_start`` takes them out of the net's config, whose checkpoint then rebuilds
   the net from its own weights without any download.
@@ -20,12 +21,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from cifarkit.core.errors import UserError, existing
+from cifarkit.core.untrusted import shown
+from cifarkit.core.untrusted.tensors import read_weights_file
 from cifarkit.nets.models import _timm
 from cifarkit.nets.saved import SavedNet
 
@@ -94,30 +98,13 @@ def split_timm_start(net: dict[str, Any]) -> tuple[dict[str, Any], TimmWeights |
     return net, weights
 
 
-def judge_weights_file(path: str) -> None:
-    """Read a weights file as timm will, but safely (safetensors, or ``torch.load`` with
-    ``weights_only``), before timm reads it: a pickle that would run code stops here in one line."""
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            load_file(path)
-        else:
-            torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(
-            f"model.net.weights={path} is not a safetensors file or a PyTorch state dict that loads "
-            f"with weights_only=True ({e.__class__.__name__}); nothing in it was run"
-        ) from e
-
-
 def timm_start(weights: TimmWeights, net: nn.Module, num_classes: int) -> Start:
     """The timm net's pretrained weights, loaded by timm into a net built as ``net`` was."""
     timm = _timm()
     overlay = None
-    if weights.file is not None:
-        judge_weights_file(weights.file)
-        overlay = {"file": weights.file}
+    if weights.file is not None:  # read once, by the trust layer; timm gets the tensors, not the file
+        fix = f"pass a .safetensors or .pth file of {weights.name}'s weights; nothing in it was run"
+        overlay = {"state_dict": read_weights_file(Path(weights.file), f"model.net.weights={shown(weights.file)}", fix)}
     try:
         source = timm.create_model(
             weights.name, pretrained=True, num_classes=num_classes, pretrained_cfg_overlay=overlay, **net.timm_kwargs
@@ -144,14 +131,11 @@ def timm_start(weights: TimmWeights, net: nn.Module, num_classes: int) -> Start:
 
 def checkpoint_start(path: str, net: dict[str, Any], classes: list[str]) -> Start:
     """Another run's net weights, read and judged as every checkpoint is, for a net of the same class."""
-    try:
-        saved = SavedNet.read(path)
-    except UserError as e:  # its lines name ckpt_path, the option of the other entry points
-        raise UserError(str(e).replace(f"ckpt_path={path}", f"model.init_from={path}")) from e
+    saved = SavedNet.read(path, option="model.init_from")
     if saved.net_config["_target_"] != net["_target_"]:
         raise UserError(
-            f"model.init_from={path} holds a {saved.net_config['_target_']}, this run's net is a "
-            f"{net['_target_']}; pick the same model as that run"
+            f"model.init_from={shown(path)} holds a {shown(saved.net_config['_target_'])[:120]}, this run's net is "
+            f"a {net['_target_']}; pick the same model as that run"
         )
     return Start(
         f"model.init_from={path}",

@@ -38,6 +38,7 @@ from cifarkit.core.errors import (
     RunInUse,
     TrainingStopped,
     UserError,
+    bounded,
     lost_ranks,
     misconfiguration,
     one_line,
@@ -65,7 +66,7 @@ FAILED_JOB = None
 
 
 def fail(message: str) -> None:
-    print(f"error: {shown(message)}", file=sys.stderr)  # a name from a stranger's file cannot steer the terminal
+    print(f"error: {bounded(shown(message))}", file=sys.stderr)  # a stranger's name cannot steer the terminal
     raise SystemExit(1)
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import importlib.util
-import json
 import logging
 import math
 import statistics
@@ -24,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from cifarkit.core import rundir
 from cifarkit.core.errors import UserError
+from cifarkit.core.untrusted.plain import read_yaml
 
 log = logging.getLogger(__name__)
 Row = dict[str, Any]
@@ -50,14 +50,14 @@ def collect(sweep_dir: Path, metrics: list[str], x_key: str) -> tuple[list[Row],
     jobs = []
     for ov_file in sweep_dir.rglob(".hydra/overrides.yaml"):
         job_dir = ov_file.parent.parent
-        overrides = [str(o) for o in OmegaConf.load(ov_file)]
+        saved = read_yaml(ov_file)
+        overrides = [str(o) for o in saved] if isinstance(saved, ListConfig) else []
         given = dict(o.partition("=")[::2] for o in overrides)
-        metrics_file = rundir.metrics_file(job_dir)
-        result = json.loads(metrics_file.read_text()) if metrics_file.exists() else {"status": "failed"}
+        result = rundir.read_metrics(job_dir) or {"status": "failed"}
         x = given.get(x_key)
         if x is None:  # not overridden: the job's own config says
-            job_cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-            x = OmegaConf.select(job_cfg, x_key, default="", throw_on_resolution_failure=False)
+            job_cfg = read_yaml(job_dir / ".hydra" / "config.yaml")
+            x = OmegaConf.select(job_cfg, x_key, default="", throw_on_resolution_failure=False) if job_cfg else ""
         jobs.append((str(job_dir.relative_to(sweep_dir)), overrides, given, result, x))
     jobs.sort(key=lambda j: _job_key(j[0]))
 

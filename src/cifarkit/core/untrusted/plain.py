@@ -48,11 +48,44 @@ def inside(path: Any, folder: Path) -> bool:
     return resolved.parent == folder.resolve() and resolved.is_file()
 
 
-def read_json_object(path: Path) -> dict[str, Any] | None:
-    """A run folder's JSON file (metrics.json) when it holds an object; None when it is missing,
-    cut short, not JSON, or not an object: the folder is read as untrusted too."""
+MAX_FILE_BYTES = 16_000_000  # a run folder's JSON or YAML file: train.py's are a few kB
+
+
+def _small_text(path: Path) -> str | None:
+    """The file's text when it exists and is no larger than ``MAX_FILE_BYTES``; else None."""
     try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
+        if path.stat().st_size > MAX_FILE_BYTES:
+            return None
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def read_json_object(path: Path) -> dict[str, Any] | None:
+    """A run folder's JSON file (metrics.json, budget.json, a cache's statistics) when it holds an object;
+    None when it is missing, over ``MAX_FILE_BYTES``, cut short, not JSON, or not an object: the folder is
+    read as untrusted too."""
+    text = _small_text(path)
+    try:
+        data = json.loads(text) if text is not None else None
+    except (ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
+
+
+def read_yaml(path: Path) -> Any | None:
+    """A YAML file of a run folder (Hydra's ``.hydra/config.yaml``, ``overrides.yaml``) as OmegaConf reads
+    it; None when missing, over ``MAX_FILE_BYTES``, not YAML, or using aliases (Hydra writes none, and an
+    alias of an alias grows exponentially once OmegaConf copies it)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    text = _small_text(path)
+    if text is None:
+        return None
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text, Loader=yaml.SafeLoader)):
+            return None
+        return OmegaConf.create(text)
+    except Exception:  # noqa: BLE001  YAML's and OmegaConf's errors on a file edited by hand
+        return None
