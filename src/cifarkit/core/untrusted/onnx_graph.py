@@ -41,6 +41,7 @@ MAX_BYTES = 2**31 - 1  # protobuf's own limit on one message: export.py writes n
 MAX_BATCH = 256  # predict.py's batch; serve.py's max_batch_size is split into chunks of at most this
 RUN_BYTES = 2**30  # what one run's computed values may add up to (weights aside); larger batches are split
 WORK_PER_IMAGE = 10**11  # elements read and written, plus multiply-adds, per image (ViT-L/16 at 224: ~6e10)
+DATA_INFO = ("classes", "mean", "std", "image_size")  # the metadata export.py writes
 SMALL = 1024  # initializers up to this many elements keep their values for shape inference (a Reshape's target)
 Runner = Callable[[np.ndarray], np.ndarray]
 
@@ -119,7 +120,11 @@ def read_onnx(path: Path, where: str, fix: str) -> OnnxGraph:
         if values > RUN_BYTES or work > batch * WORK_PER_IMAGE:
             break
         max_batch = batch
-    return OnnxGraph(data, _metadata(model, refuse), inputs[0].name, side, num_classes, max_batch)
+    try:  # export.py's metadata_props: one JSON string per DataInfo field (any other entry is ignored)
+        meta = {p.key: json.loads(p.value) for p in model.metadata_props if p.key in DATA_INFO}
+    except (ValueError, RecursionError):
+        raise refuse("has metadata that is not JSON") from None
+    return OnnxGraph(data, meta, inputs[0].name, side, num_classes, max_batch)
 
 
 def _check_structure(model: Any, onnx: Any, refuse: Callable[[str], UserError]) -> None:
@@ -247,18 +252,6 @@ def _work(node: Any, shapes: dict[str, tuple[list[int], int]]) -> int:
         kernel = next((list(a.ints) for a in node.attribute if a.name == "kernel_shape"), [])
         work += out * math.prod(kernel)
     return work
-
-
-def _metadata(model: Any, refuse: Callable[[str], UserError]) -> dict[str, Any]:
-    """export.py's metadata_props (one JSON string per ``DataInfo`` field) parsed; any other entry is ignored."""
-    meta = {}
-    for prop in model.metadata_props:
-        if prop.key in ("classes", "mean", "std", "image_size"):
-            try:
-                meta[prop.key] = json.loads(prop.value)
-            except (ValueError, RecursionError):
-                raise refuse(f"has metadata {prop.key} that is not JSON") from None
-    return meta
 
 
 def _first_line(e: Exception) -> str:
