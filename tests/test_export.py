@@ -8,6 +8,7 @@ checkpoint is refused by export.py as by the other entry points: test_checkpoint
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,15 +20,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from hydra.utils import instantiate
 from PIL import Image
 
 from cifarkit.core.errors import UserError
+from cifarkit.core.untrusted.onnx_graph import OPERATORS, read_onnx
 from cifarkit.data.images import load_image, normalize
 from cifarkit.infer.export import PT2_EXTRA_FILE, export, export_model
 from cifarkit.nets.saved import SavedNet
 from cifarkit.run.jobs import train_job
 from cifarkit.run.schema import check
-from conftest import FAST, ROOT, compose, folder_overrides, run_dirs
+from conftest import FAST, ROOT, compose, craft_checkpoint, folder_overrides, run_dirs
 from tiny_files import CLASSES3, class_images
 
 TRUSTED = ["cifarkit."]
@@ -189,3 +192,30 @@ def test_bad_options_are_one_line(exported: Exported, tmp_path: Path) -> None:
             export(cfg)
         assert "\n" not in str(e.value)
     assert not list(tmp_path.glob("*.*"))  # nothing written
+
+
+def test_the_graph_check_admits_what_export_writes(exported: Exported, tmp_path: Path) -> None:
+    """What export.py writes for the project's nets (the trained BasicCNN, cpu10's AirbenchNet, ResNet18, timm's
+    resnet18 and vit_tiny when the timm extra is installed) uses only ``OPERATORS`` and passes the graph check
+    predict.py and serve.py apply."""
+    import onnx
+
+    nets = {
+        "airbench": {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [64, 128, 256]},
+        "resnet18": {"_target_": "cifarkit.nets.models.ResNet18"},
+    }
+    if importlib.util.find_spec("timm"):
+        timm = {"_target_": "cifarkit.nets.models.TimmNet", "cifar_stem": True, "image_size": 32}
+        nets["timm_resnet18"] = {**timm, "name": "resnet18"}
+        nets["timm_vit"] = {**timm, "name": "vit_tiny_patch16_224"}
+    models = [exported.onnx]
+    for name, net in nets.items():
+        weights = instantiate({**net, "num_classes": 3}).state_dict()
+        ckpt = craft_checkpoint(tmp_path / f"{name}.ckpt", net, weights)
+        models.append(export_model(str(ckpt), "onnx", None, TRUSTED)[0])
+    for model in models:
+        used = {node.op_type for node in onnx.load(model).graph.node}
+        assert used <= OPERATORS, (model.name, used - OPERATORS)
+        graph = read_onnx(model, f"ckpt_path={model}", "x")
+        assert (graph.image_size, graph.num_classes, graph.metadata["classes"]) == (32, 3, CLASSES3)
+        assert graph.max_batch >= 32, model.name

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from cifarkit.core.errors import UserError, existing
@@ -37,6 +37,7 @@ def _class_names(names: list[str]) -> list[str]:
 
 
 ClassName = Annotated[str, Field(min_length=1, max_length=MAX_CLASS_NAME)]
+ClassNames = Annotated[list[ClassName], Field(min_length=2, max_length=MAX_CLASSES), AfterValidator(_class_names)]
 Stat = Annotated[float, Field(ge=-10, le=10)]
 
 
@@ -51,7 +52,7 @@ class DataInfo:
     same bounds (finite statistics in a sane range, a bounded image size, printable unique names).
     """
 
-    classes: Annotated[list[ClassName], Field(min_length=2, max_length=MAX_CLASSES), AfterValidator(_class_names)]
+    classes: ClassNames
     mean: Annotated[list[Stat], Field(min_length=3, max_length=3)]
     std: Annotated[list[Annotated[float, Field(ge=1e-3, le=10)]], Field(min_length=3, max_length=3)]
     image_size: Annotated[int, Field(ge=8, le=MAX_IMAGE_SIZE)]
@@ -71,6 +72,28 @@ class DataInfo:
     def as_metadata(self) -> dict[str, str]:
         """Each field as a JSON string (ONNX ``metadata_props`` hold strings only)."""
         return {k: json.dumps(v) for k, v in asdict(self).items()}
+
+
+_CLASS_NAMES = TypeAdapter(ClassNames, config=ConfigDict(strict=True))
+
+
+def check_class_folders(names: list[str], folder: Path) -> None:
+    """Class folder names held to the limits of a checkpoint's ``DataInfo`` before training starts, so a name no
+    checkpoint can hold stops the run in one line now rather than at its first checkpoint."""
+    try:
+        _CLASS_NAMES.validate_python(names)
+    except ValidationError as e:
+        first = e.errors()[0]
+        index = first["loc"][0] if first["loc"] else None
+        if isinstance(index, int):  # one name: its length
+            raise UserError(
+                f"class folder {shown(folder / names[index])[:120]} cannot be a checkpoint's class name "
+                f"({first['msg']}); rename it to at most {MAX_CLASS_NAME} characters"
+            ) from None
+        raise UserError(
+            f"the class folders of {shown(folder)} cannot be a checkpoint's classes ({invalid(e)}); keep at most "
+            f"{MAX_CLASSES}, each once"
+        ) from None
 
 
 def normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,8 @@ identifies its files (the cache key) and how to decode them; everything after de
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ from torchvision.datasets.folder import find_classes, make_dataset
 
 from cifarkit.core.errors import UserError
 from cifarkit.core.extras import require
-from cifarkit.core.untrusted import DECODER, shown
+from cifarkit.core.untrusted import DECODER, read_cifar_pickle, shown
 from cifarkit.data.datamodule import ImageDataModule
-from cifarkit.data.images import IMAGE_SUFFIXES, is_hidden, load_image
+from cifarkit.data.images import IMAGE_SUFFIXES, check_class_folders, is_hidden, load_image
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # CIFAR-100's names as its meta file lists them (checked against it when decoding). They are
@@ -42,6 +42,7 @@ household_furniture insects large_carnivores large_man-made_outdoor_things large
 large_omnivores_and_herbivores medium_mammals non-insect_invertebrates people reptiles small_mammals trees vehicles_1
 vehicles_2""".split()
 SVHN_CLASSES = [str(digit) for digit in range(10)]
+log = logging.getLogger(__name__)
 
 
 class DownloadedDataModule(ImageDataModule):
@@ -120,12 +121,6 @@ class CIFAR10DataModule(DownloadedDataModule):
         return out
 
 
-def _unpickle(path: Path) -> dict:
-    """One of CIFAR's python pickles, read as torchvision reads them (after it checked its MD5)."""
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="latin1")
-
-
 class CIFAR100DataModule(CIFAR10DataModule):
     """The official CIFAR-100 python batches: ``labels=fine`` (100 classes) or ``coarse`` (their
     20 superclasses). torchvision reads only the fine labels; the coarse ones and both name
@@ -154,14 +149,17 @@ class CIFAR100DataModule(CIFAR10DataModule):
 
         out = super()._decode()  # every file verified, the fine labels read
         folder = self.data_dir / CIFAR100.base_folder
-        names = _unpickle(folder / CIFAR100.meta["filename"])[f"{self.labels}_label_names"]
+        fix = "delete it to download it again"
+        names = read_cifar_pickle(folder / CIFAR100.meta["filename"], fix).get(f"{self.labels}_label_names")
         if names != self.source_classes:
             raise UserError(
                 f"{folder} lists other {self.labels} class names than CIFAR-100's; delete it to download it again"
             )
         if self.labels == "coarse":
             for split, files in (("train", CIFAR100.train_list), ("test", CIFAR100.test_list)):
-                coarse = [label for name, _ in files for label in _unpickle(folder / name)["coarse_labels"]]
+                coarse = [
+                    label for name, _ in files for label in read_cifar_pickle(folder / name, fix)["coarse_labels"]
+                ]
                 out[f"{split}_y"] = torch.tensor(coarse, dtype=torch.int64)
         return out
 
@@ -207,10 +205,12 @@ class SVHNDataModule(DownloadedDataModule):
         }
 
 
-def once_each(found: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Each file once, at the first path that reaches it: torchvision walks the folder following
-    symbolic links, so a link loop (``cat/again -> .``) would list every image in it 40 times over."""
-    seen, kept = set(), []
+def once_each(found: list[tuple[str, int]], seen: set[tuple[int, int]]) -> list[tuple[str, int]]:
+    """Each file once, at the first path that reaches it, and none already in ``seen`` (which it extends): a file
+    is known by its device and inode once links are resolved, so neither a link loop (``cat/again -> .``, which
+    torchvision's walk follows: every image 40 times over) nor a symbolic or hard link into another split
+    counts an image twice."""
+    kept = []
     for path, label in found:
         st = os.stat(path)
         if (st.st_dev, st.st_ino) not in seen:
@@ -228,6 +228,7 @@ class ImageFolderDataModule(ImageDataModule):
     def __init__(self, root: str, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.root = Path(root)
+        self._told_shared = False
 
     def _class_dirs(self, split: str) -> list[str]:
         d = self.root / split
@@ -255,6 +256,7 @@ class ImageFolderDataModule(ImageDataModule):
                 f"class folder {shown(self.root / 'train' / odd)} has a character in its name that a terminal "
                 "would act on (a control character, a newline, a tab); rename it"
             )
+        check_class_folders(train, self.root / "train")
         if train != test:
             diff = sorted(set(train) ^ set(test))
             raise UserError(
@@ -263,10 +265,12 @@ class ImageFolderDataModule(ImageDataModule):
         return train
 
     def _files(self) -> dict[str, list[tuple[Path, int]]]:
-        """Each split's (image, label) pairs, class by class, in torchvision's walking order."""
+        """Each split's (image, label) pairs, class by class, in torchvision's walking order; a file that is in
+        both splits (the same file linked into each) is a test image only."""
         classes = {name: i for i, name in enumerate(self.source_classes)}
         files: dict[str, list[tuple[Path, int]]] = {}
-        for split in ("train", "test"):
+        seen: set[tuple[int, int]] = set()
+        for split in ("test", "train"):  # the test split first: it keeps a file both name
             d = self.root / split
 
             def is_image(path: str, d: Path = d) -> bool:
@@ -274,10 +278,19 @@ class ImageFolderDataModule(ImageDataModule):
                 return p.suffix.lower() in IMAGE_SUFFIXES and not is_hidden(p, d)
 
             found = make_dataset(str(d), classes, is_valid_file=is_image, allow_empty=True)
-            files[split] = [(Path(p), label) for p, label in once_each(found)]
+            if split == "train" and not self._told_shared:
+                shared = {(st.st_dev, st.st_ino) for st in (os.stat(p) for p, _ in found)} & seen
+                if shared:
+                    log.warning(
+                        "%d files under %s are test images too (linked into both splits): not trained on",
+                        len(shared),
+                        d,
+                    )
+                self._told_shared = True  # once: the cache key and the decoding both walk the folder
+            files[split] = [(Path(p), label) for p, label in once_each(found, seen)]
             if not files[split]:
                 raise UserError(f"no PNG or JPEG images under {d}; add images to its class folders")
-        return files
+        return {"train": files["train"], "test": files["test"]}
 
     def _source_key(self) -> str:
         h = hashlib.sha1(DECODER.encode())

@@ -24,6 +24,10 @@ from PIL import Image
 
 from cifarkit.core.files import atomic_write
 
+# Class names come from folder names: drawn as they are, never read as math text ($...$) or LaTeX (a
+# matplotlibrc's text.usetex), whose parsers stop the run on a name such as $\x$.
+PLAIN = {"parse_math": False, "usetex": False}
+
 
 def render(fig: Figure) -> np.ndarray:
     """The figure as an RGB uint8 array (H, W, 3)."""
@@ -45,7 +49,7 @@ def samples_figure(images: torch.Tensor, labels: torch.Tensor, classes: list[str
     for i, (img, label) in enumerate(zip(images, labels)):
         top, left = (i // cols) * cell_h + band, (i % cols) * cell_w + gap // 2
         grid[top : top + h, left : left + w] = img.permute(1, 2, 0).numpy()
-        ax.text(left + w / 2, top - 1, classes[int(label)], fontsize=7, ha="center", va="bottom")
+        ax.text(left + w / 2, top - 1, classes[int(label)], fontsize=7, ha="center", va="bottom", **PLAIN)
     ax.imshow(grid, interpolation="nearest", aspect="auto")
     ax.axis("off")
     fig.suptitle("augmented training images, as the model sees them", fontsize=9, y=0.995, va="top")
@@ -82,9 +86,14 @@ def confusion_figure(counts: torch.Tensor, classes: list[str]) -> Figure:
     ticks = range(0, n, step)
     names = [classes[i] for i in ticks]
     ax.set_xticks(
-        ticks, names, rotation=45 if with_counts else 90, ha="right" if with_counts else "center", fontsize=font
+        ticks,
+        names,
+        rotation=45 if with_counts else 90,
+        ha="right" if with_counts else "center",
+        fontsize=font,
+        **PLAIN,
     )
-    ax.set_yticks(ticks, names, fontsize=font)
+    ax.set_yticks(ticks, names, fontsize=font, **PLAIN)
     ax.set_xlabel("predicted" + (f" (one class in {step} named)" if step > 1 else ""))
     ax.set_ylabel("true")
     if with_counts:

@@ -2,14 +2,14 @@
 
 Either way the answer is a scorer (uint8 images in, class probabilities out), the class names and the image
 size, and the model has classified blank images at that size before any door reports it ready. A
-checkpoint is read and rebuilt by cifarkit/nets/saved.py (no code in it runs); an ONNX model runs in ONNX
-Runtime on the CPU, its classes and image size read from export.py's metadata. Nothing here imports
+checkpoint is read and rebuilt by cifarkit/nets/saved.py (no code in it runs); an ONNX model's graph is judged by
+cifarkit/core/untrusted/onnx_graph.py (export.py's operators, bounded static shapes), then runs in ONNX Runtime on
+the CPU, its classes and image size read from export.py's metadata. Nothing here imports
 Lightning.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +22,7 @@ from cifarkit.core.devices import resolve_accelerator
 from cifarkit.core.errors import UserError, existing
 from cifarkit.core.extras import require
 from cifarkit.core.untrusted import shown
+from cifarkit.core.untrusted.onnx_graph import read_onnx
 from cifarkit.data.images import DataInfo, normalize
 from cifarkit.nets.saved import SavedNet
 
@@ -50,36 +51,32 @@ def load_model(cfg: DictConfig, device: str | None = None) -> Model:
 
 def _onnx_model(path: str, threads: int | None) -> Model:
     """An export.py ONNX model in ONNX Runtime (CPU provider, ``threads`` or one per core), whose graph does the
-    preprocessing and softmax itself."""
-    ort = require("ckpt_path=*.onnx", "export", "onnxruntime")
-
-    existing("ckpt_path", path, "a .ckpt, or a .onnx written by export.py")
-    try:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or 0  # 0: ONNX Runtime's choice
-        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-        meta = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
-        inputs = session.get_inputs()
-    except Exception as e:  # not ONNX, or ONNX without export.py's metadata
-        raise not_from_export(
-            f"ckpt_path={path} is not an ONNX model written by export.py ({e.__class__.__name__})"
-        ) from e
-    info = DataInfo.check(meta, f"ckpt_path={path}")
+    preprocessing and softmax itself; its graph is checked (core/untrusted/onnx_graph.py) before a session is made."""
+    require("ckpt_path=*.onnx", "export", "onnxruntime")
+    where = f"ckpt_path={path}"
+    graph = read_onnx(existing("ckpt_path", path, "a .ckpt, or a .onnx written by export.py"), where, FROM_EXPORT)
+    info = DataInfo.check(graph.metadata, where)
     size = info.image_size
-    if not (len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and inputs[0].shape[1:] == [3, size, size]):
-        raise not_from_export(f"ckpt_path={path} lacks export.py's uint8 (N, 3, H, W) input")
-    name = inputs[0].name
+    if graph.image_size != size or graph.num_classes != len(info.classes):
+        raise not_from_export(
+            f"{where} takes {graph.image_size}x{graph.image_size} images and gives {graph.num_classes} scores, where "
+            f"its metadata says {size}x{size} and {len(info.classes)} classes"
+        )
+    try:
+        run = graph.session(threads)
+    except Exception as e:  # ONNX Runtime refuses what the onnx package accepted
+        raise not_from_export(f"{where} cannot be loaded by ONNX Runtime ({_first_line(e)})") from e
 
     def score(images: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(session.run(None, {name: np.ascontiguousarray(images.transpose(0, 3, 1, 2))})[0])
+        return torch.from_numpy(run(images.transpose(0, 3, 1, 2)))
 
     try:  # one blank batch at its own size before any door says it is ready
         probs = score(np.zeros((2, size, size, 3), np.uint8))
     except Exception as e:
-        raise not_from_export(f"ckpt_path={path} cannot classify a {size}x{size} image ({_first_line(e)})") from e
+        raise not_from_export(f"{where} cannot classify a {size}x{size} image ({_first_line(e)})") from e
     if tuple(probs.shape) != (2, len(info.classes)) or not bool(torch.isfinite(probs).all()):
         raise not_from_export(
-            f"ckpt_path={path} gives {tuple(probs.shape)} outputs, or not finite ones, for 2 blank images of its "
+            f"{where} gives {tuple(probs.shape)} outputs, or not finite ones, for 2 blank images of its "
             f"{len(info.classes)} classes"
         )
     return Model(score, info.classes, size)

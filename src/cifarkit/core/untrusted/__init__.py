@@ -6,6 +6,9 @@ and its guard.
 
 * ``images``: ``decode_image`` (PNG or JPEG only, bounded pixels, any decoder failure one line).
 * ``text``: ``shown`` (a name made safe for a terminal), ``to_json`` (strict JSON).
+* ``pickles``: ``read_cifar_pickle`` (CIFAR's python pickles, NumPy's array reconstruction the only callables).
+* ``onnx_graph``: ``read_onnx`` (an exported model's graph: export.py's operators only, static bounded shapes),
+  the one place an ONNX Runtime session is made.
 * ``plain``: ``check_tree`` (nested data within bounds, without recursion), ``invalid`` (a pydantic
   error as a phrase), ``read_json_object``, ``inside`` (a path a file names, inside a folder).
 * ``storage``: the sweep's Optuna storage (``open_storage``, ``load_study``, ``create_study``) and what it
@@ -16,6 +19,7 @@ Lightning-free; torch is imported only by the readers that need it.
 """
 
 from cifarkit.core.untrusted.images import DECODER, MAX_MEGAPIXELS, ImageTooLarge, decode_image
+from cifarkit.core.untrusted.pickles import read_cifar_pickle
 from cifarkit.core.untrusted.plain import check_tree, inside, invalid, read_json_object
 from cifarkit.core.untrusted.text import shown, to_json
 
@@ -27,6 +31,7 @@ __all__ = [
     "decode_image",
     "inside",
     "invalid",
+    "read_cifar_pickle",
     "read_json_object",
     "shown",
     "to_json",

@@ -16,5 +16,18 @@ def shown(text: Any) -> str:
 
 
 def to_json(data: Any) -> str:
-    """JSON that every parser reads: NaN or infinity raise ``ValueError`` rather than be written."""
-    return json.dumps(data, allow_nan=False)
+    """JSON that every parser reads: ASCII, every string valid Unicode (a lone surrogate, what an undecodable
+    byte of a file name becomes, is written as its escape ``\\udcff`` as ``shown`` writes it, where a strict
+    reader refuses ``"\\udcff"``); NaN or infinity raise ``ValueError`` rather than be written."""
+    return json.dumps(_valid_unicode(data), allow_nan=False)
+
+
+def _valid_unicode(data: Any) -> Any:
+    """``data`` (an answer this process built: shallow) with every string encodable as UTF-8."""
+    if isinstance(data, str):
+        return data.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(data, dict):
+        return {_valid_unicode(k): _valid_unicode(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_valid_unicode(v) for v in data]
+    return data
