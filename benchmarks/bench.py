@@ -14,7 +14,8 @@ it times:
 * training at batch 32: the tutorial loop (fp32, per-sample PIL transforms in a DataLoader),
   a raw PyTorch loop with the default path's model, precision, memory format, optimizer and
   DeviceLoader batches, and train.py's default path (the composed config, ``build()``,
-  ``ImageClassifier`` under ``Trainer``, its callbacks and logger);
+  ``ImageClassifier`` under ``Trainer``, its callbacks and logger), and today's path beside it
+  (``--before``: the default path with ``model.reuse_memory=false``);
 * the tutorial loop and the default path at batch 128 and 512, and the peak memory of a real
   CPU ``train.py`` run;
 * the host's cost of one step (``host_us_per_step``): the raw loop and the default path again
@@ -22,8 +23,11 @@ it times:
   (benchmarks/loops.py);
 * an n x n matrix product in fp32, and in bf16 and the default path's autocast dtype where the
   hardware computes them natively: the machine's peak, against which each training figure's
-  FLOP/s (the net's training FLOPs per image times images/s) is given as a fraction. On a GPU,
-  cuDNN runs fp32 convolutions in TF32 by default, while the fp32 peak is plain fp32 matmul.
+  FLOP/s (its step's counted FLOPs times steps/s) is given as a fraction. On a GPU,
+  cuDNN runs fp32 convolutions in TF32 by default, while the fp32 peak is plain fp32 matmul;
+* the roofline (benchmarks/roofline.py): the memory bandwidth (STREAM copy and triad), each
+  measured step's FLOPs and bytes counted, and each figure as a fraction of its attainable rate,
+  min(peak, FLOPs/bytes x triad bandwidth); the chart goes beside the results file.
 
 Warm-up steps are excluded and every figure is the median of the rounds (the matmul peak: the
 best of them). ``--device`` picks the accelerator (default: the config's, a GPU when there is
@@ -85,10 +89,13 @@ from roofline import attainable_gflops, count_step, draw, stream_bandwidth
 ROOT = Path(__file__).resolve().parents[1]
 # rounds; timed steps per contender and round; torchvision pipeline batches; timed steps at the
 # larger batches; steps of the train.py memory run (0: none); seconds of matrix products per dtype and round.
-FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100, peak_s=1.0, host_chunks=4)
-QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5, peak_s=0.5, host_chunks=2)
+FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100, peak_s=1.0, host_chunks=4, warm=8)
+QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5, peak_s=0.5, host_chunks=2, warm=8)
 # For tests: each contender once, on 1,024 + 64 synthetic images, no train.py run; the figures mean little.
-TINY = dict(rounds=1, steps=1, pipe_tv=2, big={}, rss_steps=0, peak_s=0.2, host_chunks=1)
+TINY = dict(rounds=1, steps=1, pipe_tv=2, big={}, rss_steps=0, peak_s=0.2, host_chunks=1, warm=2)
+# warm: untimed steps before each training window at batch 32 (a quarter of them at the larger
+# batches): malloc's heap takes a few steps to hold a step's freed blocks after the allocator's
+# setting changes between contenders (cifarkit/fit/allocator.py).
 TINY_SYNTHETIC = ["+data.train_images=1024", "+data.test_images=64", "data.val_size=64"]
 # A GPU step is far shorter than a CPU one: more of them keep each window well above launch and clock noise.
 GPU_STEPS = 10
@@ -340,24 +347,25 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         r["pipe_dev512"].append(epoch_images_per_s(train_loader(dm, device, 512), device))
         r["pipe_tv"].append(32 / timed(pipe_tv, device, 1, p["pipe_tv"]))
         allocator_as(None, device)
-        r["tutorial"].append(timed(tut, device, 1, p["steps"]))
-        r["before"].append(lightning_window(cfg_before, dm, model_before, 2, p["steps"]))
+        r["tutorial"].append(timed(tut, device, p["warm"], p["steps"]))
+        r["before"].append(lightning_window(cfg_before, dm, model_before, p["warm"], p["steps"]))
         allocator_as(cfg, device)
-        before = timed(raw, device, 1, p["steps"])  # the raw loop brackets Lightning: load drifts
-        r["lightning"].append(lightning_window(cfg, dm, model, 2, p["steps"]))
+        before = timed(raw, device, p["warm"], p["steps"])  # the raw loop brackets Lightning: load drifts
+        r["lightning"].append(lightning_window(cfg, dm, model, p["warm"], p["steps"]))
         r["raw"].append((before + timed(raw, device, 1, p["steps"])) / 2)
         for dt in peak_dtypes:
             peaks[dt].append(matmul_gflops(device, dt, p["peak_s"]))
     big, tut_big = {}, {}
     for bs, n in p["big"].items():
         allocator_as(None, device)
-        tut_big[bs] = bs / timed(tutorial_loop(dm, device, bs), device, 1, n)
+        tut_big[bs] = bs / timed(tutorial_loop(dm, device, bs), device, max(1, p["warm"] // 4), n)
         dm.batch_size = bs
-        big[bs] = bs / lightning_window(cfg, dm, model, 1, n)  # the classifier sets the allocator as cfg says
+        # the classifier sets the allocator as cfg says
+        big[bs] = bs / lightning_window(cfg, dm, model, max(1, p["warm"] // 4), n)
     dm.batch_size = cfg.data.batch_size
 
     host = host_overhead(cfg, dm, device, precision, rounds=p["rounds"], chunks=p["host_chunks"])
-    bandwidth = stream_bandwidth(STREAM_TINY_BYTES if args.tiny else None)
+    bandwidth = stream_bandwidth(STREAM_TINY_BYTES if args.tiny else None, device=device)
     counts = {
         (path, bs): step_counts(step, bs, dm.image_size, n_cls, device)
         for path, step in (

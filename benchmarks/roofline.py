@@ -59,20 +59,28 @@ def llc_bytes() -> int:
     return sum(size for (level, _), size in caches.items() if level == top)
 
 
-def stream_bandwidth(array_bytes: int | None = None, runs: int = STREAM_RUNS) -> dict[str, Any]:
-    """STREAM's copy (a = b) and triad (a = b + s*c) on float64 torch tensors with the threads torch
-    runs with; each the best of ``runs``, credited as STREAM does (copy 2, triad 3 array sizes per
-    run: no write-allocate traffic). Arrays of ``array_bytes`` each (default: 4x the LLC)."""
+def stream_bandwidth(
+    array_bytes: int | None = None, runs: int = STREAM_RUNS, device: torch.device | None = None
+) -> dict[str, Any]:
+    """STREAM's copy (a = b) and triad (a = b + s*c) on float64 torch tensors on ``device`` (the
+    CPU: with the threads torch runs with); each the best of ``runs``, credited as STREAM does (copy
+    2, triad 3 array sizes per run: no write-allocate traffic). Arrays of ``array_bytes`` each
+    (default: 4x the CPU's last-level caches)."""
+    device = device or torch.device("cpu")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     llc = llc_bytes()
     size = array_bytes or LLC_MULTIPLE * max(llc, 64 << 20)
     n = size // 8
-    a, b, c = (torch.full((n,), v, dtype=torch.float64) for v in (1.0, 2.0, 0.0))  # first touch, outside the clock
+    a, b, c = (torch.full((n,), v, dtype=torch.float64, device=device) for v in (1.0, 2.0, 0.0))  # first touch
     best = {"copy": float("inf"), "triad": float("inf")}
     for _ in range(runs):
+        sync()
         t0 = time.perf_counter()
         a.copy_(b)
+        sync()
         t1 = time.perf_counter()
         torch.add(b, c, alpha=3.0, out=a)
+        sync()
         t2 = time.perf_counter()
         best["copy"], best["triad"] = min(best["copy"], t1 - t0), min(best["triad"], t2 - t1)
     del a, b, c
@@ -170,7 +178,7 @@ def draw(
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ais = [p["intensity"] for p in points.values()]
-    lo, hi = min([*ais, 1.0]) / 3, max([*ais, max(peaks.values()) / bandwidth_gbs]) * 10
+    lo, hi = min(ais) / 4, max([*ais, max(peaks.values()) / bandwidth_gbs]) * 6
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
     for i, (dtype, peak) in enumerate(sorted(peaks.items(), key=lambda kv: kv[1])):
         style = ["--", "-"][min(i, 1)]
@@ -184,10 +192,19 @@ def draw(
         va="bottom",
     )
     colors = {"tutorial": "tab:blue", "raw": "tab:gray", "default": "tab:red", "today": "tab:orange"}
-    for label, p in points.items():
+    stacked: dict[float, int] = {}  # labels of points at one intensity go one under another
+    for label, p in sorted(points.items(), key=lambda kv: -kv[1]["gflops"]):
         color = next((c for k, c in colors.items() if label.startswith(k)), "tab:green")
+        k = stacked[round(p["intensity"], 1)] = stacked.get(round(p["intensity"], 1), -1) + 1
         ax.plot(p["intensity"], p["gflops"], "o", color=color)
-        ax.annotate(label, (p["intensity"], p["gflops"]), xytext=(4, -10), textcoords="offset points", fontsize=7)
+        ax.annotate(
+            label,
+            (p["intensity"], p["gflops"]),
+            xytext=(6, 6 - 11 * k),
+            textcoords="offset points",
+            fontsize=7,
+            color=color,
+        )
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOPs per byte moved)", ylabel="GFLOP/s")
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
