@@ -4,9 +4,10 @@ A CPU step allocates and frees the same large tensors every step (the default ne
 layer: its bf16 cast under autocast, its gradient, the gradient's fp32 copy). glibc's malloc
 serves a block above its mmap threshold (at most 32 MiB, its dynamic ceiling) with a fresh
 ``mmap`` and hands it back at ``free``, and trims the heap's free top above twice that: so every
-step the kernel maps and zeroes those pages again, one page fault per 4 KiB (about 16,000 a
-step at batch 32, a third of the step; docs/speed.md). With both thresholds raised, freed
-blocks stay in the heap and the next step reuses them. Nothing is computed differently.
+step the kernel maps and zeroes those pages again, one page fault per 4 KiB (8,000 to 16,000 a
+step at batch 32 in docs/speed.md's measurements). With both thresholds raised, freed blocks
+stay in the heap and the next step reuses them (after a few steps in which the heap grows to
+hold them). Nothing is computed differently.
 """
 
 from __future__ import annotations
