@@ -14,7 +14,8 @@ it times:
 * training at batch 32: the tutorial loop (fp32, per-sample PIL transforms in a DataLoader),
   a raw PyTorch loop with the default path's model, precision, memory format, optimizer and
   DeviceLoader batches, and train.py's default path (the composed config, ``build()``,
-  ``ImageClassifier`` under ``Trainer``, its callbacks and logger);
+  ``ImageClassifier`` under ``Trainer``, its callbacks and logger), and today's path beside it
+  (``--before``: the default path with ``model.reuse_memory=false``);
 * the tutorial loop and the default path at batch 128 and 512, and the peak memory of a real
   CPU ``train.py`` run;
 * the host's cost of one step (``host_us_per_step``): the raw loop and the default path again
@@ -22,8 +23,11 @@ it times:
   (benchmarks/loops.py);
 * an n x n matrix product in fp32, and in bf16 and the default path's autocast dtype where the
   hardware computes them natively: the machine's peak, against which each training figure's
-  FLOP/s (the net's training FLOPs per image times images/s) is given as a fraction. On a GPU,
-  cuDNN runs fp32 convolutions in TF32 by default, while the fp32 peak is plain fp32 matmul.
+  FLOP/s (its step's counted FLOPs times steps/s) is given as a fraction. On a GPU,
+  cuDNN runs fp32 convolutions in TF32 by default, while the fp32 peak is plain fp32 matmul;
+* the roofline (benchmarks/roofline.py): the memory bandwidth (STREAM copy and triad), each
+  measured step's FLOPs and bytes counted, and each figure as a fraction of its attainable rate,
+  min(peak, FLOPs/bytes x triad bandwidth); the chart goes beside the results file.
 
 Warm-up steps are excluded and every figure is the median of the rounds (the matmul peak: the
 best of them). ``--device`` picks the accelerator (default: the config's, a GPU when there is
@@ -56,44 +60,51 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
-from torch import nn
 from torch.utils.data import DataLoader
-from torch.utils.flop_counter import FlopCounterMode
 
 from cifarkit.core.devices import resolve_accelerator
 from cifarkit.core.errors import UserError
 from cifarkit.data.datamodule import ImageDataModule
 from cifarkit.data.loader import PILDataset, pil_transform
-from cifarkit.nets.models import BasicCNN
 from cifarkit.run.resolvers import register_resolvers
 from cifarkit.run.train import build
 from loops import (
     COMPUTE_DTYPE,
+    allocator_as,
     epoch_images_per_s,
     forever,
     host_overhead,
     lightning_window,
     raw_loop,
+    raw_step,
     sync,
     timed,
     train_loader,
     tutorial_loop,
+    tutorial_step,
 )
 from results import add_argument, machine, save
+from roofline import attainable_gflops, count_step, draw, stream_bandwidth
 
 ROOT = Path(__file__).resolve().parents[1]
 # rounds; timed steps per contender and round; torchvision pipeline batches; timed steps at the
 # larger batches; steps of the train.py memory run (0: none); seconds of matrix products per dtype and round.
-FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100, peak_s=1.0, host_chunks=4)
-QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5, peak_s=0.5, host_chunks=2)
+FULL = dict(rounds=7, steps=20, pipe_tv=100, big={128: 8, 512: 4}, rss_steps=100, peak_s=1.0, host_chunks=4, warm=8)
+QUICK = dict(rounds=3, steps=6, pipe_tv=30, big={128: 3, 512: 2}, rss_steps=5, peak_s=0.5, host_chunks=2, warm=8)
 # For tests: each contender once, on 1,024 + 64 synthetic images, no train.py run; the figures mean little.
-TINY = dict(rounds=1, steps=1, pipe_tv=2, big={}, rss_steps=0, peak_s=0.2, host_chunks=1)
+TINY = dict(rounds=1, steps=1, pipe_tv=2, big={}, rss_steps=0, peak_s=0.2, host_chunks=1, warm=2)
+# warm: untimed steps before each training window at batch 32 (a quarter of them at the larger
+# batches): malloc's heap takes a few steps to hold a step's freed blocks after the allocator's
+# setting changes between contenders (cifarkit/fit/allocator.py).
 TINY_SYNTHETIC = ["+data.train_images=1024", "+data.test_images=64", "data.val_size=64"]
 # A GPU step is far shorter than a CPU one: more of them keep each window well above launch and clock noise.
 GPU_STEPS = 10
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SYNTHETIC = ["data=cifar10", "data._target_=synthetic_data.SyntheticCIFAR10"]  # benchmarks/synthetic_data.py
 ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
+# Today's path: the default path before the CPU allocator kept the step's freed memory (cifarkit/fit/allocator.py).
+BEFORE = ["model.reuse_memory=false"]
+STREAM_TINY_BYTES = 16 << 20  # --tiny's STREAM arrays: in cache, a figure that means nothing
 
 
 def parse_args() -> argparse.Namespace:
@@ -120,6 +131,12 @@ def parse_args() -> argparse.Namespace:
         "--threads", type=int, default=0, help="torch threads (default: torch's choice); also for the train.py run"
     )
     p.add_argument("--override", nargs="*", default=[], help="Hydra overrides of train.yaml for the default path")
+    p.add_argument(
+        "--before",
+        nargs="*",
+        default=BEFORE,
+        help="overrides that give today's path, timed beside the default path at batch 32 (default: %(default)s)",
+    )
     add_argument(p)
     return p.parse_args()
 
@@ -200,16 +217,14 @@ def matmul_gflops(device: torch.device, dtype: torch.dtype, seconds: float) -> f
     return best / 1e9
 
 
-def train_flops_per_image(net: nn.Module, image_size: int, num_classes: int) -> float:
-    """FLOPs of one training step per image: forward and backward of the convolutions and matrix
-    products as ``torch.utils.flop_counter`` counts them (2 per multiply-add; about 3x the forward,
-    as the first layer needs no input gradient); elementwise ops, pooling and the optimizer step
-    are not counted. Device and dtype do not change the count, so it runs on the CPU in fp32."""
-    x = torch.randn(2, 3, image_size, image_size)
-    y = torch.arange(2) % num_classes
-    with FlopCounterMode(display=False) as counter:
-        nn.functional.cross_entropy(net.cpu().float()(x), y).backward()
-    return counter.get_total_flops() / len(y)
+def step_counts(step: Any, batch: int, image_size: int, classes: int, device: torch.device) -> dict[str, Any]:
+    """FLOPs and bytes of one training step at ``batch`` (benchmarks/roofline.py), after one step
+    that creates the optimizer's state; the pixels do not change either count."""
+    x = torch.randn(batch, 3, image_size, image_size, device=device)
+    y = torch.arange(batch, device=device) % classes
+    for _, phase in step(x, y):
+        phase()
+    return count_step(step(x, y))
 
 
 def peak_rss_mb(args: argparse.Namespace, data: list[str], steps: int, out: Path) -> float:
@@ -256,8 +271,30 @@ def main() -> None:
         sys.exit(f"bench: {e}")
     print_table(result)
     if not args.tiny:  # --tiny is for tests: its figures mean little
-        save(args.results, f"bench-{result['mode']}", result, torch.device(result["accelerator"]))
+        path = save(args.results, f"bench-{result['mode']}", result, torch.device(result["accelerator"]))
+        if path is not None:
+            chart = draw_roofline(
+                result, path.with_name(path.name.replace("bench-", "roofline-", 1)).with_suffix(".png")
+            )
+            print(f"roofline chart saved to {chart}", file=sys.stderr)
     print(json.dumps(result))
+
+
+LABELS = {"tutorial": "tutorial loop", "raw_loop": "raw loop", "default": "default path", "before": "today's path"}
+
+
+def draw_roofline(res: dict[str, Any], path: Path) -> Path:
+    """The run's roofline chart: STREAM triad and each matmul peak, each training figure a point."""
+    points = {}
+    for name, f in res["training"].items():
+        kind = name.rsplit("_b", 1)[0]
+        points[f"{LABELS[kind]} b{f['batch']}"] = f
+    m = res["machine"]
+    title = (
+        f"{m['cpu']} ({m['cpu_capability']}, {m['cores']} cores, {m['threads']} threads), torch {m['torch']}, "
+        f"{res['precision']}\npython benchmarks/bench.py {'--quick' if res['quick'] else ''} ({res['data']})"
+    )
+    return draw(path, res["matmul_peak_gflops"], res["bandwidth"]["triad_gbs"], points, title)
 
 
 def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -276,6 +313,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         *accelerator,
         *args.override,
     ]
+    cfg_before = compose_cfg([*overrides, *args.before], out)
     cfg = compose_cfg(overrides, out)
     device = torch.device(resolve_accelerator(cfg.trainer.accelerator))
     scale = GPU_STEPS if device.type == "cuda" else 1
@@ -287,16 +325,11 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
     dm.prepare_data()  # decodes once into the cache; everything below reads uint8 tensors
     dm.setup()
     model = instantiate(cfg.model, classes=dm.classes)
+    model_before = instantiate(cfg_before.model, classes=dm.classes)
     precision = str(build(cfg, with_loggers=False)[1].precision)
     n_cls = len(dm.classes)
-    flops = {
-        "tutorial": train_flops_per_image(BasicCNN(n_cls), dm.image_size, n_cls),
-        "default_path": train_flops_per_image(instantiate(cfg.model.net, num_classes=n_cls), dm.image_size, n_cls),
-    }
-    dtypes = {"tutorial": torch.float32, "default_path": COMPUTE_DTYPE.get(precision, torch.float32)}
-    peak_dtypes = [
-        dt for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtypes["default_path"]]) if native(device, dt)
-    ]
+    dtypes = {"tutorial": torch.float32, "default": COMPUTE_DTYPE.get(precision, torch.float32)}
+    peak_dtypes = [dt for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtypes["default"]]) if native(device, dt)]
 
     x, y = dm.splits["train"]
     tv = DataLoader(
@@ -306,26 +339,41 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
     )
     pipe_tv = (xb.to(device) for xb, _ in forever(lambda: tv))
     tut, raw = tutorial_loop(dm, device), raw_loop(cfg, dm, device, precision)
-    r: dict[str, list[float]] = {k: [] for k in ("pipe_dev", "pipe_dev512", "pipe_tv", "tutorial", "raw", "lightning")}
+    names = ("pipe_dev", "pipe_dev512", "pipe_tv", "tutorial", "raw", "lightning", "before")
+    r: dict[str, list[float]] = {k: [] for k in names}
     peaks: dict[torch.dtype, list[float]] = {dt: [] for dt in peak_dtypes}
     for _ in range(p["rounds"]):
         r["pipe_dev"].append(epoch_images_per_s(train_loader(dm, device, 32), device))
         r["pipe_dev512"].append(epoch_images_per_s(train_loader(dm, device, 512), device))
         r["pipe_tv"].append(32 / timed(pipe_tv, device, 1, p["pipe_tv"]))
-        r["tutorial"].append(timed(tut, device, 1, p["steps"]))
-        before = timed(raw, device, 1, p["steps"])  # the raw loop brackets Lightning: load drifts
-        r["lightning"].append(lightning_window(cfg, dm, model, 2, p["steps"]))
+        allocator_as(None, device)
+        r["tutorial"].append(timed(tut, device, p["warm"], p["steps"]))
+        r["before"].append(lightning_window(cfg_before, dm, model_before, p["warm"], p["steps"]))
+        allocator_as(cfg, device)
+        before = timed(raw, device, p["warm"], p["steps"])  # the raw loop brackets Lightning: load drifts
+        r["lightning"].append(lightning_window(cfg, dm, model, p["warm"], p["steps"]))
         r["raw"].append((before + timed(raw, device, 1, p["steps"])) / 2)
         for dt in peak_dtypes:
             peaks[dt].append(matmul_gflops(device, dt, p["peak_s"]))
     big, tut_big = {}, {}
     for bs, n in p["big"].items():
-        tut_big[bs] = bs / timed(tutorial_loop(dm, device, bs), device, 1, n)
+        allocator_as(None, device)
+        tut_big[bs] = bs / timed(tutorial_loop(dm, device, bs), device, max(1, p["warm"] // 4), n)
         dm.batch_size = bs
-        big[bs] = bs / lightning_window(cfg, dm, model, 1, n)
+        # the classifier sets the allocator as cfg says
+        big[bs] = bs / lightning_window(cfg, dm, model, max(1, p["warm"] // 4), n)
     dm.batch_size = cfg.data.batch_size
 
     host = host_overhead(cfg, dm, device, precision, rounds=p["rounds"], chunks=p["host_chunks"])
+    bandwidth = stream_bandwidth(STREAM_TINY_BYTES if args.tiny else None, device=device)
+    counts = {
+        (path, bs): step_counts(step, bs, dm.image_size, n_cls, device)
+        for path, step in (
+            ("tutorial", tutorial_step(n_cls, device)),
+            ("default", raw_step(cfg, device, precision, n_cls)),
+        )
+        for bs in (32, *big)
+    }
     med = {k: statistics.median(v) for k, v in r.items()}
     peak = {dt: max(v) for dt, v in peaks.items()}
 
@@ -333,26 +381,38 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         """Median over rounds of a/b, each pair measured back to back."""
         return statistics.median(x / y for x, y in zip(r[a], r[b]))
 
-    def figure(images_per_s: float, net: str) -> dict[str, Any]:
-        """One training figure with the FLOP/s it reaches and its share of the peak of the dtype it
-        computes in (None where the hardware only emulates that dtype)."""
-        gflops = flops[net] * images_per_s / 1e9
-        dt = dtypes[net]
+    def figure(images_per_s: float, path: str, bs: int) -> dict[str, Any]:
+        """One training figure: the FLOP/s it reaches, its share of the matmul peak of the dtype it
+        computes in (None where the hardware only emulates that dtype), and its share of its roofline,
+        min(that peak, its step's arithmetic intensity x STREAM triad bandwidth)."""
+        count = counts[path, bs]
+        gflops = count["flops"] / bs * images_per_s / 1e9
+        intensity = count["flops"] / count["bytes"]
+        dt = dtypes[path]
+        roof = attainable_gflops(peak[dt], intensity, bandwidth["triad_gbs"]) if dt in peak else None
         return {
             "images_per_s": round(images_per_s, 1),
+            "batch": bs,
             "dtype": DTYPE_NAME[dt],
             "gflops": round(gflops, 1),
             "peak_fraction": round(gflops / peak[dt], 3) if dt in peak else None,
+            "flops_per_step": count["flops"],
+            "bytes_per_step": count["bytes"],
+            "intensity": round(intensity, 2),
+            "attainable_gflops": None if roof is None else round(roof, 1),
+            "bound": None if roof is None else "compute" if roof == peak[dt] else "memory",
+            "roofline_fraction": None if roof is None else round(gflops / roof, 3),
         }
 
     training = {
-        "tutorial_b32": figure(32 / med["tutorial"], "tutorial"),
-        "raw_loop_b32": figure(32 / med["raw"], "default_path"),
-        "default_b32": figure(32 / med["lightning"], "default_path"),
+        "tutorial_b32": figure(32 / med["tutorial"], "tutorial", 32),
+        "raw_loop_b32": figure(32 / med["raw"], "default", 32),
+        "default_b32": figure(32 / med["lightning"], "default", 32),
+        "before_b32": figure(32 / med["before"], "default", 32),
     }
     for bs in big:
-        training[f"tutorial_b{bs}"] = figure(tut_big[bs], "tutorial")
-        training[f"default_b{bs}"] = figure(big[bs], "default_path")
+        training[f"tutorial_b{bs}"] = figure(tut_big[bs], "tutorial", bs)
+        training[f"default_b{bs}"] = figure(big[bs], "default", bs)
     return {
         "pipeline_speedup": round(ratio("pipe_dev", "pipe_tv"), 2),
         "train_speedup": round(ratio("tutorial", "lightning"), 3),
@@ -370,7 +430,14 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
             "device_b512": round(med["pipe_dev512"]),
             "torchvision_b32": round(med["pipe_tv"]),
         },
-        "flops_per_image": {k: round(v) for k, v in flops.items()},
+        "flops_per_image": {
+            "tutorial": counts["tutorial", 32]["flops"] // 32,
+            "default_path": counts["default", 32]["flops"] // 32,
+        },
+        "step_counts": {f"{path}_b{bs}": c for (path, bs), c in counts.items()},
+        "bandwidth": bandwidth,
+        "speedup_over_before_b32": round(ratio("before", "lightning"), 3),
+        "before": args.before,
         "matmul_peak_gflops": {DTYPE_NAME[dt]: round(v, 1) for dt, v in peak.items()},
         "training": training,
         "peak_rss_mb": None if rss is None else round(rss),
@@ -402,11 +469,15 @@ def print_table(res: dict[str, Any]) -> None:
     def train_row(name: str) -> str:
         f = tr[name]
         share = (
-            f"{f['peak_fraction']:.2f} of {f['dtype']} peak"
+            f"{f['peak_fraction']:.2f} of {f['dtype']} peak, {f['roofline_fraction']:.2f} of its roofline "
+            f"({f['attainable_gflops']:,.0f}, {f['bound']}-bound at {f['intensity']:.1f} FLOP/B)"
             if f["peak_fraction"] is not None
             else f"{f['dtype']} emulated: no peak"
         )
         return f"{f['images_per_s']:>10,.1f} img/s  {f['gflops']:>8,.1f} GFLOP/s = {share}"
+
+    bw = res["bandwidth"]
+    counts = res["step_counts"]
 
     rows = [
         (
@@ -421,12 +492,23 @@ def print_table(res: dict[str, Any]) -> None:
             "training FLOPs per image",
             f"tutorial {flops['tutorial'] / 1e6:,.1f} M, default path {flops['default_path'] / 1e6:,.1f} M",
         ),
+        (
+            "memory bandwidth (STREAM)",
+            f"triad {bw['triad_gbs']:,.1f} GB/s, copy {bw['copy_gbs']:,.1f} GB/s ({bw['array_mib']:,} MiB arrays, "
+            f"LLC {bw['llc_mib']:,} MiB, best of {bw['runs']}, {bw['threads']} threads)",
+        ),
+        *(
+            (f"step {name}", f"{c['flops'] / 1e9:>8,.2f} GFLOP  {c['bytes'] / 1e6:>8,.1f} MB moved")
+            for name, c in counts.items()
+        ),
         ("pipeline, torchvision per-sample (b32)", f"{pipe['torchvision_b32']:>10,} img/s"),
         ("pipeline, device (b32)", f"{pipe['device_b32']:>10,} img/s"),
         ("pipeline, device (b512)", f"{pipe['device_b512']:>10,} img/s"),
         ("train, tutorial loop fp32 (b32)", train_row("tutorial_b32")),
         ("train, raw PyTorch loop, default settings (b32)", train_row("raw_loop_b32")),
         *((f"train, default path train.py (b{b})", train_row(f"default_b{b}")) for b in ips),
+        ("train, today's path (b32)", train_row("before_b32") + f"  [{' '.join(res['before'])}]"),
+        ("default path over today's (b32)", f"{res['speedup_over_before_b32']:>10.2f} x   (target >= 1.3)"),
         *((f"train, tutorial loop fp32 (b{b})", train_row(f"tutorial_b{b}")) for b in ips if b != "32"),
         ("pipeline_speedup", f"{res['pipeline_speedup']:>10.2f} x   (target >= 10)"),
         *(

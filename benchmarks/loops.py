@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from cifarkit.data.datamodule import ImageDataModule
 from cifarkit.data.loader import CHUNK_IMAGES, DeviceLoader, PILDataset, pil_transform
+from cifarkit.fit.allocator import keep_freed_memory
 from cifarkit.fit.classifier import ImageClassifier, compiled
 from cifarkit.nets.models import BasicCNN
 from cifarkit.run.train import build
@@ -88,40 +89,89 @@ def tutorial_loop(dm: ImageDataModule, device: torch.device, batch_size: int = 3
     x, y = dm.splits["train"]
     transform = pil_transform(dm.augment, dm.image_size, dm.mean, dm.std, train=True)
     loader = DataLoader(PILDataset(x, y, transform), batch_size=batch_size, shuffle=True, num_workers=0)
-    model = BasicCNN(len(dm.classes)).to(device)
-    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
+    step = tutorial_step(len(dm.classes), device)
     for xb, yb in forever(lambda: loader):
-        xb, yb = xb.to(device), yb.to(device)
-        optim.zero_grad()
-        loss = loss_fn(model(xb), yb)
-        loss.backward()
-        optim.step()
+        for _, phase in step(xb.to(device), yb.to(device)):
+            phase()
         yield
 
 
-def raw_loop(
-    cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str, net: nn.Module | None = None
-) -> Iterator[None]:
-    """Plain PyTorch with everything the default path uses: net (the config's unless given),
-    optimizer, precision, memory format, batches."""
+Phases = list[tuple[str, Callable[[], Any]]]
+
+
+def raw_step(
+    cfg: DictConfig, device: torch.device, precision: str, classes: int, net: nn.Module | None = None
+) -> Callable[[torch.Tensor, torch.Tensor], Phases]:
+    """One step of plain PyTorch with everything the default path uses (net: the config's unless
+    given; optimizer, precision, memory format), as named phases on a batch: forward and loss,
+    backward, optimizer step (so that a step can be counted phase by phase)."""
     fmt = torch.channels_last if cfg.model.channels_last else torch.contiguous_format
-    net = (net or instantiate(cfg.model.net, num_classes=len(dm.classes))).to(device, memory_format=fmt)
+    net = (net or instantiate(cfg.model.net, num_classes=classes)).to(device, memory_format=fmt)
     forward = compiled(net, cfg.model.compile)
     optim = instantiate(cfg.model.optimizer)(params=net.parameters())
     half = COMPUTE_DTYPE.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
     loss_fn = nn.CrossEntropyLoss()
+
+    def phases(xb: torch.Tensor, yb: torch.Tensor) -> Phases:
+        loss: list[torch.Tensor] = []
+
+        def forward_and_loss() -> None:
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                loss.append(loss_fn(forward(xb.contiguous(memory_format=fmt)), yb))
+
+        def backward() -> None:
+            optim.zero_grad(set_to_none=True)
+            scaler.scale(loss[0]).backward()
+
+        def optimizer_step() -> None:
+            scaler.step(optim)
+            scaler.update()
+
+        return [("forward", forward_and_loss), ("backward", backward), ("optimizer", optimizer_step)]
+
+    return phases
+
+
+def tutorial_step(classes: int, device: torch.device) -> Callable[[torch.Tensor, torch.Tensor], Phases]:
+    """The tutorial loop's step (fp32, Adam(1e-3), BasicCNN) as named phases on a batch."""
+    model = BasicCNN(classes).to(device)
+    optim = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def phases(xb: torch.Tensor, yb: torch.Tensor) -> Phases:
+        loss: list[torch.Tensor] = []
+
+        def backward() -> None:
+            optim.zero_grad()
+            loss[0].backward()
+
+        return [
+            ("forward", lambda: loss.append(loss_fn(model(xb), yb))),
+            ("backward", backward),
+            ("optimizer", optim.step),
+        ]
+
+    return phases
+
+
+def raw_loop(
+    cfg: DictConfig, dm: ImageDataModule, device: torch.device, precision: str, net: nn.Module | None = None
+) -> Iterator[None]:
+    """Plain PyTorch with everything the default path uses (``raw_step``), on DeviceLoader batches."""
+    step = raw_step(cfg, device, precision, len(dm.classes), net)
     loader = train_loader(dm, device, cfg.data.batch_size)
     for xb, yb in forever(lambda: loader):
-        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-            loss = loss_fn(forward(xb.contiguous(memory_format=fmt)), yb)
-        optim.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optim)
-        scaler.update()
+        for _, phase in step(xb, yb):
+            phase()
         yield
+
+
+def allocator_as(cfg: DictConfig | None, device: torch.device) -> None:
+    """The CPU allocator's setting a contender runs with: the config's ``model.reuse_memory``, or
+    (``cfg`` None: the tutorial's loop, today's path) glibc's thresholds at their ceiling."""
+    if device.type == "cpu":
+        keep_freed_memory(bool(cfg is not None and cfg.model.get("reuse_memory")))
 
 
 class StepTimes(L.Callback):

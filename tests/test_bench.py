@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks" / "bench.py"
@@ -64,10 +65,17 @@ def check_figures(res: dict[str, Any]) -> None:
     flops = res["flops_per_image"]["tutorial"]
     assert abs(flops / basic_cnn_train_flops() - 1) < 0.1, flops
     assert res["matmul_peak_gflops"]["fp32"] > 0
-    assert {"tutorial_b32", "raw_loop_b32", "default_b32"} <= set(res["training"])
+    assert {"tutorial_b32", "raw_loop_b32", "default_b32", "before_b32"} <= set(res["training"])
+    assert res["bandwidth"]["triad_gbs"] > 0 and res["bandwidth"]["copy_gbs"] > 0 and res["bandwidth"]["runs"] >= 10
+    assert res["speedup_over_before_b32"] > 0 and res["before"] == ["model.reuse_memory=false"]
     for name, fig in res["training"].items():
         assert fig["images_per_s"] > 0 and fig["gflops"] > 0, name
         assert 0 < fig["peak_fraction"] < 1.5, (name, fig, res["matmul_peak_gflops"])
+        # the roofline: the lower of the peak and intensity x bandwidth, the figure set against it
+        assert fig["intensity"] == pytest.approx(fig["flops_per_step"] / fig["bytes_per_step"], abs=0.01)
+        assert fig["attainable_gflops"] <= res["matmul_peak_gflops"][fig["dtype"]] + 0.1
+        assert fig["roofline_fraction"] == pytest.approx(fig["gflops"] / fig["attainable_gflops"], rel=0.02, abs=0.002)
+        assert fig["bound"] in ("compute", "memory")
     host = res["host_us_per_step"]
     assert (
         host["raw_loop"] > 0
@@ -95,11 +103,61 @@ def test_bench_missing_root_is_one_line(tmp_path: Path, monkeypatch: pytest.Monk
 
 @pytest.mark.slow
 def test_bench_quick_without_data(tmp_path: Path) -> None:
-    """The issue's command as it stands: --quick on a fresh clone, with the train.py memory run and batch 512."""
-    res = last_json(bench(["--quick", "--data-dir", str(tmp_path / "cache")], tmp_path, timeout=1200))
+    """The issue's command as it stands: --quick on a fresh clone, with the train.py memory run and
+    batch 512; the figures and the roofline chart go to the results folder."""
+    out = tmp_path / "results"
+    res = last_json(
+        bench(["--quick", "--data-dir", str(tmp_path / "cache"), "--results", str(out)], tmp_path, timeout=1200)
+    )
     check_figures(res)
+    (saved,) = out.glob("bench-quick-*.json")
+    assert json.loads(saved.read_text())["figures"]["training"] == res["training"]
+    (chart,) = out.glob("roofline-quick-*.png")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 20_000
     assert res["train_images"] == 45_000 and res["peak_rss_mb"] > 0
     assert {"tutorial_b512", "default_b512"} <= set(res["training"]) and "512" in res["train_speedup_by_batch"]
+
+
+def test_step_counts_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default path's step, counted: its FLOPs are BasicCNN's by hand, its optimizer step moves
+    what fused Adam must (parameters, gradients and both moments read, all but the gradients written:
+    7 x 4 bytes a parameter), and autocast's casts are each weight to bf16 and its gradient back
+    (6 bytes each way) plus the input batch's."""
+    from omegaconf import OmegaConf
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from bench import step_counts
+    from loops import raw_step
+
+    cfg = OmegaConf.create(
+        {
+            "model": {
+                "channels_last": True,
+                "compile": False,
+                "net": {"_target_": "cifarkit.nets.models.BasicCNN"},
+                "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "fused": True},
+            }
+        }
+    )
+    cpu, batch = torch.device("cpu"), 4
+    counts = step_counts(raw_step(cfg, cpu, "bf16-mixed", 10), batch, 32, 10, cpu)
+    params = 9_457_962
+    assert counts["flops"] == pytest.approx(batch * basic_cnn_train_flops(), rel=0.1)
+    assert counts["bytes_by_phase"]["optimizer"] == pytest.approx(7 * 4 * params, rel=0.001)
+    assert counts["bytes_of_casts"] == pytest.approx(2 * 6 * params + 6 * batch * 3 * 32 * 32, rel=0.001)
+    assert counts["bytes"] == counts["bytes_read"] + counts["bytes_written"] == sum(counts["bytes_by_phase"].values())
+
+
+def test_stream_and_chart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STREAM credits copy 2 and triad 3 arrays a run, best of 10; the chart is a PNG with each point."""
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from roofline import draw, stream_bandwidth
+
+    bw = stream_bandwidth(8 << 20)
+    assert bw["array_mib"] == 8 and bw["runs"] == 10 and bw["copy_gbs"] > 0 and bw["triad_gbs"] > 0
+    points = {"a b32": {"intensity": 20.0, "gflops": 300.0}, "b b512": {"intensity": 90.0, "gflops": 900.0}}
+    chart = draw(tmp_path / "r.png", {"fp32": 170.0, "bf16": 1270.0}, bw["triad_gbs"], points, "test")
+    assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000
 
 
 @pytest.mark.slow  # a training run and a benchmark through the script: CI runs it with -m slow

@@ -25,7 +25,7 @@ from torchmetrics.wrappers import ClasswiseWrapper
 
 from cifarkit.core.errors import UserError, existing
 from cifarkit.data.augment import tta_logits
-from cifarkit.fit import optim
+from cifarkit.fit import allocator, optim
 from cifarkit.nets import start
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ class ImageClassifier(L.LightningModule):
         channels_last: bool,
         compile: bool | str,
         init_from: str | None = None,
+        reuse_memory: bool = False,
     ) -> None:
         """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
         rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
@@ -60,7 +61,9 @@ class ImageClassifier(L.LightningModule):
         the memory format of the net and its inputs; ``compile``: ``torch.compile`` the net
         (true: inductor's default mode; or a mode's name, e.g. ``reduce-overhead``); ``init_from``:
         a checkpoint whose weights the net starts from (cifarkit/nets/start.py; none for a net rebuilt
-        from its own checkpoint). A timm net's ``pretrained``/``weights`` are taken out of its
+        from its own checkpoint); ``reuse_memory``: on the CPU, malloc keeps the step's large freed
+        blocks for the next step (cifarkit/fit/allocator.py; a classifier built by hand leaves it alone).
+        A timm net's ``pretrained``/``weights`` are taken out of its
         config here: they say where its first weights come from, which ``setup`` loads."""
         super().__init__()
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
@@ -108,6 +111,10 @@ class ImageClassifier(L.LightningModule):
             self.net.init_from_images(dm.sample_train_images(WHITENING_IMAGES))
         if first is not None:
             start.load_start(self.net, first, self.head_names)
+
+    def on_fit_start(self) -> None:
+        if self.hparams.get("reuse_memory") and self.device.type == "cpu":
+            allocator.keep_freed_memory()
 
     def _start(self) -> start.Start | None:
         if self.timm_weights is not None:

@@ -231,6 +231,7 @@ class Classifier(TypedDict):
     tta: Literal[TTA]
     channels_last: bool
     init_from: str | None
+    reuse_memory: bool
     compile: Annotated[bool | str, Field(description="true, false or a torch.compile mode (e.g. reduce-overhead)")]
 
 
