@@ -3,9 +3,9 @@ directory it writes, the checkpoint it continues from and what its time budget d
 
 A budget's decision before the run (its net) is a list of overrides applied to the config as the command
 line's are, with the most steps the budget could buy until the run's first steps fix the count
-(cifarkit/run/budget.py); the replay line its log prints is the same plan with that count. The plan's config is read-only: what runs
-is what was planned. The shell (cifarkit/run/cli.py) has already resolved ``ckpt_path=auto``; a sweep's jobs
-are planned the same way, each in its own directory.
+(cifarkit/run/budget.py); the replay line its log prints is the same plan with that count. The plan's
+config is read-only: what runs is what was planned. The shell (cifarkit/run/cli.py) has already resolved
+``ckpt_path=auto``; a sweep's jobs are planned the same way, each in its own directory.
 """
 
 from __future__ import annotations
