@@ -8,6 +8,8 @@ and its guard.
 * ``text``: ``shown`` (a name made safe for a terminal), ``to_json`` (strict JSON).
 * ``plain``: ``check_tree`` (nested data within bounds, without recursion), ``invalid`` (a pydantic
   error as a phrase), ``read_json_object``, ``inside`` (a path a file names, inside a folder).
+* ``budget_file``: ``read_budget`` (a run folder's budget.json: its schema, and steps within what the
+  resumed run's ``budget_s`` could buy).
 
 Lightning-free; torch is imported only by the readers that need it.
 """
