@@ -257,7 +257,11 @@ def test_what_a_budget_cannot_do(image_folder: Path, tmp_path: Path, compose_cfg
     ("recorded", "ladder", "says"),
     [
         ({"steps": 5}, LADDER, r"is not a budget this project wrote \(seconds: Field required\)"),
-        ({"seconds": 5, "steps": 5, "net": None}, "budget_nets=null", r"\(net is null"),
+        (
+            {"seconds": 5, "steps": 5, "net": None},
+            "budget_nets=null",
+            r"\(net: Value error, null \(a budget without a ladder",
+        ),
         (
             {"seconds": 5, "steps": 10**12},
             "budget_nets=null",

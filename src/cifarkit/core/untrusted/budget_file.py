@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from cifarkit.core.errors import UserError
 from cifarkit.core.untrusted.plain import check_tree, invalid, read_json_object
@@ -42,12 +42,12 @@ class RecordedBudget(BaseModel):
     seconds_per_step: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
     decided_at_s: Annotated[float, Field(ge=0, allow_inf_nan=False)] | None = None
 
-    @model_validator(mode="before")
+    @field_validator("net", mode="before")
     @classmethod
-    def _no_null_net(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "net" in data and data["net"] is None:
-            raise ValueError("net is null (a budget without a ladder leaves it out)")
-        return data
+    def _not_null(cls, net: Any) -> Any:
+        if net is None:
+            raise ValueError("null (a budget without a ladder leaves it out)")
+        return net
 
 
 def max_steps(budget_s: float) -> int:
