@@ -59,6 +59,30 @@ def test_warmup_then_decay_shape(decay: str) -> None:
     )
 
 
+def test_a_budgets_fixed_steps_hold_the_start_and_the_rest_is_sized_from_the_count_fixed_after_them() -> None:
+    """A time budget fixes the step count after its first steps: what they compute cannot depend on it,
+    and the schedule after them is the whole schedule of the steps that remain."""
+
+    def lrs(total: int, fixed: int, fixed_after: int | None = None) -> list[float]:
+        opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
+        known = {"total": 10**6 if fixed_after else total}  # a bound until the count is fixed
+        sched = warmup_then_decay(
+            opt, lambda: known["total"], warmup=0.5, start_scale=0.2, final_scale=0.1, fixed_steps=fixed
+        )
+        out = []
+        for step in range(total):
+            if step == fixed_after:
+                known["total"] = total
+            out.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        return out
+
+    assert lrs(30, 6)[:6] == lrs(60, 6)[:6] == [pytest.approx(0.4)] * 6  # the start, whatever the count
+    assert lrs(30, 6)[6:] == pytest.approx(lrs(24, 0))  # then the schedule of the 24 steps after them
+    assert lrs(30, 6, fixed_after=5) == lrs(30, 6)  # fixed while the last of them runs: the same run
+
+
 def test_warmup_can_start_above_zero() -> None:
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = warmup_then_decay(opt, total_steps=10, warmup=0.5, start_scale=0.2)

@@ -78,13 +78,6 @@ def of_checkpoint(ckpt: str | Path) -> Path:
     return Path(ckpt).resolve().parent.parent
 
 
-def recorded_budget(ckpt: str | Path) -> tuple[Path, dict[str, Any] | None]:
-    """Where the run of a checkpoint recorded its budget's decision (``budget.json``), and what it says
-    (None: no such file, or not a JSON object; a run folder is read as untrusted)."""
-    path = budget_file(of_checkpoint(ckpt))
-    return path, read_json_object(path)
-
-
 # ---------------------------------------------------------------------------------------------
 # The lock of a run that is training.
 

@@ -205,10 +205,19 @@ class ImageClassifier(L.LightningModule):
         if not self.hparams.scheduler:
             return optimizer
         make_scheduler = instantiate(self.hparams.scheduler)
-        if "total_steps" in inspect.signature(make_scheduler.func).parameters:  # sized from this run
-            scheduler = make_scheduler(
-                optimizer=optimizer, total_steps=optim.run_steps(self.trainer, "model.scheduler")
-            )
+        takes = inspect.signature(make_scheduler.func).parameters
+        if "total_steps" in takes:  # sized from this run
+            fixed = optim.fixed_steps(self.trainer)
+            if "fixed_steps" in takes:  # read as the run goes: a time budget fixes the count after its fixed steps
+                sized = {"total_steps": lambda: optim.run_steps(self.trainer, "model.scheduler"), "fixed_steps": fixed}
+            elif fixed:
+                raise UserError(
+                    f"model.scheduler ({self.hparams.scheduler.get('_target_')}) is sized once, before a time budget "
+                    "has fixed the run's steps; use cifarkit.fit.optim.warmup_then_decay or set trainer.max_steps"
+                )
+            else:
+                sized = {"total_steps": optim.run_steps(self.trainer, "model.scheduler")}
+            scheduler = make_scheduler(optimizer=optimizer, **sized)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         scheduler = make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}

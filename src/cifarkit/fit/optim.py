@@ -6,6 +6,12 @@
 * ``warmup_then_decay``: a step-wise schedule, linear warmup then linear or cosine decay, sized
   from the run's own number of optimizer steps (``ImageClassifier`` passes ``total_steps`` to
   any scheduler that takes it, ``torch.optim.lr_scheduler.OneCycleLR`` included).
+
+A time budget (cifarkit/run/budget.py) times a run's first ``fixed_steps`` and only then fixes its
+step count, so nothing those steps compute may depend on it: the schedule holds its start, lookahead
+does not fold and nothing is frozen during them, and everything sized from the run's steps is sized
+from the steps after them, read as the run goes (``fixed_steps(trainer)``: 0 without a budget, where
+this is the recipe as it was).
 * ``Lookahead``: airbench's weight averaging (Lightning's ``WeightAveraging``, the weights reset
   to the average), a callback.
 * ``FreezeParameters``: stop training named parameters after some epochs (airbench's
@@ -16,7 +22,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
 
 import lightning as L
@@ -91,13 +97,25 @@ def run_steps(trainer: Any, sized: str) -> int:
     return max(1, int(steps))
 
 
+def fixed_steps(trainer: Any) -> int:
+    """The run's first steps that nothing is sized over: those a time budget times before it fixes the
+    step count (its callback says how many, ``fixed_steps``); 0 in a run without one."""
+    return max((getattr(c, "fixed_steps", 0) for c in trainer.callbacks), default=0)
+
+
+def sized_point(fraction: float, fixed: int, total: int) -> int:
+    """The step at ``fraction`` of the steps after the ``fixed`` ones (of ``total``)."""
+    return fixed + round(fraction * max(0, total - fixed))
+
+
 def warmup_then_decay(
     optimizer: Optimizer,
-    total_steps: int,
+    total_steps: int | Callable[[], int],
     warmup: float = 0.0,
     decay: str = "linear",
     final_scale: float = 0.0,
     start_scale: float = 0.0,
+    fixed_steps: int = 0,
 ) -> LambdaLR:
     """Each group's lr rises linearly from ``start_scale`` times its peak (airbench: 0.2) to
     the peak over the first ``warmup`` fraction of the steps, then falls to ``final_scale``
@@ -106,13 +124,20 @@ def warmup_then_decay(
     A ``LambdaLR`` rather than ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``: the
     cosine's floor ``eta_min`` is one absolute lr for every group, where each group here (the
     norm biases at 64x) decays to its own fraction, and the closed form gives the same lr at a
-    step however the run got there (a resumed run included). Its options' bounds are cifarkit/run/schema.py's."""
-    warm = int(round(warmup * total_steps))
+    step however the run got there (a resumed run included). Its options' bounds are cifarkit/run/schema.py's.
+
+    The first ``fixed_steps`` hold ``start_scale`` and the rest is sized from the steps after them;
+    ``total_steps`` may be read as the run goes (a callable: a time budget fixes it after those steps)."""
 
     def scale(step: int) -> float:
+        if step < fixed_steps:
+            return start_scale
+        total = (total_steps() if callable(total_steps) else total_steps) - fixed_steps
+        step -= fixed_steps
+        warm = int(round(warmup * total))
         if step < warm:
             return start_scale + (1 - start_scale) * (step + 1) / warm
-        t = min(1.0, (step - warm) / max(1, total_steps - warm))
+        t = min(1.0, (step - warm) / max(1, total - warm))
         shape = 1 - t if decay == "linear" else 0.5 * (1 + math.cos(math.pi * t))
         return final_scale + (1 - final_scale) * shape
 
@@ -128,12 +153,13 @@ class Lookahead(WeightAveraging):
     the noise of the last steps. Validation, the saved checkpoints and the model after training
     hold the average, as with Lightning's ``EMAWeightAveraging``; unlike it, the weights being
     trained are pulled back to the average too. T is the run's own step count
-    (``trainer.estimated_stepping_batches``)."""
+    (``trainer.estimated_stepping_batches``), read as the run goes; t and T count the steps after a
+    time budget's ``fixed_steps``, during which nothing is folded."""
 
     def __init__(self, every_n_steps: int, decay: float, power: float, use_buffers: bool) -> None:
         super().__init__(use_buffers=use_buffers, avg_fn=self._fold)
         self.every_n_steps, self.decay, self.power = every_n_steps, decay, power
-        self.total_steps = 1
+        self.total_steps, self.fixed_steps_seen = 1, 0
         self.weight = 0.0  # the average's share in the update being made
         self.folded = False  # should_update said yes: WeightAveraging is folding the weights in now
 
@@ -145,17 +171,25 @@ class Lookahead(WeightAveraging):
         )
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._size(trainer)
+
+    def _size(self, trainer: L.Trainer) -> None:
         self.total_steps = run_steps(trainer, "callbacks.lookahead's decay ramp")
+        self.fixed_steps_seen = fixed_steps(trainer)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        if step_idx is None or (step_idx + 1) % self.every_n_steps:
+        if step_idx is None:
             return False
-        progress = min(1.0, (step_idx + 1) / self.total_steps)
+        done = step_idx + 1 - self.fixed_steps_seen
+        if done <= 0 or done % self.every_n_steps:
+            return False
+        progress = min(1.0, done / max(1, self.total_steps - self.fixed_steps_seen))
         self.weight = self.decay**self.every_n_steps * progress**self.power
         self.folded = True
         return True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        self._size(trainer)  # a budget fixes the run's steps after its fixed ones
         super().on_train_batch_end(trainer, pl_module, *args)
         if self.folded:  # just averaged: go on from the average
             self.folded = False
@@ -168,8 +202,8 @@ class FreezeParameters(L.Callback):
     (airbench94: after 3 of its 10 epochs, 0.3): their gradients are dropped just before each
     optimizer step, so neither the step, its momentum nor weight decay moves them. Sized from
     the run's steps like the schedule, so a longer or shorter run freezes at the same point of
-    it. Dropping the gradient (instead of switching ``requires_grad`` off) keeps the set of
-    parameters that DDP synchronizes fixed."""
+    it (after a time budget's ``fixed_steps``, of the steps after them). Dropping the gradient
+    (instead of switching ``requires_grad`` off) keeps the set of parameters that DDP synchronizes fixed."""
 
     def __init__(self, names: list[str], after: float) -> None:
         self.names, self.after = list(names), after
@@ -177,7 +211,11 @@ class FreezeParameters(L.Callback):
         self.from_step = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.from_step = round(self.after * run_steps(trainer, "callbacks.freeze_whitening_bias"))
+        self._size(trainer)
+
+    def _size(self, trainer: L.Trainer) -> None:
+        total = run_steps(trainer, "callbacks.freeze_whitening_bias")
+        self.from_step = sized_point(self.after, fixed_steps(trainer), total)
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         named = dict(pl_module.named_parameters())
@@ -191,6 +229,7 @@ class FreezeParameters(L.Callback):
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._size(trainer)  # read as the run goes: a budget fixes the run's steps after its fixed ones
         if trainer.global_step >= self.from_step:
             for p in self.params:
                 p.grad = None
@@ -209,14 +248,18 @@ class HeadFirst(L.Callback):
         self.body: list[torch.nn.Parameter] = []
         self.to_step = 0
 
+    def _size(self, trainer: L.Trainer) -> None:
+        self.to_step = sized_point(self.until, fixed_steps(trainer), run_steps(trainer, "callbacks.head_first"))
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.to_step = round(self.until * run_steps(trainer, "callbacks.head_first"))
+        self._size(trainer)
         head = pl_module.head_names
         self.body = [p for name, p in pl_module.net.named_parameters() if name not in head]
 
     def on_before_optimizer_step(
         self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
+        self._size(trainer)
         if trainer.global_step < self.to_step:
             for p in self.body:
                 p.grad = None

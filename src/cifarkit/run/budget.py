@@ -1,30 +1,31 @@
 """A time budget instead of a step count: ``budget_s=600`` trains for the steps this machine does in
 about 600 seconds.
 
-``size_to_budget`` runs a short probe before the run and returns the step count it decides, which
-the run's plan (cifarkit/run/plan.py) applies as overrides, the replay line's: the same data, model, trainer and the
-callbacks that act on training steps, for a few warm-up steps (the first one compiles with
-``model.compile=true``) and then timed ones, in the run's own strategy (under DDP every rank
-takes part, so the probe pays the same all-reduce). From the steady time per step and the
-warm-up's extra time it sizes the step count so that the run's training (``train/seconds``)
-ends at ``TARGET`` of the budget, a run's step taken as ``RUN_OVER_PROBE`` times the probe's; under
-DDP every rank takes rank 0's count. The run itself is then an ordinary run with
-``trainer.max_steps`` set: the schedule, lookahead's ramp and the freeze point are sized from it
-as from any step count, and ``trainer.max_steps=<count> trainer.max_epochs=-1`` reproduces it
-exactly on any machine. The probe's steps train a copy of the model that is thrown away; the run
-starts from the seed like any other. The decision is kept in the run directory (``budget.json``),
-so a resumed run continues with the same count. A run that Lightning cuts short by design
-(``trainer.fast_dev_run``) has nothing to size: ``skipped`` says so in one line and the budget
+The run is its own probe. Its first ``FIXED_STEPS`` are timed (``BudgetRun``, a callback of the run,
+with its progress bar, loggers and checkpoints: the steps are the run's), and at their end the step
+count is fixed from the measured rate so that training (``train/seconds``) ends at ``TARGET`` of the
+budget; under DDP every rank takes rank 0's count. Nothing those first steps compute depends on the
+count: the schedule holds its start, lookahead does not fold and nothing is frozen during them, and
+every piece sized from the run's steps is sized from the steps after them (cifarkit/fit/optim.py),
+so ``trainer.max_steps=<count> trainer.max_epochs=-1`` after the run's own command (``budget_s``
+included, which fixes the same first steps) reproduces it exactly. Where the rate changes after the
+decision (a noisy neighbour, thermal limits), the run still stops by ``budget_s``: before a step that
+would end past it, with its checkpoints as any run's; the replay line then adds
+``budget_stopped_at=<step>``. The decision and the run's figures (planned and trained steps, seconds,
+the rate at the decision and after it) are in metrics.json; the decision also in the run directory
+(``budget.json``), so a resumed run continues with the same count. A run that Lightning cuts short by
+design (``trainer.fast_dev_run``) has nothing to size: ``skipped`` says so in one line and the budget
 steps aside.
 
 A budget may also choose the net (``budget_nets``, a ladder of ``model.net`` options from narrowest
-to widest, as ``experiment=cpu10`` sets): the probe times the candidates in that order and keeps the
-widest that still trains the square root of the narrowest one's epochs in the budget (the narrowest
-when none does), so a fast machine or a long budget gets a wider net and a slow one a narrower net
-rather than too few epochs. A wider candidate is slower, so probing stops at the first that falls
-short. Every candidate's rate and the epochs the rule asked for are recorded, and the replay command
-names the net beside the step count. A net given on the command line (``model=...`` or
-``model.net...``) turns the choice off.
+to widest, as ``experiment=cpu10`` sets): before the run a short comparison times the candidates in
+that order (a few steps each, on a copy of the model that is thrown away, its wall-clock cost
+recorded as ``compare_s``) and keeps the widest that still trains the square root of the narrowest
+one's epochs in the budget (the narrowest when none does), so a fast machine or a long budget gets a
+wider net and a slow one a narrower net rather than too few epochs. A wider candidate is slower, so
+the comparison stops at the first that falls short. Every candidate's rate and the epochs the rule
+asked for are recorded, and the replay command names the net beside the step count. A net given on
+the command line (``model=...`` or ``model.net...``) turns the choice off.
 """
 
 from __future__ import annotations
@@ -40,20 +41,28 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.trainer.states import TrainerFn
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from cifarkit.core import rundir
 from cifarkit.core.errors import UserError
+from cifarkit.core.files import write_json
+from cifarkit.core.untrusted import budget_file
 from cifarkit.run.build import build
 
 log = logging.getLogger(__name__)
-TARGET = 0.95  # of the budget: where a run's training should end
-# A run's step over the probe's: the run also draws the progress bar and writes the loggers, which
-# the probe leaves out; the median of the ratios measured in docs/accuracy.md, whose spread is larger.
+TARGET = 0.975  # of the budget: where a run's training should end (the stop at the budget is the other side)
+FIXED_STEPS = 24  # the run's first steps, timed before its step count is fixed; nothing in them depends on it
+TIMED_FROM = 4  # the steps before them that are not timed: memory allocation, kernel selection, compilation
+# The comparison of a ladder's candidates: a few steps of each, enough to rank them and apply the rule.
+# A run's step over the comparison's: the run also draws the progress bar and writes the loggers, which
+# the comparison leaves out; the median of the ratios measured in docs/accuracy.md, whose spread is larger.
 RUN_OVER_PROBE = 1.02
-WARMUP_STEPS = 3  # untimed: memory allocation, kernel selection, compilation
-MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 10, 2.0, 100
+WARMUP_STEPS = 2  # untimed: memory allocation, kernel selection, compilation
+MIN_TIMED_STEPS, MIN_TIMED_S, MAX_TIMED_STEPS = 5, 1.0, 50
+COMPARED_SHARE = 0.95  # of the budget: the steps a candidate is credited with, as the rule was fitted
 # Lightning's callbacks that write the run's files, need a logger or draw the progress: left out of the
-# probe. The project's own callbacks say so themselves (``in_budget_probe = False``).
+# comparison. The project's own callbacks say so themselves (``in_budget_probe = False``).
 LIGHTNING_NOT_PROBED = (ModelCheckpoint, LearningRateMonitor, ProgressBar)
 
 
@@ -97,9 +106,9 @@ class StepClock(L.Callback):
 
 
 def steps_for(budget_s: float, seconds_per_step: float, warmup_extra_s: float) -> int:
-    """The step count whose training ends at ``TARGET`` of the budget, each step ``RUN_OVER_PROBE``
-    times the probe's."""
-    return max(1, math.floor((TARGET * budget_s - warmup_extra_s) / (seconds_per_step * RUN_OVER_PROBE)))
+    """The steps a candidate would train in the budget by the comparison's rate: ``COMPARED_SHARE`` of it,
+    each step ``RUN_OVER_PROBE`` times the comparison's (what the rule's epochs were fitted to)."""
+    return max(1, math.floor((COMPARED_SHARE * budget_s - warmup_extra_s) / (seconds_per_step * RUN_OVER_PROBE)))
 
 
 def skipped(cfg: DictConfig) -> str | None:
@@ -116,48 +125,58 @@ def skipped(cfg: DictConfig) -> str | None:
 
 
 def decide(cfg: DictConfig, recorded: tuple[Path, dict[str, Any] | None] | None) -> tuple[dict[str, Any], list[str]]:
-    """What a ``budget_s`` run trains, as its decision (``budget.json``) and as the overrides that replay it;
-    nothing when no budget applies (none set, or a given ``trainer.max_steps``, which wins). A resume keeps
-    the decision its run ``recorded`` (budget.json's path and content); a new run probes this machine."""
-    if cfg.get("budget_s") is None or cfg.trainer.max_steps not in (None, -1):
+    """What a ``budget_s`` run decides before it starts (its net, with a ladder), as budget.json records it,
+    and the overrides the run starts with (the net and the most steps the budget could buy, until its first
+    steps fix the count); nothing when no budget applies (none set, or a given ``trainer.max_steps``, which
+    wins: a replay). A resume keeps the decision its run ``recorded`` (budget.json's path and content, checked)."""
+    stopped = cfg.get("budget_stopped_at")
+    given = cfg.trainer.max_steps not in (None, -1)
+    if stopped is not None and (cfg.get("budget_s") is None or not given or stopped > cfg.trainer.max_steps):
+        raise UserError(
+            f"budget_stopped_at={stopped} replays a budget run its clock stopped: give it with budget_s and a "
+            "trainer.max_steps at least as large, as the run's replay line does"
+        )
+    if cfg.get("budget_s") is None or given:
         return {}, []
     if why := skipped(cfg):
         log.info(why)
         return {}, []
-    decision = _resumed(cfg, *recorded) if recorded else size_to_budget(cfg)
-    return decision, overrides(decision)
+    decision = _resumed(cfg, *recorded) if recorded else compare(cfg)
+    return decision, overrides(decision, cfg.budget_s)
 
 
-def size_to_budget(cfg: DictConfig) -> dict[str, Any]:
-    """Probe this machine's rate and decide the step count that fits ``cfg.budget_s`` (``"steps"``) and,
-    with ``budget_nets``, the net (``"net"``, options of ``model.net``); return the decision, which
-    budget.json and metrics.json record; ``cfg`` is not changed."""
+def compare(cfg: DictConfig) -> dict[str, Any]:
+    """Choose the net among ``budget_nets`` by a short comparison of their rates (none without a ladder);
+    return the decision, which budget.json and metrics.json record; ``cfg`` is not changed."""
     budget = float(cfg.budget_s)
     nets = candidate_nets(cfg)
+    if nets == [None]:
+        log.info("budget %g s: the run times its first %d steps, then fixes its step count", budget, FIXED_STEPS)
+        return {"seconds": budget}
+    started = perf_counter()
     datamodule, measured = None, []
     for net in nets:
         datamodule, rate = _probe(cfg, net, datamodule)
-        measured.append({**({"net": net} if net is not None else {}), **rate, **planned(budget, **rate)})
+        measured.append({"net": net, **rate, **planned(budget, **rate)})
         if measured[-1]["epochs"] < required_epochs(measured):  # every wider candidate is slower still
             break
     chosen = choose(measured)
-    decision = {"seconds": budget, **chosen}
-    if nets != [None]:
-        decision["required_epochs"] = required_epochs(measured)
-        decision["candidates"] = measured
+    decision = {
+        "seconds": budget,
+        "net": chosen["net"],
+        "required_epochs": required_epochs(measured),
+        "candidates": measured,
+        "compare_s": round(perf_counter() - started, 2),
+    }
     log.info(
-        "budget %g s: %s%d steps of %.4f s (after %d warm-up steps, %.1f s extra), training for about %.0f s; "
-        "%s reproduces this run",
+        "budget %g s: the net %s (asked for %g epochs; %s), compared in %.1f s (not counted in the budget); the run "
+        "times its first %d steps, then fixes its step count",
         budget,
-        f"the net {net_options(chosen['net'])} (asked for {decision['required_epochs']:g} epochs; {_rates(measured)}), "
-        if "net" in decision
-        else "",
-        chosen["steps"],
-        chosen["seconds_per_step"],
-        WARMUP_STEPS,
-        chosen["warmup_extra_s"],
-        chosen["steps"] * chosen["seconds_per_step"] * RUN_OVER_PROBE + chosen["warmup_extra_s"],
-        replay(decision),
+        net_options(chosen["net"]),
+        decision["required_epochs"],
+        _rates(measured),
+        decision["compare_s"],
+        FIXED_STEPS,
     )
     return decision
 
@@ -207,15 +226,22 @@ def choose(measured: list[dict[str, Any]]) -> dict[str, Any]:
     return next((m for m in reversed(measured) if m["epochs"] >= need), measured[0])
 
 
-def overrides(decision: dict[str, Any]) -> list[str]:
-    """The overrides that repeat a budget's run on any machine: its net and its step count."""
+def overrides(decision: dict[str, Any], budget_s: float) -> list[str]:
+    """The overrides a budget's run starts with: its net and its step count, or until the run has fixed
+    it, the most steps ``budget_s`` could buy (a bound the clock stops long before)."""
     net = net_overrides(decision["net"]) if "net" in decision else []
-    return [*net, f"trainer.max_steps={decision['steps']}", "trainer.max_epochs=-1"]
+    return [
+        *net,
+        f"trainer.max_steps={decision.get('steps', budget_file.max_steps(budget_s))}",
+        "trainer.max_epochs=-1",
+    ]
 
 
 def replay(decision: dict[str, Any]) -> str:
-    """``overrides`` as the command line takes them."""
-    return " ".join(overrides(decision))
+    """The overrides that repeat a budget's run exactly, after its own command: its net, its step count and
+    where the budget stopped it if it did."""
+    stopped = [f"budget_stopped_at={decision['trained_steps']}"] if decision.get("stopped_at_budget") else []
+    return " ".join([*overrides(decision, decision["seconds"]), *stopped])
 
 
 def net_overrides(net: dict[str, Any]) -> list[str]:
@@ -273,10 +299,10 @@ def _probe(cfg: DictConfig, net: dict[str, Any] | None, datamodule: Any) -> tupl
 
 
 def _resumed(cfg: DictConfig, recorded: Path, decision: dict[str, Any] | None) -> dict[str, Any]:
-    """The decision a checkpoint's run recorded beside its checkpoints (``budget.json``), if it is one."""
-    steps = decision.get("steps") if decision else None
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-        unusable = "does not say the step count the run was sized to"
+    """The decision a checkpoint's run recorded beside its checkpoints (``budget.json``, checked by its
+    reader), if there is one; without its step count (stopped in its first steps) the run fixes it as a new one."""
+    if decision is None:
+        unusable = "does not say the step count the run was sized to (it is missing or not a JSON object)"
     elif net_given():  # the command line's net, as for a new run
         decision.pop("net", None)
         unusable = None
@@ -289,5 +315,138 @@ def _resumed(cfg: DictConfig, recorded: Path, decision: dict[str, Any] | None) -
             f"budget_s is set but {recorded} {unusable}; add its replay overrides from its log "
             "(model.net options, trainer.max_steps=<its steps> trainer.max_epochs=-1) to resume it"
         )
-    log.info("budget %g s: resuming the run sized to %s (%s)", decision["seconds"], replay(decision), recorded)
+    if "steps" in decision:
+        log.info("budget %g s: resuming the run sized to %s (%s)", decision["seconds"], replay(decision), recorded)
+    else:
+        log.info(
+            "budget %g s: resuming a run stopped before it fixed its step count (%s)", decision["seconds"], recorded
+        )
     return decision
+
+
+class BudgetRun(L.Callback):
+    """A budget's run as it trains: its ``fixed_steps`` (which cifarkit/fit/optim.py's pieces size around),
+    and in a new run the clock that fixes the step count after them and stops the run at the budget.
+
+    The clock counts what ``train/seconds`` counts (cifarkit/fit/metrics.py's ``Throughput``): training
+    epochs without validation. ``record`` is the decision with what the run did, for metrics.json."""
+
+    in_budget_probe = False
+
+    def __init__(self, decision: dict[str, Any], deciding: bool, record_to: Path | None, stop_at: int | None) -> None:
+        self.record = dict(decision)
+        self.fixed_steps = int(decision.get("fixed_steps", FIXED_STEPS))
+        self.deciding, self.record_to, self.stop_at = deciding, record_to, stop_at
+        self.seconds, self._t0, self._last = 0.0, None, 0.0
+        self._start_step = 0
+        self._timed: tuple[int, float] | None = None  # (step, seconds) where the timed steps start
+        self._decided: tuple[int, float] | None = None  # (step, seconds) of the decision
+
+    def _now(self, pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        return perf_counter()
+
+    def _elapsed(self, now: float) -> float:
+        return self.seconds + (now - self._t0 if self._t0 is not None else 0.0)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.deciding and trainer.global_step >= self.fixed_steps - 1:
+            raise UserError(
+                f"budget_s is set but budget.json does not say the step count of a run past its first "
+                f"{self.fixed_steps} steps; add its replay overrides from its log "
+                "(trainer.max_steps=<its steps> trainer.max_epochs=-1)"
+            )
+        self._timed, self._start_step = None, trainer.global_step
+        self.on_train_epoch_start(trainer, pl_module)  # a run resumed mid-epoch gets no epoch start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t0 = self._last = self._now(pl_module)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking and self._t0 is not None:
+            self.seconds, self._t0 = self._elapsed(self._now(pl_module)), None
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._t0 = self._last = self._now(pl_module)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seconds, self._t0 = self._elapsed(self._now(pl_module)), None
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.stop_at is not None and step >= self.stop_at:  # a replay of a run its budget stopped
+            trainer.should_stop = True
+        if not self.deciding:
+            return
+        now = self._now(pl_module)
+        last_step_s, self._last = now - self._last, now
+        elapsed = self._elapsed(now)
+        if self._timed is None and step >= TIMED_FROM:
+            self._timed = (step, elapsed)
+        if self._decided is None and step == self.fixed_steps - 1:
+            self._decide(trainer, step, elapsed)
+        # Stop before a step that would end past the budget (at the last step's pace), on every rank at once.
+        over = elapsed + last_step_s > float(self.record["seconds"]) and step < trainer.max_steps
+        if trainer.world_size > 1:
+            over = trainer.strategy.reduce_boolean_decision(over, all=False)
+        if over:
+            trainer.should_stop = True
+            self.record["stopped_at_budget"] = True
+
+    def _decide(self, trainer: L.Trainer, step: int, elapsed: float) -> None:
+        """Fix the step count from the rate of the timed steps, so that training ends at ``TARGET`` of the budget."""
+        start, start_s = self._timed if self._timed and self._timed[0] < step else (self._start_step, 0.0)
+        rate = (elapsed - start_s) / max(1, step - start)
+        steps = max(self.fixed_steps, step + math.floor((TARGET * float(self.record["seconds"]) - elapsed) / rate))
+        steps, rate = trainer.strategy.broadcast((steps, rate), src=0)
+        trainer.fit_loop.epoch_loop.max_steps = steps
+        self._decided = (step, elapsed)
+        self.record.update(fixed_steps=self.fixed_steps, steps=steps, seconds_per_step=round(rate, 4))
+        self.record["decided_at_s"] = round(elapsed, 2)
+        if trainer.is_global_zero and self.record_to is not None:  # what a resume continues with
+            write_json(self.record_to, self.record)
+        log.info(
+            "budget %g s: %d steps in %.1f s, %.4f s a step from step %d on; %d steps, training for about %.0f s; "
+            "%s reproduces this run",
+            self.record["seconds"],
+            step,
+            elapsed,
+            rate,
+            start,
+            steps,
+            elapsed + (steps - step) * rate,
+            replay(self.record),
+        )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self.deciding:
+            return
+        step, elapsed = trainer.global_step, self.seconds
+        self.record.setdefault("steps", step)  # stopped before its count was fixed: what it trained
+        self.record.setdefault("fixed_steps", self.fixed_steps)
+        self.record.update(trained_steps=step, trained_seconds=round(elapsed, 2))
+        if self._decided and step > self._decided[0]:
+            self.record["run_seconds_per_step"] = round((elapsed - self._decided[1]) / (step - self._decided[0]), 4)
+        self.record.setdefault("stopped_at_budget", False)
+        if self.record["stopped_at_budget"]:
+            log.info(
+                "budget %g s: stopped by the budget after %d of %d steps (%.1f s; %s s a step after the decision); "
+                "%s reproduces this run",
+                self.record["seconds"],
+                step,
+                self.record["steps"],
+                elapsed,
+                self.record.get("run_seconds_per_step", "?"),
+                replay(self.record),
+            )
+
+
+def run_callback(decision: dict[str, Any], cfg: DictConfig, run_dir: Path) -> BudgetRun | None:
+    """The callback of a run with ``budget_s`` (its decision, or ``{}`` for a replay with a given step count);
+    None without a budget or where it steps aside."""
+    if cfg.get("budget_s") is None or skipped(cfg):
+        return None
+    deciding = bool(decision) and "steps" not in decision
+    return BudgetRun(decision, deciding, run_dir / rundir.BUDGET, cfg.get("budget_stopped_at"))

@@ -1,10 +1,11 @@
 """A run's plan, made once before its trainer is built: the config as composed (once, by the shell), the
 directory it writes, the checkpoint it continues from and what its time budget decided.
 
-A budget's decision is a list of overrides (the replay line its log prints), applied to the config as the
-command line's are, so a budget run and its replay are one plan. The plan's config is read-only: what runs
-is what was planned. The shell (cifarkit/run/cli.py) has already resolved ``ckpt_path=auto``; a sweep's jobs
-are planned the same way, each in its own directory.
+A budget's decision before the run (its net) is a list of overrides applied to the config as the command
+line's are, with the most steps the budget could buy until the run's first steps fix the count
+(cifarkit/run/budget.py); the replay line its log prints is the same plan with that count. The plan's
+config is read-only: what runs is what was planned. The shell (cifarkit/run/cli.py) has already resolved
+``ckpt_path=auto``; a sweep's jobs are planned the same way, each in its own directory.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from cifarkit.core import rundir
+from cifarkit.core.untrusted.budget_file import read_budget
 from cifarkit.run import budget
 
 
@@ -36,11 +38,20 @@ def plan(cfg: DictConfig) -> Plan:
     run_dir = Path(cfg.paths.output_dir)
     ckpt = rundir.checkpoint_file(cfg.ckpt_path) if cfg.get("ckpt_path") else None  # before any data is decoded
     in_place = ckpt is not None and rundir.of_checkpoint(ckpt) == run_dir.resolve()  # continued in its own directory
-    recorded = rundir.recorded_budget(ckpt) if ckpt and cfg.get("budget_s") is not None else None
+    recorded = _recorded_budget(cfg, ckpt) if ckpt else None
     decision, overrides = budget.decide(cfg, recorded)
     planned = with_overrides(cfg, overrides)
     OmegaConf.set_readonly(planned, True)
     return Plan(planned, run_dir, ckpt, decision, expected_warnings(planned, in_place))
+
+
+def _recorded_budget(cfg: DictConfig, ckpt: Path) -> tuple[Path, dict[str, Any] | None] | None:
+    """Where a checkpoint's run recorded its budget's decision and what it says, checked against this run's
+    ``budget_s`` (a run folder is read as untrusted); None where no budget sizes this run."""
+    if cfg.get("budget_s") is None or cfg.trainer.max_steps not in (None, -1):
+        return None
+    path = rundir.budget_file(rundir.of_checkpoint(ckpt))
+    return path, read_budget(path, float(cfg.budget_s))
 
 
 def with_overrides(cfg: DictConfig, overrides: list[str]) -> DictConfig:

@@ -346,6 +346,9 @@ class Train(TypedDict):
     budget_nets: Annotated[
         list[NetOptions] | None, Field(description="a list of model.net options (mappings), narrowest first, or null")
     ]
+    budget_stopped_at: Annotated[
+        Annotated[int, Field(ge=1)] | None, Field(description="the step a budget run was stopped at, or null")
+    ]
     optuna_trial: NotRequired[NonNegative | None]  # configs/hparams_search: set by the sweeper
     data: Data
     model: Model

@@ -13,6 +13,7 @@ from hydra.utils import instantiate
 from cifarkit.fit.classifier import ImageClassifier, check_same_classes
 from cifarkit.fit.metrics import final_metrics, log_hyperparams, tested_metrics, throughput
 from cifarkit.nets.saved import SavedNet
+from cifarkit.run import budget
 from cifarkit.run.build import build
 from cifarkit.run.plan import Plan
 
@@ -31,6 +32,9 @@ def train(plan: Plan) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message=pattern)
         seed = L.seed_everything(cfg.seed, workers=True)
         datamodule, trainer = build(cfg)
+        clock = budget.run_callback(plan.budget, cfg, plan.run_dir)
+        if clock is not None:
+            trainer.callbacks.append(clock)
         model: ImageClassifier = instantiate(cfg.model, classes=datamodule.classes)
         metrics: dict[str, Any] = {}
         pruned = False
@@ -55,7 +59,7 @@ def train(plan: Plan) -> dict[str, Any]:
             metrics = (metrics or final_metrics(trainer)) | throughput(trainer)
             log_hyperparams(trainer, model, datamodule, metrics, cfg.get("budget_s"))
     return metrics | {
-        **({"budget": plan.budget} if plan.budget else {}),
+        **({"budget": clock.record} if clock is not None and clock.record else {}),
         "status": "pruned" if pruned else "completed",
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,

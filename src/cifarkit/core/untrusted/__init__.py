@@ -14,6 +14,12 @@ and its guard.
 * ``storage``: the sweep's Optuna storage (``open_storage``, ``load_study``, ``create_study``) and what it
   holds that launches jobs (``stored_round``, ``check_params``, ``check_space``); imported by name, as Optuna
   loads only in a search.
+* ``tensors``: ``read_torch_file`` (every torch.save file: records against its size, ``weights_only``, plain
+  data bounds), ``read_weights_file``, ``read_image_cache``, ``plain_tensor``.
+* ``budget_file``: ``read_budget`` (a run folder's budget.json: its schema, and steps within what the
+  resumed run's ``budget_s`` could buy).
+* ``keys``, ``sizes``, ``digest``: serve.py's API key file, an upload's header weighed before its decode, the
+  model file hashed for its identity.
 
 Lightning-free; torch is imported only by the readers that need it.
 """
