@@ -350,6 +350,24 @@ class Train(TypedDict):
     paths: Paths
 
 
+# cifarkit/robust/corruptions.py's names (a test checks they agree)
+CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "snow",
+    "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)  # fmt: skip
+
+
+@with_config(CLOSED)
+class Robustness(TypedDict):
+    """configs/robustness/cifar10c.yaml: eval.py's corruption benchmark."""
+
+    corruptions: Annotated[list[Literal[CORRUPTIONS]], Field(min_length=1)]
+    severities: Annotated[list[Annotated[int, Field(ge=1, le=5)]], Field(min_length=1)]
+    images: Count | None
+    seed: int
+    batch_size: Count
+
+
 @with_config(CLOSED)
 class Eval(TypedDict):
     task_name: Literal["eval"]
@@ -358,6 +376,7 @@ class Eval(TypedDict):
     ckpt_path: str
     tta: Literal[TTA] | None
     trusted_targets: list[str]
+    robustness: NotRequired[Robustness | None]
     data: Data
     trainer: Trainer
     logger: NotRequired[Loggers]  # logger=null drops the key
