@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +16,9 @@ from PIL import Image
 
 from cifarkit.core.errors import UserError
 from cifarkit.core.untrusted.cached_sets import read_cached_set
+from cifarkit.data.augment import Augment
+from cifarkit.data.loader import DeviceLoader
+from cifarkit.fit.classifier import ImageClassifier
 from cifarkit.robust import corruptions as C
 from cifarkit.robust.cache import cached_set, digest, set_files
 from cifarkit.robust.report import CSV_NAME, EXAMPLES, HEATMAP, Options, benchmark, pick_images
@@ -184,3 +188,67 @@ def test_eval_refuses_a_bad_corruption_or_severity(option: str, message: str, ma
     r = main("eval.py", [f"ckpt_path={tmp_path / 'none.ckpt'}", "robustness=cifar10c", option])
     assert r.code == 1
     assert message in error_line(r.err)
+
+
+AUGMIX = {"width": 3, "depth": 0, "severity": 3, "views": 2}
+
+
+def test_augmix_views_on_the_device_pipeline() -> None:
+    """The clean view is the crop-and-flip pipeline's own batch; the two mixes differ from it and from
+    each other, stay images in [0, 1] before normalization, and repeat for the same seed."""
+    x, y = smooth_images(40), torch.arange(40) % 10
+    steps = {"crop": {"padding": 2, "mode": "reflect"}, "flip": {"p": 0.5}}
+    mean, std = torch.full((3,), 0.5), torch.full((3,), 0.25)
+
+    def first(augment: dict) -> torch.Tensor:
+        loader = DeviceLoader(x, y, mean, std, 16, True, seed=3, augment=Augment.from_steps(augment))
+        return next(iter(loader))[0]
+
+    plain, mixed = first(steps), first(steps | {"augmix": AUGMIX})
+    assert mixed.shape == (16, 3, 3, 32, 32)
+    assert torch.allclose(mixed[:, 0], plain, atol=1e-6)
+    for a, b in ((0, 1), (0, 2), (1, 2)):
+        assert (mixed[:, a] - mixed[:, b]).abs().mean() > 0.05
+    images = mixed * 0.25 + 0.5
+    assert images.min() >= -1e-5 and images.max() <= 1 + 1e-5
+    assert torch.equal(mixed, first(steps | {"augmix": AUGMIX}))
+    assert first(steps | {"augmix": AUGMIX | {"views": 0}}).shape == (16, 3, 32, 32)
+
+
+def test_consistency_loss_is_augmix_jensen_shannon() -> None:
+    """Views that the net sees alike add nothing to the cross-entropy; views it sees otherwise add the
+    weighted Jensen-Shannon divergence, computed here by hand."""
+    torch.manual_seed(0)
+    net = {"_target_": "cifarkit.nets.models.AirbenchNet", "widths": [8, 16, 16]}
+    kw = {"optimizer": None, "scheduler": None, "param_groups": None, "label_smoothing": 0.0, "tta": "none"}
+    model = ImageClassifier(net, list("abcdefghij"), **kw, channels_last=False, compile=False, consistency=12.0)
+    model.eval()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        same = torch.stack([x, x, x], 1)
+        ce = F.cross_entropy(model(x), y)
+        assert float(model.training_step((same, y), 0)) == pytest.approx(float(ce), rel=1e-5)
+        views = torch.stack([x, x.flip(-1), x * 0.5], 1)
+        p = torch.stack([model(views[:, i]).softmax(-1) for i in range(3)])
+        m = p.mean(0)
+        js = sum((q * (q / m).log()).sum(-1).mean() for q in p) / 3
+        assert float(js) > 1e-4
+        assert float(model.training_step((views, y), 0)) == pytest.approx(float(ce + 12.0 * js), rel=1e-4)
+
+
+def test_augmix_runs_on_the_device_pipeline_only(compose_cfg) -> None:
+    cfg = compose_cfg(["experiment=cpu10_augmix", "data.pipeline=torchvision"])
+    with pytest.raises(UserError, match="alternating_flip, cutout and augmix run on the device pipeline only"):
+        schema.check(cfg)
+
+
+def test_the_augmix_preset_trains(image_folder: Path, compose_cfg, tmp_path: Path) -> None:
+    data = [o for o in folder_overrides(image_folder, tmp_path) if not o.startswith("data.val_size")]
+    cfg = compose_cfg(
+        FAST + data + ["experiment=cpu10_augmix", "budget_s=null", "trainer.max_steps=3", "data.batch_size=8",
+                       "model.net.widths=[8,16,16]", "trainer.max_time=null"]
+    )  # fmt: skip
+    metrics = train_job(cfg)
+    assert math.isfinite(metrics) or math.isnan(metrics)
+    saved = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert saved["steps"] == 3 and math.isfinite(saved["train/loss"]) and 0 <= saved["test/acc"] <= 1
