@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.loggers import TensorBoardLogger
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cifarkit.core.errors import UserError
 from cifarkit.core.untrusted.cached_sets import read_cached_set
@@ -126,10 +128,16 @@ def test_report_of_a_net_that_always_answers_one_class(tmp_path: Path) -> None:
     for name in (HEATMAP, EXAMPLES):
         with Image.open(tmp_path / f"{name}.png") as im:
             assert im.size[0] > 200 and im.size[1] > 100
+    board = TensorBoardLogger(tmp_path / "tb", name="", version="")
     again = benchmark(
-        lambda t: logits.expand(len(t), 3), (x, y), info, opts, tmp_path / "cache", tmp_path, torch.device("cpu")
-    )
+        lambda t: logits.expand(len(t), 3), (x, y), info, opts, tmp_path / "cache", tmp_path, torch.device("cpu"),
+        loggers=[board],
+    )  # fmt: skip
     assert again[f"{r}/sets_cached"] == 4 and again[f"{r}/sets_made"] == 0
+    board.experiment.flush()
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert set(events.Tags()["images"]) == {HEATMAP, EXAMPLES}
+    assert events.Scalars(f"{r}/mean_corrupted_acc")[0].value == pytest.approx(share)
 
 
 def test_images_option_draws_a_seeded_subset_in_split_order() -> None:
