@@ -137,17 +137,18 @@ def _shift_sum(x: torch.Tensor, weights: torch.Tensor, dy: torch.Tensor, dx: tor
 
 
 def _motion_blur(x: torch.Tensor, radius: float, sigma: float, angle: torch.Tensor) -> torch.Tensor:
-    """ImageMagick's motion blur (``MotionBlurImage``): 2*ceil(radius)+1 taps of a one-sided Gaussian
-    along ``angle`` (degrees, one per image), each tap at a rounded pixel offset, edges repeated;
-    then rounded to 8 bits as the reference's PNG round trip does."""
+    """ImageMagick 6's motion blur (``MotionBlurImage``): 2*ceil(radius)+1 taps of a one-sided Gaussian,
+    tap i read at (round(i sin(angle)), round(i cos(angle))) rows and columns away (``angle`` in degrees,
+    one per image; edge pixels repeated), then cut to 8 bits as the reference's PNG round trip gives it
+    (both measured against ImageMagick 6.9.11 through Wand on impulse images)."""
     width = 2 * math.ceil(radius) + 1
     i = torch.arange(width, dtype=torch.float64)
     weights = torch.exp(-(i**2) / (2 * max(sigma, 1e-12) ** 2))
     weights /= weights.sum()
-    a = torch.deg2rad(angle.double().cpu() + 90)[:, None]
+    a = torch.deg2rad(angle.double().cpu())[:, None]
     dx = torch.ceil(i * torch.cos(a) - 0.5).long().to(x.device)
     dy = torch.ceil(i * torch.sin(a) - 0.5).long().to(x.device)
-    return torch.round(_shift_sum(x, weights, dy, dx) * 255) / 255
+    return torch.floor(_shift_sum(x, weights, dy, dx) * 255 + 1e-4) / 255
 
 
 def _linear_zoom(n: int, factor: float) -> torch.Tensor:
