@@ -110,7 +110,12 @@ class DeviceLoader:
             x, y = self.images[idx[sl]], self.labels[idx[sl]]
             if self.train and self.augment:
                 chunk = {k: v[sl] for k, v in draws.items()}
-                x = self.augment.erase(normalize(self.augment.apply(x, chunk), self.mean, self.std), chunk)
+                x = self.augment.apply(x, chunk)
+                if self.augment.augmix[0]:  # floats in [0, 1], maybe with views (B, V, C, H, W): the clean one first
+                    x = (self.augment.views(x, chunk) - self.mean[:, None, None]) / self.std[:, None, None]
+                    self.augment.erase(x if x.dim() == 4 else x[:, 0], chunk)
+                else:
+                    x = self.augment.erase(normalize(x, self.mean, self.std), chunk)
             else:
                 x = normalize(x, self.mean, self.std)
             for b0 in range(0, len(y), self.batch_size):

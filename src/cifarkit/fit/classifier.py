@@ -51,6 +51,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool | str,
         init_from: str | None = None,
         reuse_memory: bool = False,
+        consistency: float = 0.0,
     ) -> None:
         """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
         rebuilt from a checkpoint, for testing); ``optimizer`` and ``scheduler``: ``_partial_``
@@ -63,7 +64,8 @@ class ImageClassifier(L.LightningModule):
         a checkpoint whose weights the net starts from (cifarkit/nets/start.py; none for a net rebuilt
         from its own checkpoint); ``reuse_memory``: on the CPU, malloc keeps the step's large freed
         blocks for the next step (cifarkit/fit/allocator.py; a classifier built by hand leaves it alone).
-        A timm net's ``pretrained``/``weights`` are taken out of its
+        ``consistency``: the weight of AugMix's Jensen-Shannon consistency loss on batches with views
+        (``data.augment.augmix.views``; AugMix's 12). A timm net's ``pretrained``/``weights`` are taken out of its
         config here: they say where its first weights come from, which ``setup`` loads."""
         super().__init__()
         net, optimizer, scheduler, classes = _plain(net), _plain(optimizer), _plain(scheduler), list(classes)
@@ -146,11 +148,31 @@ class ImageClassifier(L.LightningModule):
         self.train_sums.zero_()
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, logits, y = self._step(batch)
+        if batch[0].dim() == 5:  # AugMix's views: the clean image first
+            loss, logits, y = self._consistency_step(batch)
+        else:
+            loss, logits, y = self._step(batch)
         with torch.no_grad():
             n = loss.new_full((), len(y), dtype=torch.float32)
             self.train_sums += torch.stack((loss.float() * n, (logits.argmax(dim=1) == y).sum().float(), n))
         return loss
+
+    def _consistency_step(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Cross-entropy on the clean views plus ``consistency`` times the Jensen-Shannon divergence
+        between the predictions on every view of each image (AugMix's loss); the clean logits."""
+        x, y = batch
+        b, v = x.shape[:2]
+        all_logits = self(x.transpose(0, 1).flatten(0, 1)).float().view(v, b, -1)
+        logits = all_logits[0]
+        loss = self.criterion(logits, y)
+        if self.hparams.consistency:
+            probs = all_logits.softmax(-1)
+            log_mixture = probs.mean(0).clamp(1e-7, 1).log()
+            js = sum(nn.functional.kl_div(log_mixture, p, reduction="batchmean") for p in probs) / v
+            loss = loss + self.hparams.consistency * js
+        return loss, logits, y
 
     def on_train_epoch_end(self) -> None:
         # Every rank is here at once (unlike rank 0's progress bar), so the sum over ranks is safe.

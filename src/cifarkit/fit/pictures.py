@@ -135,6 +135,7 @@ class RunPictures(L.Callback):
             return
         xs, ys, n = [], [], 0
         for x, y in trainer.train_dataloader:  # the epoch's own first batches: same seed, same crops
+            x = x[:, 1] if x.dim() == 5 else x  # AugMix's views: its first mix
             xs.append(x[: self.num_samples - n].detach().float().cpu())
             ys.append(y[: self.num_samples - n].cpu())
             n += len(ys[-1])

@@ -92,11 +92,20 @@ class Cutout(TypedDict):
 
 
 @with_config(CLOSED)
+class AugMix(TypedDict):
+    width: Annotated[int, Field(ge=1, le=16)]
+    depth: Annotated[int, Field(ge=0, le=16)]
+    severity: Annotated[int, Field(ge=1, le=10)]
+    views: Annotated[int, Field(ge=0, le=4)]
+
+
+@with_config(CLOSED)
 class Augment(TypedDict):
     crop: NotRequired[Crop | None]
     flip: NotRequired[Flip | None]
     alternating_flip: NotRequired[AlternatingFlip | None]
     cutout: NotRequired[Cutout | None]
+    augmix: NotRequired[AugMix | None]
 
 
 def _distinct(classes: list[str]) -> list[str]:
@@ -142,8 +151,10 @@ def _pipeline_rules(data: dict[str, Any]) -> dict[str, Any]:
             f"data.augment.crop.padding={crop['padding']} must be below data.image_size ({data['image_size']}) to "
             "reflect"
         )
-    if data["pipeline"] == "torchvision" and ({"alternating_flip", "cutout"} & set(steps)):
-        raise rule("data.augment.alternating_flip and cutout run on the device pipeline only; use data.pipeline=device")
+    if data["pipeline"] == "torchvision" and ({"alternating_flip", "cutout", "augmix"} & set(steps)):
+        raise rule(
+            "data.augment.alternating_flip, cutout and augmix run on the device pipeline only; use data.pipeline=device"
+        )
     if (data["mean"] is None) != (data["std"] is None):
         raise rule("set both data.mean and data.std, or neither (then they are computed)")
     if data["folds"] is not None and not data["fold"] < data["folds"]:
@@ -228,6 +239,7 @@ class Classifier(TypedDict):
     scheduler: by_target({"cifarkit.fit.optim.warmup_then_decay": WarmupThenDecay}, Targeted) | None
     param_groups: ParamGroups | None
     label_smoothing: Annotated[float, Field(ge=0, lt=1)]
+    consistency: Annotated[float, Field(ge=0)]
     tta: Literal[TTA]
     channels_last: bool
     init_from: str | None
@@ -358,6 +370,24 @@ class Train(TypedDict):
     paths: Paths
 
 
+# cifarkit/robust/corruptions.py's names (a test checks they agree)
+CORRUPTIONS = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur", "snow",
+    "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+)  # fmt: skip
+
+
+@with_config(CLOSED)
+class Robustness(TypedDict):
+    """configs/robustness/cifar10c.yaml: eval.py's corruption benchmark."""
+
+    corruptions: Annotated[list[Literal[CORRUPTIONS]], Field(min_length=1)]
+    severities: Annotated[list[Annotated[int, Field(ge=1, le=5)]], Field(min_length=1)]
+    images: Count | None
+    seed: int
+    batch_size: Count
+
+
 @with_config(CLOSED)
 class Eval(TypedDict):
     task_name: Literal["eval"]
@@ -366,6 +396,7 @@ class Eval(TypedDict):
     ckpt_path: str
     tta: Literal[TTA] | None
     trusted_targets: list[str]
+    robustness: NotRequired[Robustness | None]
     data: Data
     trainer: Trainer
     logger: NotRequired[Loggers]  # logger=null drops the key

@@ -5,14 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import warnings
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 from hydra.utils import instantiate
 
+from cifarkit.data.augment import tta_logits
 from cifarkit.fit.classifier import ImageClassifier, check_same_classes
 from cifarkit.fit.metrics import final_metrics, log_hyperparams, tested_metrics, throughput
 from cifarkit.nets.saved import SavedNet
+from cifarkit.robust.report import Options, benchmark
 from cifarkit.run import budget
 from cifarkit.run.build import build
 from cifarkit.run.plan import Plan
@@ -88,12 +91,29 @@ def evaluate(plan: Plan) -> dict[str, Any]:
         compile=False,
     )
     info = saved.data
+    robustness = cfg.get("robustness")
+    options = Options.of(robustness) if robustness else None  # a bad corruption's name stops before any work
     datamodule, trainer = build(
-        cfg, with_loggers=False, image_size=info.image_size, normalize=True, mean=info.mean, std=info.std
+        cfg, with_loggers=options is not None, image_size=info.image_size, normalize=True, mean=info.mean, std=info.std
     )
     check_same_classes(info.classes, datamodule.classes)
     trainer.test(model, datamodule=datamodule)
-    return tested_metrics(trainer, model) | {
+    metrics = tested_metrics(trainer, model)
+    if options is not None:
+        device = trainer.strategy.root_device
+        model.to(device).eval()
+        metrics |= benchmark(
+            lambda x: tta_logits(model, x, model.hparams.tta),
+            datamodule.splits["test"],
+            info,
+            options,
+            Path(cfg.paths.data_dir) / "robustness",
+            plan.run_dir,
+            device,
+            trainer.precision_plugin.forward_context,
+            trainer.loggers,
+        )
+    return metrics | {
         "ckpt_path": str(cfg.ckpt_path),
         "tta": model.hparams.tta,
         "status": "completed",
