@@ -551,17 +551,20 @@ def test_every_door_refuses_crafted_metadata(
     assert not (tmp_path / "model.onnx").exists()
 
 
+# Peak memory as VmHWM, which starts afresh at exec (ru_maxrss would start at the test process's own peak).
 INFLATER = """
-import resource, sys
+import re, sys
 from cifarkit.nets.saved import read_checkpoint
 from cifarkit.core.errors import UserError
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def peak():
+    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+before = peak()
 try:
     read_checkpoint(sys.argv[1])
     print("read")
 except UserError as e:
     print(e)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024, "MB")
+print((peak() - before) // 1024, "MB")
 """
 
 
