@@ -308,11 +308,6 @@ class LrProbe(L.Callback):
 
 
 @pytest.mark.slow  # two DDP trials of a search, each two processes
-@pytest.mark.xfail(
-    strict=True,
-    reason="a local sweep's spawn start method fails each job: Lightning's spawn launcher hands the main process "
-    "a .temp.ckpt without a state_dict, which the project's checkpoint reader refuses (fit wing, not the sweeper)",
-)
 def test_every_rank_of_a_ddp_trial_trains_with_its_sampled_parameters(image_folder: Path, tmp_path: Path) -> None:
     from conftest import FAST, folder_overrides, run_cli
 

@@ -235,8 +235,9 @@ class ImageDataModule(L.LightningDataModule):
         if self._fixed_stats:
             return self._fixed_stats
         subset = ""  # another training split: its own statistics
-        if self.class_subset is not None or self.train_per_class is not None:
-            subset = "-" + hashlib.sha1(json.dumps([self.class_subset, self.train_per_class]).encode()).hexdigest()[:8]
+        if self.class_subset is not None or self.train_per_class is not None or self.folds is not None:
+            which = [self.class_subset, self.train_per_class] + ([self.folds, self.fold] if self.folds else [])
+            subset = "-" + hashlib.sha1(json.dumps(which).encode()).hexdigest()[:8]
         stats_file = self.cache_file.with_suffix(f".stats-{self.split_seed}-{self.val_size}{subset}.json")
         stats = read_json_object(stats_file)
         if stats is not None and _stats_ok(stats.get("mean"), 0.0) and _stats_ok(stats.get("std"), 1e-6):

@@ -17,6 +17,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cifarkit.core.files import atomic_write
 from cifarkit.core.untrusted import inside
+from cifarkit.core.untrusted.tensors import read_torch_file
 from cifarkit.nets.saved import read_checkpoint
 
 
@@ -40,7 +41,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def load_checkpoint(
         self, path: str | Path, map_location: Any = None, weights_only: bool | None = None
     ) -> dict[str, Any]:
+        if Path(path).name == SPAWN_WEIGHTS:  # rank 0's module weights, a bare state dict, through the same reader
+            return read_torch_file(Path(path), f"Lightning's {SPAWN_WEIGHTS}", "train again", "checkpoint")
         return read_checkpoint(path)
+
+
+# Lightning's spawn launcher hands rank 0's weights back to the main process in this file (a temporary folder).
+SPAWN_WEIGHTS = ".temp.ckpt"
 
 
 class CarryCheckpoints(L.Callback):
