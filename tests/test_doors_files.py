@@ -196,8 +196,9 @@ def test_cached_statistics_out_of_bounds_are_computed_again(stats, image_folder:
         {"status": "done"},
         {"status": "completed", "steps": -1},
         {"status": "completed", "error": "x" * 10_000},
+        {"status": "completed", "test/acc_class": {"a": "NaN"}},
     ],
-    ids=["metric_a_string", "metric_null", "unknown_status", "negative_steps", "huge_error"],
+    ids=["metric_a_string", "metric_null", "unknown_status", "negative_steps", "huge_error", "per_class_a_string"],
 )
 def test_a_metrics_file_out_of_its_schema_is_not_believed(record: dict, tmp_path: Path) -> None:
     """metrics.json that train.py could not have written: the run counts as not completed (``ckpt_path=auto``
@@ -209,7 +210,8 @@ def test_a_metrics_file_out_of_its_schema_is_not_believed(record: dict, tmp_path
     assert rundir.read_metrics(job) is None and not rundir.completed(job)
     rows, _ = collect(tmp_path / "sweep", ["test/acc"], "model.optimizer.lr")
     assert rows[0]["status"] == "failed" and rows[0]["test/acc"] == ""
-    rundir.metrics_file(job).write_text(json.dumps({"status": "completed", "test/acc": 0.5, "steps": 3}))
+    written = {"status": "completed", "test/acc": 0.5, "steps": 3, "test/acc_class": {"a": 0.5, "b": 0.5}}
+    rundir.metrics_file(job).write_text(json.dumps(written | {"test/confusion_matrix": [[1, 1], [1, 1]]}))
     assert rundir.completed(job) and collect(tmp_path / "sweep", ["test/acc"], "x")[0][0]["test/acc"] == 0.5
 
 

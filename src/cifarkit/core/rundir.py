@@ -119,7 +119,8 @@ def in_use(run_dir: str | Path) -> RunInUse:
 
 class RunRecord(BaseModel):
     """What a run's ``metrics.json`` must hold to be believed: one of the statuses train.py and eval.py write,
-    and metrics (``<stage>/<name>`` keys) that are finite numbers; other keys pass as written."""
+    and metrics (``<stage>/<name>`` keys) that are finite numbers (per class, or a confusion matrix: nested
+    finite numbers); other keys pass as written."""
 
     model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
@@ -131,11 +132,16 @@ class RunRecord(BaseModel):
     @model_validator(mode="after")
     def _finite_metrics(self) -> RunRecord:
         for key, value in (self.model_extra or {}).items():
-            if "/" in key and not (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-            ):
-                raise ValueError(f"{key} is not a finite number")
+            if "/" in key and not _finite(value):
+                raise ValueError(f"{key} is not a finite number (or per-class numbers)")
         return self
+
+
+def _finite(value: Any, depth: int = 0) -> bool:
+    """A finite number, or a mapping or list of them (per-class accuracy, a confusion matrix), two levels at most."""
+    if isinstance(value, dict | list) and depth < 2:
+        return all(_finite(v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def read_metrics(run_dir: Path) -> dict[str, Any] | None:
