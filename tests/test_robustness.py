@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,6 +173,7 @@ def test_eval_robustness_end_to_end_and_cached(image_folder: Path, tiny_ckpt: st
     ]  # fmt: skip
     first = main("eval.py", args)
     assert first.code == 0, first.err[-3000:]
+    time.sleep(1.1)  # run directories are named by the second (configs/hydra/default.yaml): the second run's is another
     second = main("eval.py", args)
     assert second.code == 0, second.err[-3000:]
     runs = run_dirs(logs, "eval")
