@@ -29,6 +29,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,3 +371,43 @@ class Payload:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory a crafted file costs, measured in a process of its own.
+
+# ``peak_mb()``: the process's peak resident memory, VmHWM, which starts afresh at exec (ru_maxrss starts at the
+# parent's peak, the test process's, so a child's growth under it could not show).
+PEAK_MB = """
+import re
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) // 1024
+"""
+
+
+def run_measured(code: str, *args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``code`` (``peak_mb()`` defined) in a fresh interpreter that imports this checkout, ``args`` its argv."""
+    return subprocess.run(
+        [sys.executable, "-c", PEAK_MB + code, *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+
+
+def inflating(path: Path, size: int) -> Path:
+    """A ``torch.save`` checkpoint of one ``size``-byte tensor whose records are deflated zeros: a tiny file that
+    torch's reader would inflate to ``size`` bytes."""
+    plain = path.with_suffix(".plain")
+    torch.save({"state_dict": {"net.x": torch.empty(size, dtype=torch.uint8)}, "global_step": 5}, plain)
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
+        for record in src.infolist():
+            with src.open(record) as r, dst.open(record.filename, "w", force_zip64=True) as w:
+                while chunk := r.read(2**24):
+                    w.write(b"\0" * len(chunk))
+    plain.unlink()
+    return path

@@ -30,11 +30,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 import socket
-import subprocess
 import sys
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +51,8 @@ from conftest import (
     craft_checkpoint,
     error_line,
     folder_overrides,
+    inflating,
+    run_measured,
 )
 
 # serve.py is given a port that is taken: had a crafted checkpoint not been refused first, it would
@@ -551,20 +550,17 @@ def test_every_door_refuses_crafted_metadata(
     assert not (tmp_path / "model.onnx").exists()
 
 
-# Peak memory as VmHWM, which starts afresh at exec (ru_maxrss would start at the test process's own peak).
 INFLATER = """
-import re, sys
+import sys
 from cifarkit.nets.saved import read_checkpoint
 from cifarkit.core.errors import UserError
-def peak():
-    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-before = peak()
+before = peak_mb()
 try:
     read_checkpoint(sys.argv[1])
     print("read")
 except UserError as e:
     print(e)
-print((peak() - before) // 1024, "MB")
+print(peak_mb() - before, "MB")
 """
 
 
@@ -573,27 +569,9 @@ def test_a_record_that_inflates_1000x_is_refused_without_the_memory(tmp_path: Pa
     torch's reader inflates it): refused from the archive's directory, the process's peak memory
     grows by far less than the record."""
     size = 300_000_000
-    plain, crafted_file = tmp_path / "plain.ckpt", tmp_path / "inflates.ckpt"
-    torch.save({"state_dict": {"net.x": torch.empty(size, dtype=torch.uint8)}}, plain)  # untouched pages: no memory
-    with (
-        zipfile.ZipFile(plain) as src,
-        zipfile.ZipFile(crafted_file, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst,
-    ):
-        for record in src.infolist():
-            with src.open(record) as r, dst.open(record.filename, "w", force_zip64=True) as w:
-                while chunk := r.read(2**24):
-                    w.write(b"\0" * len(chunk))
-    plain.unlink()
+    crafted_file = inflating(tmp_path / "inflates.ckpt", size)
     assert crafted_file.stat().st_size * 1000 < size
-    r = subprocess.run(
-        [sys.executable, "-c", INFLATER, str(crafted_file)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    r = run_measured(INFLATER, str(crafted_file), cwd=tmp_path)
     message, grown = r.stdout.strip().splitlines()
     assert "holds compressed records (300.0 MB from a 0.3 MB file)" in message and "nothing was inflated" in message, (
         r.stderr

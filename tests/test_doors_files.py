@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,50 +16,18 @@ from cifarkit.core.errors import UserError, one_line
 from cifarkit.core.untrusted.plain import read_yaml
 from cifarkit.core.untrusted.tensors import read_weights_file
 from cifarkit.run.sweep import collect
-from conftest import FAST, datamodule, error_line, folder_overrides
+from conftest import FAST, datamodule, error_line, folder_overrides, inflating, run_measured
 from test_checkpoints import basic_cnn_weights
 
 needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is an optional extra")
 
 
-def inflating(path: Path, size: int) -> Path:
-    """A ``torch.save`` file of one ``size``-byte tensor whose records are deflated zeros: a tiny file that
-    torch's reader would inflate to ``size`` bytes."""
-    plain = path.with_suffix(".plain")
-    torch.save({"state_dict": {"net.x": torch.empty(size, dtype=torch.uint8)}, "global_step": 5}, plain)
-    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as dst:
-        for record in src.infolist():
-            with src.open(record) as r, dst.open(record.filename, "w", force_zip64=True) as w:
-                while chunk := r.read(2**24):
-                    w.write(b"\0" * len(chunk))
-    plain.unlink()
-    return path
-
-
-# Peak memory as VmHWM, which starts afresh at exec (ru_maxrss would start at the test process's own peak).
-PEAK = """
-import re, sys
-from pathlib import Path
-def peak():
-    return int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
-before = peak()
-{call}
-print((peak() - before) // 1024, "MB")
-"""
-
-
 def peak_of(call: str, *args: str) -> list[str]:
     """The lines a fresh interpreter prints running ``call`` (after torch and the project are imported), the last
     its peak memory growth in MB."""
-    setup = "import torch\nfrom cifarkit.core import rundir\nfrom cifarkit.core.untrusted import tensors\n"
-    r = subprocess.run(
-        [sys.executable, "-c", setup + PEAK.format(call=call), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    setup = "import sys\nfrom pathlib import Path\nimport torch\nfrom cifarkit.core import rundir\n"
+    setup += "from cifarkit.core.untrusted import tensors\nbefore = peak_mb()\n"
+    r = run_measured(setup + call + '\nprint(peak_mb() - before, "MB")\n', *args)
     assert r.returncode == 0, r.stderr[-2000:]
     return r.stdout.strip().splitlines()
 

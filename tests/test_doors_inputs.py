@@ -12,7 +12,6 @@ import os
 import pickle
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import matplotlib.text
@@ -36,6 +35,7 @@ from conftest import (
     folder_overrides,
     free_port,
     run_dirs,
+    run_measured,
 )
 from tiny_files import write_image_folder
 
@@ -106,18 +106,7 @@ def expand_model(path: Path) -> Path:
     return graph_model(path, nodes, weights, joins="most")
 
 
-# The process's peak resident memory in MB: VmHWM, which starts afresh at exec (ru_maxrss starts at the
-# parent's peak, the test process's, so it would not grow for anything smaller than pytest's own).
-PEAK_MB = """
-import re
-def peak_mb():
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmHWM:\\s+(\\d+) kB", f.read()).group(1)) // 1024
-"""
-
-LOADER = (
-    PEAK_MB
-    + """
+LOADER = """
 import sys
 import onnx, onnxruntime  # imported before the baseline: only the model's own cost is measured
 from omegaconf import OmegaConf
@@ -132,7 +121,6 @@ except UserError as e:
     print(e)
 print(peak_mb() - before, "MB")
 """
-)
 
 
 @pytest.mark.parametrize(
@@ -150,15 +138,7 @@ def test_crafted_onnx_graphs_are_refused_before_a_session(craft, phrase: str, tm
     model = craft(tmp_path / "crafted.onnx")
     assert model.stat().st_size < 3000
     try:
-        r = subprocess.run(
-            [sys.executable, "-c", LOADER, str(model)],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
+        r = run_measured(LOADER, str(model), cwd=tmp_path, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the loader ran the crafted graph for 2 minutes")
     message, grown = r.stdout.strip().splitlines()
@@ -377,9 +357,7 @@ def test_json_output_is_valid_utf8_for_a_name_that_is_not(tmp_path: Path, main) 
 # ---------------------------------------------------------------------------------------------
 # A 16-bit image decodes within an 8-bit one's memory.
 
-DECODER_PEAK = (
-    PEAK_MB
-    + """
+DECODER_PEAK = """
 import sys
 from pathlib import Path
 from cifarkit.core.untrusted import decode_image
@@ -388,7 +366,6 @@ before = peak_mb()
 pixels = decode_image(Path(sys.argv[1]), 32, "image", "x")
 print(int(pixels.mean()), peak_mb() - before)
 """
-)
 
 
 def test_a_16_bit_png_decodes_within_an_8_bit_ones_memory(tmp_path: Path) -> None:
@@ -401,14 +378,8 @@ def test_a_16_bit_png_decodes_within_an_8_bit_ones_memory(tmp_path: Path) -> Non
     Image.new("RGB", (8, 8)).save(tiny)
 
     def peak(path: Path) -> tuple[int, int]:
-        r = subprocess.run(
-            [sys.executable, "-c", DECODER_PEAK, str(path), str(tiny)],
-            check=True,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-        )
+        r = run_measured(DECODER_PEAK, str(path), str(tiny), timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
         mean, grown = map(int, r.stdout.split())
         return mean, grown
 
