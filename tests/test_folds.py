@@ -94,3 +94,50 @@ def pytest_approx(x: float):
     import pytest
 
     return pytest.approx(x, abs=1e-9)
+
+
+def test_a_search_whose_objective_is_the_mean_over_folds(image_folder: Path, tmp_path: Path, main) -> None:
+    import json
+
+    import optuna
+
+    logs = tmp_path / "logs"
+    r = main(
+        "train.py",
+        [
+            "hparams_search=lr_optuna",
+            "hydra.sweeper.n_trials=2",
+            *TINY,
+            "data=image_folder",
+            f"data.root={image_folder}",
+            f"paths.data_dir={tmp_path / 'data'}",
+            f"paths.log_dir={logs}",
+            "test=false",
+            "data.folds=3",
+            "data.fold=all",
+        ],
+    )
+    assert r.code == 0, r.err[-3000:]
+    study = optuna.load_study(study_name="lr_optuna", storage=f"sqlite:///{logs}/optuna/lr_optuna.db")
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    (sweep,) = sweep_dirs(logs)
+    for trial in study.trials:
+        job = sweep / str(trial.number)
+        per_fold = [json.loads((job / f"fold-{i}" / "metrics.json").read_text()) for i in range(3)]
+        values = torch.tensor([m["val/acc_best"] for m in per_fold], dtype=torch.float64)
+        assert trial.value == pytest_approx(values.mean().item())  # the trial's value: the mean over its folds
+        record = json.loads((job / "metrics.json").read_text())
+        assert record["status"] == "completed" and record["folds"]["n"] == 3
+        assert record["val/acc_best"] == pytest_approx(values.mean().item())
+        assert record["folds"]["std"]["val/acc_best"] == pytest_approx(values.std().item())
+        assert record["steps"] == sum(m["steps"] for m in per_fold)
+        # the folds' pruning reports count epochs on: one step per epoch of the trial, none reported twice
+        assert sorted(trial.intermediate_values) == list(range(1, record["epochs"] + 1))
+    rows = read_jobs(sweep)
+    assert [float(row["val/acc_best"]) for row in rows] == pytest_approx([t.value for t in study.trials])
+
+
+def test_every_fold_needs_the_fold_count(tmp_path: Path, main) -> None:
+    r = main("train.py", ["data.fold=all", f"paths.log_dir={tmp_path}"])
+    assert r.code == 1
+    assert "data.fold=all trains every fold of data.folds=K; set data.folds too" in error_line(r.err)

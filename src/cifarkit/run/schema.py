@@ -129,7 +129,7 @@ class Pipeline(TypedDict):
     ]
     split_seed: int
     folds: Annotated[int, Field(ge=2)] | None
-    fold: NonNegative
+    fold: NonNegative | Literal["all"]
     batch_size: Count
     eval_batch_size: Count
     pipeline: Literal["device", "torchvision"]
@@ -157,8 +157,10 @@ def _pipeline_rules(data: dict[str, Any]) -> dict[str, Any]:
         )
     if (data["mean"] is None) != (data["std"] is None):
         raise rule("set both data.mean and data.std, or neither (then they are computed)")
-    if data["folds"] is not None and not data["fold"] < data["folds"]:
-        raise rule(f"data.fold={data['fold']} must be below data.folds={data['folds']} (folds count from 0)")
+    if data["fold"] == "all" and data["folds"] is None:
+        raise rule("data.fold=all trains every fold of data.folds=K; set data.folds too")
+    if data["folds"] is not None and data["fold"] != "all" and not data["fold"] < data["folds"]:
+        raise rule(f"data.fold={data['fold']} must be below data.folds={data['folds']} (folds count from 0), or all")
     return data
 
 

@@ -25,12 +25,20 @@ log = logging.getLogger(__name__)
 
 class OptunaPruning(Callback):
     def __init__(
-        self, trial: int | None, storage: Any, study_name: str | None, pruner: Any = None, monitor: str = "val/acc"
+        self,
+        trial: int | None,
+        storage: Any,
+        study_name: str | None,
+        pruner: Any = None,
+        monitor: str = "val/acc",
+        first_step: int = 0,
     ) -> None:
         """``trial``: the trial's number in the study ``study_name`` at ``storage`` (both the
         sweeper's); ``pruner``: the sweeper's (it is not stored in the study); ``monitor``: the
-        logged metric reported."""
+        logged metric reported; ``first_step``: epochs the trial trained before this run (the earlier
+        folds of a cross-validated job), counted on so that no step is reported twice."""
         self.number, self.storage, self.study_name = trial, storage, study_name
+        self.first_step = first_step
         self.pruner, self.monitor = pruner, monitor
         self.pruned = False  # set on every rank when the pruner stopped the run; the run reads it (run/train.py)
         self._trial: Any = None
@@ -55,7 +63,8 @@ class OptunaPruning(Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.number is None or trainer.sanity_checking or self.pruned:
             return
-        step = trainer.current_epoch + 1  # epochs trained: the validation at an epoch's end runs before it counts
+        # epochs trained (the validation at an epoch's end runs before it counts), on from earlier folds'
+        step = self.first_step + trainer.current_epoch + 1
         prune = False
         if trainer.is_global_zero and step not in self._reported:
             value = trainer.callback_metrics.get(self.monitor)
@@ -66,7 +75,7 @@ class OptunaPruning(Callback):
             elif math.isfinite(value := float(value)) and (trial := self._get_trial()) is not None:
                 trial.report(value, step)
                 self._reported.add(step)
-                prune = not last_validation(trainer, step) and trial.should_prune()
+                prune = not last_validation(trainer, trainer.current_epoch + 1) and trial.should_prune()
         prune = trainer.strategy.broadcast(prune, src=0)
         if prune:
             self.pruned = True
