@@ -1,6 +1,6 @@
 """What a time budget buys with each of ``experiment=cpu10``'s candidate nets, and which one the budget chose.
 
-    python benchmarks/budget_nets.py ROOT [--budgets 150 600] [--narrowest K] [--logs DIR] [-- OVERRIDES]
+    python benchmarks/budget_nets.py ROOT [--budgets 150 600] [--narrowest K | --nets W ...] [--logs DIR] [-- OVERRIDES]
 
 ROOT is an image-folder tree (ROOT/train/<class>/*, ROOT/test/<class>/*). For each budget it runs
 ``python train.py experiment=cpu10 data=image_folder data.root=ROOT budget_s=B``, which chooses
@@ -75,6 +75,9 @@ def main() -> None:
     p.add_argument("--budgets", type=int, nargs="+", default=[150, 600], help="seconds of training (default: 150 600)")
     p.add_argument("--logs", default="logs/budget_nets", help="where the runs write (default: logs/budget_nets)")
     p.add_argument("--narrowest", type=int, help="train only this many of the narrowest candidates (default: all)")
+    p.add_argument(
+        "--nets", nargs="+", metavar="W", help="train only these candidates and the rule's, e.g. 48,96,192 64,128,256"
+    )
     p.add_argument("extra", nargs="*", help="more overrides for every run, after --")
     add_argument(p)
     args = p.parse_args()
@@ -84,7 +87,8 @@ def main() -> None:
         chosen = ruled["budget"]["net"]
         per_epoch = ruled["budget"]["candidates"][0]["steps_per_epoch"]  # the same data and batch for every net
         table = []
-        for net in ladder()[: args.narrowest]:
+        wanted = [[int(w) for w in n.split(",")] for n in args.nets or []]
+        for net in [n for n in ladder()[: args.narrowest] if not wanted or n["widths"] in wanted or n == chosen]:
             metrics = ruled if net == chosen else run(args.root, budget, net, logs, args.extra, widths(net))
             table.append({"budget_s": budget, **row(metrics, net, net == chosen, per_epoch)})
         print(

@@ -141,3 +141,11 @@ def test_every_fold_needs_the_fold_count(tmp_path: Path, main) -> None:
     r = main("train.py", ["data.fold=all", f"paths.log_dir={tmp_path}"])
     assert r.code == 1
     assert "data.fold=all trains every fold of data.folds=K; set data.folds too" in error_line(r.err)
+
+
+def test_every_fold_from_a_checkpoint_is_one_line(tmp_path: Path, main) -> None:
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(b"not read")
+    r = main("train.py", ["data.folds=3", "data.fold=all", f"ckpt_path={ckpt}", f"paths.log_dir={tmp_path}"])
+    assert r.code == 1
+    assert "with data.fold=all: every fold starts from the beginning" in error_line(r.err)

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, read_write
 
 from cifarkit.core import rundir
+from cifarkit.core.errors import UserError
 from cifarkit.core.files import write_json, write_metrics
 from cifarkit.core.ranks import global_zero
 from cifarkit.fit.metrics import SUMMARY, optimized_value
@@ -35,8 +36,13 @@ def cross_validate(cfg: DictConfig) -> float:
     Folds inside one job rather than one job per fold, so that a search's sampler is told one value per
     configuration, the cross-validated one, and never compares one fold with another. A pruned fold prunes
     the job: its pruning callback counts epochs on from the folds before it, so a trial's reports never
-    repeat a step.
+    repeat a step. A cross-validated job starts every fold afresh (a search re-runs a killed one whole).
     """
+    if cfg.get("ckpt_path"):
+        raise UserError(
+            f"ckpt_path={cfg.ckpt_path} with data.fold=all: every fold starts from the beginning; continue one fold's "
+            "run with data.fold=<i> and its own ckpt_path"
+        )
     run_dir = Path(cfg.paths.output_dir)
     values: list[float] = []
     runs: list[dict[str, Any]] = []
