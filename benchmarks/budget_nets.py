@@ -82,12 +82,12 @@ def main() -> None:
     add_argument(p)
     args = p.parse_args()
     logs = Path(args.logs).resolve()
+    wanted = [[int(w) for w in n.split(",")] for n in args.nets or []]
     for budget in args.budgets:
         ruled = run(args.root, budget, None, logs, args.extra, "rule")
         chosen = ruled["budget"]["net"]
         per_epoch = ruled["budget"]["candidates"][0]["steps_per_epoch"]  # the same data and batch for every net
         table = []
-        wanted = [[int(w) for w in n.split(",")] for n in args.nets or []]
         for net in [n for n in ladder()[: args.narrowest] if not wanted or n["widths"] in wanted or n == chosen]:
             metrics = ruled if net == chosen else run(args.root, budget, net, logs, args.extra, widths(net))
             table.append({"budget_s": budget, **row(metrics, net, net == chosen, per_epoch)})

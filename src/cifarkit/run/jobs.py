@@ -52,7 +52,7 @@ def cross_validate(cfg: DictConfig) -> float:
             OmegaConf.update(fold_cfg, "data.fold", fold)
             OmegaConf.update(fold_cfg, "paths.output_dir", str(run_dir / f"fold-{fold}"))
             if (cfg.get("callbacks") or {}).get("optuna_pruning"):
-                epochs = sum(r.get("epochs") or 0 for r in runs)
+                epochs = sum(r["epochs"] for r in runs)
                 OmegaConf.update(fold_cfg, "callbacks.optuna_pruning.first_step", epochs, force_add=True)
         value, metrics = _train_one(fold_cfg)
         values.append(value)
@@ -69,7 +69,7 @@ def folds_record(runs: list[dict[str, Any]]) -> dict[str, Any]:
     ``folds``, their count, each metric's standard deviation and its values fold by fold."""
     shared = [
         k
-        for k, v in runs[0].items()
+        for k in runs[0]
         if "/" in k and all(isinstance(r.get(k), int | float) and not isinstance(r.get(k), bool) for r in runs)
     ]
     return {k: statistics.fmean(r[k] for r in runs) for k in shared} | {
