@@ -15,7 +15,7 @@ it times:
   a raw PyTorch loop with the default path's model, precision, memory format, optimizer and
   DeviceLoader batches, and train.py's default path (the composed config, ``build()``,
   ``ImageClassifier`` under ``Trainer``, its callbacks and logger), and today's path beside it
-  (``--before``: the default path with ``model.reuse_memory=false``);
+  (``--before``: the default path with ``model.reuse_memory=false model.bf16_weight_copy=false``);
 * the tutorial loop and the default path at batch 128 and 512, and the peak memory of a real
   CPU ``train.py`` run;
 * the host's cost of one step (``host_us_per_step``): the raw loop and the default path again
@@ -102,8 +102,9 @@ GPU_STEPS = 10
 DTYPE_NAME = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 SYNTHETIC = ["data=cifar10", "data._target_=synthetic_data.SyntheticCIFAR10"]  # benchmarks/synthetic_data.py
 ACCELERATOR = {"cpu": "cpu", "cuda": "gpu"}
-# Today's path: the default path before the CPU allocator kept the step's freed memory (cifarkit/fit/allocator.py).
-BEFORE = ["model.reuse_memory=false"]
+# Today's path: the default path before malloc kept the step's freed memory (cifarkit/fit/allocator.py)
+# and Adam the bf16 weights (cifarkit/fit/bf16_copy.py).
+BEFORE = ["model.reuse_memory=false", "model.bf16_weight_copy=false"]
 STREAM_TINY_BYTES = 16 << 20  # --tiny's STREAM arrays: in cache, a figure that means nothing
 
 
@@ -328,7 +329,8 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
     model_before = instantiate(cfg_before.model, classes=dm.classes)
     precision = str(build(cfg, with_loggers=False)[1].precision)
     n_cls = len(dm.classes)
-    dtypes = {"tutorial": torch.float32, "default": COMPUTE_DTYPE.get(precision, torch.float32)}
+    default_dtype = COMPUTE_DTYPE.get(precision, torch.float32)
+    dtypes = {"tutorial": torch.float32, "default": default_dtype, "before": default_dtype}
     peak_dtypes = [dt for dt in dict.fromkeys([torch.float32, torch.bfloat16, dtypes["default"]]) if native(device, dt)]
 
     x, y = dm.splits["train"]
@@ -374,6 +376,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         )
         for bs in (32, *big)
     }
+    counts["before", 32] = step_counts(raw_step(cfg_before, device, precision, n_cls), 32, dm.image_size, n_cls, device)
     med = {k: statistics.median(v) for k, v in r.items()}
     peak = {dt: max(v) for dt, v in peaks.items()}
 
@@ -408,7 +411,7 @@ def run(args: argparse.Namespace, data: list[str], source: str, preset: dict[str
         "tutorial_b32": figure(32 / med["tutorial"], "tutorial", 32),
         "raw_loop_b32": figure(32 / med["raw"], "default", 32),
         "default_b32": figure(32 / med["lightning"], "default", 32),
-        "before_b32": figure(32 / med["before"], "default", 32),
+        "before_b32": figure(32 / med["before"], "before", 32),
     }
     for bs in big:
         training[f"tutorial_b{bs}"] = figure(tut_big[bs], "tutorial", bs)

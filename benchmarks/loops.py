@@ -23,10 +23,12 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader
 
 from cifarkit.data.datamodule import ImageDataModule
 from cifarkit.data.loader import CHUNK_IMAGES, DeviceLoader, PILDataset, pil_transform
+from cifarkit.fit import bf16_copy
 from cifarkit.fit.allocator import keep_freed_memory
 from cifarkit.fit.classifier import ImageClassifier, compiled
 from cifarkit.nets.models import BasicCNN
@@ -110,6 +112,14 @@ def raw_step(
     forward = compiled(net, cfg.model.compile)
     optim = instantiate(cfg.model.optimizer)(params=net.parameters())
     half = COMPUTE_DTYPE.get(precision)
+    if (
+        cfg.model.get("bf16_weight_copy")
+        and half is torch.bfloat16
+        and device.type == "cpu"
+        and bf16_copy.unsupported(net, optim, bool(cfg.model.compile)) is None
+    ):
+        keeper = optim = bf16_copy.keeping(net, optim)
+        forward = lambda x: functional_call(net, keeper.synced(), (x,))  # noqa: E731 - the copies, as the classifier
     scaler = torch.amp.GradScaler(device.type, enabled=half is torch.float16)
     loss_fn = nn.CrossEntropyLoss()
 

@@ -2,13 +2,16 @@
 
     python benchmarks/step_variants.py [--batch 32] [--steps 20] [--rounds 2] [--profile]
 
-The raw default step (BasicCNN, fused Adam, bf16 autocast, channels_last; benchmarks/loops.py
-``raw_step``) on a random batch, in alternating rounds, four ways: as it is; with a persistent bf16
-copy of the conv and linear weights refreshed after each optimizer step (autocast then finds bf16
-weights and casts none; the gradient still reaches the fp32 weights in fp32, so the arithmetic is
-the same); and each of the two with malloc keeping the step's freed blocks
-(cifarkit/fit/allocator.py). Milliseconds a step (best round) and page faults a step; with
-``--profile``, the operators' self time of the step as it is. It prints one JSON object last.
+The raw step of the default recipe (BasicCNN, Adam, bf16 autocast, channels_last; benchmarks/loops.py
+``raw_step``) on a random batch, in alternating rounds, three ways: as it was (fused Adam, autocast
+casting every weight to bf16 and each gradient back every step); with a bf16 copy of the conv and
+linear weights refreshed by a pass of its own after each optimizer step (autocast then finds bf16
+weights and casts none; the gradient still reaches the fp32 weights in fp32); and with Adam keeping
+the copy (``model.bf16_weight_copy``, cifarkit/fit/bf16_copy.py: its step reads the bf16 gradient
+and writes the copy); each with and without malloc keeping the step's freed blocks
+(``model.reuse_memory``, cifarkit/fit/allocator.py). All three compute the same values. Milliseconds
+a step (best round) and page faults a step; with ``--profile``, the operators' self time of the
+step as it was and as it is by default. It prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -80,14 +83,14 @@ def with_bf16_copy(net: nn.Module) -> tuple[Callable[[], Any], Callable[[], None
     return swapped, refresh
 
 
-def variant(copy: bool, batch: int) -> Callable[[], None]:
-    """One training step of the raw default path, with or without the bf16 copy."""
+def variant(copy: str, batch: int) -> Callable[[], None]:
+    """One training step of the raw default path: ``copy`` none, refreshed (a pass of its own) or kept (by Adam)."""
     torch.manual_seed(0)
-    cfg = OmegaConf.create({"model": CFG})
+    cfg = OmegaConf.create({"model": {**CFG, "bf16_weight_copy": copy == "kept"}})
     net = instantiate(cfg.model.net, num_classes=10)
     step = raw_step(cfg, torch.device("cpu"), "bf16-mixed", 10, net)
     x, y = torch.randn(batch, 3, 32, 32), torch.arange(batch) % 10
-    swapped, refresh = with_bf16_copy(net) if copy else (None, None)
+    swapped, refresh = with_bf16_copy(net) if copy == "refreshed" else (None, None)
 
     def one() -> None:
         for name, phase in step(x, y):
@@ -121,7 +124,11 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
-    steps = {"autocast": variant(False, args.batch), "bf16_copy": variant(True, args.batch)}
+    steps = {
+        "autocast": variant("none", args.batch),
+        "refreshed_copy": variant("refreshed", args.batch),
+        "kept_copy": variant("kept", args.batch),
+    }
     best: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for keep in (False, True):
@@ -131,20 +138,23 @@ def main() -> None:
                 key = name + ("+reuse_memory" if keep else "")
                 best[key] = min(best.get(key, [ms, faults]), [ms, faults])
     for key, (ms, faults) in best.items():
-        print(f"{key:<26} {ms:7.2f} ms/step  {faults:8,.0f} page faults/step")
+        print(f"{key:<28} {ms:7.2f} ms/step  {faults:8,.0f} page faults/step")
     result: dict[str, Any] = {
         "batch": args.batch,
         "ms_per_step": {k: round(v[0], 2) for k, v in best.items()},
         "faults_per_step": {k: round(v[1]) for k, v in best.items()},
     }
     if args.profile:
-        keep_freed_memory(False)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(10):
-                steps["autocast"]()
-        events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
-        total = sum(e.self_cpu_time_total for e in events)
-        result["profile_self_share"] = {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:8]}
+        result["profile_self_share"] = {}
+        for name, keep in (("autocast", False), ("kept_copy", True)):
+            keep_freed_memory(keep)
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                for _ in range(10):
+                    steps[name]()
+            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            total = sum(e.self_cpu_time_total for e in events)
+            key = name + ("+reuse_memory" if keep else "")
+            result["profile_self_share"][key] = {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:8]}
         print(json.dumps(result["profile_self_share"], indent=1))
     print(json.dumps(result))
 

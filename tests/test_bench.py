@@ -67,7 +67,10 @@ def check_figures(res: dict[str, Any]) -> None:
     assert res["matmul_peak_gflops"]["fp32"] > 0
     assert {"tutorial_b32", "raw_loop_b32", "default_b32", "before_b32"} <= set(res["training"])
     assert res["bandwidth"]["triad_gbs"] > 0 and res["bandwidth"]["copy_gbs"] > 0 and res["bandwidth"]["runs"] >= 10
-    assert res["speedup_over_before_b32"] > 0 and res["before"] == ["model.reuse_memory=false"]
+    assert res["speedup_over_before_b32"] > 0 and res["before"] == [
+        "model.reuse_memory=false",
+        "model.bf16_weight_copy=false",
+    ]
     for name, fig in res["training"].items():
         assert fig["images_per_s"] > 0 and fig["gflops"] > 0, name
         assert 0 < fig["peak_fraction"] < 1.5, (name, fig, res["matmul_peak_gflops"])
@@ -118,11 +121,14 @@ def test_bench_quick_without_data(tmp_path: Path) -> None:
     assert {"tutorial_b512", "default_b512"} <= set(res["training"]) and "512" in res["train_speedup_by_batch"]
 
 
-def test_step_counts_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The default path's step, counted: its FLOPs are BasicCNN's by hand, its optimizer step moves
-    what fused Adam must (parameters, gradients and both moments read, all but the gradients written:
-    7 x 4 bytes a parameter), and autocast's casts are each weight to bf16 and its gradient back
-    (6 bytes each way) plus the input batch's."""
+@pytest.mark.parametrize("copy", [False, True])
+def test_step_counts_by_hand(monkeypatch: pytest.MonkeyPatch, copy: bool) -> None:
+    """The default path's step, counted: its FLOPs are BasicCNN's by hand, and its optimizer step
+    moves 28 bytes a parameter either way. Under autocast alone, fused Adam reads the parameters,
+    gradients and both moments and writes all but the gradients (7 x 4 bytes), and autocast casts
+    each weight to bf16 and its gradient back (6 bytes each way) besides the input batch. With Adam
+    keeping the bf16 weights (``model.bf16_weight_copy``) its step reads the bf16 gradient and writes
+    the bf16 copy (4 + 2 + 4 + 4 read, 4 + 4 + 4 + 2 written) and only the batch's input and logits are cast."""
     from omegaconf import OmegaConf
 
     monkeypatch.syspath_prepend(str(BENCH.parent))
@@ -134,6 +140,7 @@ def test_step_counts_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
             "model": {
                 "channels_last": True,
                 "compile": False,
+                "bf16_weight_copy": copy,
                 "net": {"_target_": "cifarkit.nets.models.BasicCNN"},
                 "optimizer": {"_target_": "torch.optim.Adam", "_partial_": True, "lr": 1e-3, "fused": True},
             }
@@ -143,8 +150,9 @@ def test_step_counts_by_hand(monkeypatch: pytest.MonkeyPatch) -> None:
     counts = step_counts(raw_step(cfg, cpu, "bf16-mixed", 10), batch, 32, 10, cpu)
     params = 9_457_962
     assert counts["flops"] == pytest.approx(batch * basic_cnn_train_flops(), rel=0.1)
-    assert counts["bytes_by_phase"]["optimizer"] == pytest.approx(7 * 4 * params, rel=0.001)
-    assert counts["bytes_of_casts"] == pytest.approx(2 * 6 * params + 6 * batch * 3 * 32 * 32, rel=0.001)
+    assert counts["bytes_by_phase"]["optimizer"] == pytest.approx(28 * params, rel=0.001)
+    batch_casts = 6 * batch * 3 * 32 * 32 + 2 * 6 * batch * 10  # the input to bf16; the logits to fp32 and back
+    assert counts["bytes_of_casts"] == (batch_casts if copy else 2 * 6 * params + batch_casts)
     assert counts["bytes"] == counts["bytes_read"] + counts["bytes_written"] == sum(counts["bytes_by_phase"].values())
 
 

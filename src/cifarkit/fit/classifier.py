@@ -19,13 +19,14 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
+from torch.func import functional_call
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError, MulticlassConfusionMatrix
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from cifarkit.core.errors import UserError, existing
 from cifarkit.data.augment import tta_logits
-from cifarkit.fit import allocator, optim
+from cifarkit.fit import allocator, bf16_copy, optim
 from cifarkit.nets import start
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ class ImageClassifier(L.LightningModule):
         compile: bool | str,
         init_from: str | None = None,
         reuse_memory: bool = False,
+        bf16_weight_copy: bool = False,
         consistency: float = 0.0,
     ) -> None:
         """``net``: a Hydra config of an ``nn.Module`` taking ``num_classes`` (or a net already
@@ -63,7 +65,9 @@ class ImageClassifier(L.LightningModule):
         (true: inductor's default mode; or a mode's name, e.g. ``reduce-overhead``); ``init_from``:
         a checkpoint whose weights the net starts from (cifarkit/nets/start.py; none for a net rebuilt
         from its own checkpoint); ``reuse_memory``: on the CPU, malloc keeps the step's large freed
-        blocks for the next step (cifarkit/fit/allocator.py; a classifier built by hand leaves it alone).
+        blocks for the next step (cifarkit/fit/allocator.py; a classifier built by hand leaves it alone);
+        ``bf16_weight_copy``: in a bf16-mixed CPU fit with Adam, the optimizer keeps the bf16 weights the
+        training forward pass runs on instead of autocast casting them every step (cifarkit/fit/bf16_copy.py).
         ``consistency``: the weight of AugMix's Jensen-Shannon consistency loss on batches with views
         (``data.augment.augmix.views``; AugMix's 12). A timm net's ``pretrained``/``weights`` are taken out of its
         config here: they say where its first weights come from, which ``setup`` loads."""
@@ -82,6 +86,7 @@ class ImageClassifier(L.LightningModule):
         self.net.to(memory_format=self.memory_format)
         # Kept out of the module tree so the state dict stays the plain net's.
         self.__dict__["_forward"] = compiled(self.net, compile)
+        self._keeper: bf16_copy.Bf16CopyAdam | None = None  # the optimizer keeping the net's bf16 weights
         self.criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         n = len(classes)
         # Training loss and accuracy: sums on the device (loss x images, correct, images) with one
@@ -118,6 +123,9 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.get("reuse_memory") and self.device.type == "cpu":
             allocator.keep_freed_memory()
 
+    def teardown(self, stage: str) -> None:
+        self._keeper = None  # evaluation and anything after the fit use the fp32 weights
+
     def _start(self) -> start.Start | None:
         if self.timm_weights is not None:
             return start.timm_start(self.timm_weights, self.net, len(self.hparams.classes))
@@ -134,7 +142,10 @@ class ImageClassifier(L.LightningModule):
         return start.head_names(lambda n: instantiate(net_config, num_classes=n), len(self.hparams.classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._forward(x.contiguous(memory_format=self.memory_format))
+        x = x.contiguous(memory_format=self.memory_format)
+        if self.training and self._keeper is not None:
+            return functional_call(self.net, self._keeper.synced(), (x,))
+        return self._forward(x)
 
     def _step(
         self, batch: tuple[torch.Tensor, torch.Tensor], tta: str = "none"
@@ -224,6 +235,10 @@ class ImageClassifier(L.LightningModule):
                 self.net, settings["lr"], settings.get("weight_decay", 0.0), head=head, **groups
             )
         optimizer = make_optimizer(params=params)
+        trainer = self._attached_trainer()
+        if self.hparams.get("bf16_weight_copy") and trainer is not None:
+            optimizer = bf16_copy.adopt(trainer, self.net, optimizer, bool(self.hparams.compile))
+            self._keeper = optimizer if isinstance(optimizer, bf16_copy.Bf16CopyAdam) else None
         if not self.hparams.scheduler:
             return optimizer
         make_scheduler = instantiate(self.hparams.scheduler)
@@ -244,12 +259,16 @@ class ImageClassifier(L.LightningModule):
         scheduler = make_scheduler(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "val/loss"}}
 
-    def _datamodule(self) -> Any:
-        """The attached Trainer's datamodule; None without a Trainer (a net rebuilt or set up by hand)."""
+    def _attached_trainer(self) -> L.Trainer | None:
+        """The Trainer this module is attached to; None for a net rebuilt or set up by hand."""
         try:
-            return getattr(self.trainer, "datamodule", None)
+            return self.trainer
         except RuntimeError:  # Lightning's "not attached to a `Trainer`"
             return None
+
+    def _datamodule(self) -> Any:
+        """The attached Trainer's datamodule; None without a Trainer."""
+        return getattr(self._attached_trainer(), "datamodule", None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # What predict.py needs to preprocess new images: class names, mean/std, image size.

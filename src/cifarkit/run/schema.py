@@ -246,6 +246,7 @@ class Classifier(TypedDict):
     channels_last: bool
     init_from: str | None
     reuse_memory: bool
+    bf16_weight_copy: bool
     compile: Annotated[bool | str, Field(description="true, false or a torch.compile mode (e.g. reduce-overhead)")]
 
 
