@@ -8,6 +8,7 @@ import copy
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,10 @@ from lightning.pytorch.callbacks import EMAWeightAveraging
 from omegaconf import open_dict
 from torch import nn
 
+from cifarkit.core.errors import UserError
+from cifarkit.core.untrusted.compiled_cache import inductor_cache_fault
 from cifarkit.fit import bf16_copy
+from cifarkit.fit.classifier import compiled
 from cifarkit.fit.optim import FreezeParameters
 from cifarkit.run.jobs import train_job
 from conftest import FAST, folder_overrides
@@ -119,8 +123,8 @@ def trainer(**options) -> L.Trainer:
         ({}, {}, False, None),
         ({"gradient_clip_val": 1.0}, {}, False, "trainer.gradient_clip_val is set"),
         ({"accumulate_grad_batches": 2}, {}, False, "accumulate_grad_batches is not 1"),
-        ({"callbacks": [EMAWeightAveraging()]}, {}, False, "the callback EMAWeightAveraging rewrites weights"),
-        ({"callbacks": [FreezeParameters(["0.bias"], 0.5)]}, {}, False, "the callback FreezeParameters"),
+        ({"callbacks": [EMAWeightAveraging()]}, {}, False, "between steps (EMAWeightAveraging)"),
+        ({"callbacks": [FreezeParameters(["0.bias"], 0.5)]}, {}, False, "between steps (FreezeParameters)"),
         ({}, {"amsgrad": True}, False, "Adam's amsgrad is set"),
         ({}, {}, True, "model.compile is set"),
         ({}, {"sgd": True}, False, "the optimizer is SGD, not torch's Adam or AdamW"),
@@ -143,6 +147,21 @@ def test_without_a_compiler_the_copy_steps_aside(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1].startswith("inductor could not build its kernel (")
+
+
+def test_a_cache_others_may_write_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inductor loads compiled code from its cache: a cache folder others may write keeps the copy off
+    and refuses model.compile, in one line that says how to fix it."""
+    shared = tmp_path / "shared-cache"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(shared))
+    said = f"inductor's cache {shared} is not this user's alone"
+    assert bf16_copy.kernel_fault.__wrapped__(2, 0).startswith(said)
+    with pytest.raises(UserError, match="model.compile: " + re.escape(said) + ".*set TORCHINDUCTOR_CACHE_DIR"):
+        compiled(small_net(), True)
+    shared.chmod(0o755)
+    assert inductor_cache_fault() is None
 
 
 def fit(compose_cfg, image_folder: Path, tmp_path: Path, name: str, extra: list[str]) -> dict:

@@ -7,14 +7,16 @@ forward pass (4 bytes read and 2 written a parameter), backward casts its bf16 g
 bytes a parameter, where the tutorial's net holds 9.46M parameters and computes little at batch 32
 (docs/speed.md). With the copy the forward pass runs on bf16 tensors (``torch.func.functional_call``),
 their gradients stay bf16, and one fused pass per tensor (``adam_steps_``, a kernel inductor
-compiles once per machine and caches) reads the fp32 weight, the bf16 gradient and both moments
-and writes the weight, the moments and the next step's copy: 28 bytes a parameter.
+compiles once per machine and caches; its cache must be this user's alone) reads the fp32 weight,
+the bf16 gradient and both moments and writes the weight, the moments and the next step's copy:
+28 bytes a parameter. A weight written between steps (a checkpoint loaded, a callback's in-place
+write) is copied again before the next forward pass.
 
 What is learnt stays the same: the copy is the weight rounded to bf16 as autocast's cast rounds
 it, the gradient reaches Adam as the same bf16 values, and Adam's arithmetic is torch's fused CPU
-kernel's formula in fp32 (where the compiler contracts a multiply and an add differently, a weight
-can differ in its last bit). The optimizer's state dict is Adam's: a checkpoint resumes with the
-copy or without it.
+kernel's, bit for bit on that kernel's vectorized body (in its scalar tail, the last elements of a
+tensor, and with Adam's L2 decay, a weight can differ in its last bit). The optimizer's state dict
+is Adam's: a checkpoint resumes with the copy or without it.
 
 It applies to a CPU fit in bf16-mixed on one device, with torch's Adam or AdamW (no amsgrad,
 maximize or tensor hyperparameters), the net not compiled, one batch a step, no gradient clipping
@@ -36,6 +38,7 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import Tensor, nn
 
+from cifarkit.core.untrusted.compiled_cache import inductor_cache_fault
 from cifarkit.fit.optim import FreezeParameters, HeadFirst
 
 log = logging.getLogger(__name__)
@@ -204,9 +207,12 @@ class Bf16CopyAdam(torch.optim.Adam):
 
 @cache
 def kernel_fault(copied: int, plain: int) -> str | None:
-    """Why inductor cannot build the step's kernel here (no C++ compiler, say), or None once it ran:
+    """Why inductor cannot build the step's kernel here (its cache not this user's alone, no C++
+    compiler), or None once it ran:
     a step on small tensors of distinct sizes, as many of each kind as the fit's, which builds the
     graphs every later step of that many tensors reuses, whatever their sizes."""
+    if why := inductor_cache_fault():
+        return why
     try:
         params = [nn.Parameter(torch.zeros(64 + i)) for i in range(copied + plain)]
         optimizer = Bf16CopyAdam(params, {str(i): p for i, p in enumerate(params[:copied])})
@@ -230,7 +236,7 @@ def why_not(trainer: L.Trainer, net: nn.Module, optimizer: torch.optim.Optimizer
         return "trainer.gradient_clip_val is set"
     touching = sorted({type(c).__name__ for c in trainer.callbacks if isinstance(c, TOUCHES_WEIGHTS)})
     if touching:
-        return f"the callback {', '.join(touching)} rewrites weights or drops gradients between steps"
+        return f"a callback rewrites weights or drops gradients between steps ({', '.join(touching)})"
     return unsupported(net, optimizer, compiled)
 
 

@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibratio
 from torchmetrics.wrappers import ClasswiseWrapper
 
 from cifarkit.core.errors import UserError, existing
+from cifarkit.core.untrusted.compiled_cache import inductor_cache_fault
 from cifarkit.data.augment import tta_logits
 from cifarkit.fit import allocator, bf16_copy, optim
 from cifarkit.nets import start
@@ -290,6 +291,8 @@ def compiled(net: nn.Module, setting: bool | str) -> nn.Module:
     """``net`` under ``torch.compile`` (``model.compile``: false, true, or one of its modes), or as it is."""
     if not setting:
         return net
+    if why := inductor_cache_fault():
+        raise UserError(f"model.compile: {why}")
     return torch.compile(net, mode=None if setting is True else str(setting))
 
 
