@@ -253,9 +253,13 @@ def test_concurrent_requests_share_a_forward_pass(setup: Setup) -> None:
 
 
 def raw(server: Server, head: bytes, body: bytes = b"") -> Reply:
-    """One request written by hand on a socket (a Content-Length the body never reaches, chunks)."""
+    """One request written by hand on a socket (a Content-Length the body never reaches, chunks); a server
+    that answers before the body is all sent and closes (a 413) is read as a browser reads it."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=60) as s:
-        s.sendall(head + body)
+        try:
+            s.sendall(head + body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the answer came first: it waits in the socket
         r = http.client.HTTPResponse(s)
         r.begin()
         return Reply(r.status, json.loads(r.read()), {k.lower(): v for k, v in r.getheaders()})
@@ -436,6 +440,10 @@ def test_fuzzed_uploads_get_an_answer_or_a_4xx(setup: Setup) -> None:
     files = seeds()
     bodies = [m for fmt in ("PNG", "JPEG") for m in mutants(files[fmt], 40, seed=len(fmt))]
     bodies += [m for i, fmt in enumerate(sorted(files)) for m in mutants(files[fmt], 3, seed=100 + i)]
+    # A body over max_body_mb (an ICNS file's mutants) is answered 413 from its header while the client is still
+    # sending, and the socket closed: urllib then fails with a broken pipe, or not, as the two race. That answer
+    # is tested on a raw socket (bad_requests: "announced too large", "chunked too large"); the decoders here.
+    bodies = [b for b in bodies if len(b) <= MAX_BODY_MB * 2**20]
     assert len(bodies) >= 150
     statuses = set()
     for body in bodies:
