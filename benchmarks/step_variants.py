@@ -1,6 +1,6 @@
 """Where the default path's CPU step goes, and what each candidate change does to it, one at a time.
 
-    python benchmarks/step_variants.py [--batch 32] [--steps 20] [--rounds 2] [--profile]
+    python benchmarks/step_variants.py [--batch 32] [--steps 20] [--rounds 2] [--profile [--shapes]]
 
 The raw step of the default recipe (BasicCNN, Adam, bf16 autocast, channels_last; benchmarks/loops.py
 ``raw_step``) on a random batch, in alternating rounds, three ways: as it was (fused Adam, autocast
@@ -11,7 +11,8 @@ the copy (``model.bf16_weight_copy``, cifarkit/fit/bf16_copy.py: its step reads 
 and writes the copy); each with and without malloc keeping the step's freed blocks
 (``model.reuse_memory``, cifarkit/fit/allocator.py). All three compute the same values. Milliseconds
 a step (best round) and page faults a step; with ``--profile``, the operators' self time of the
-step as it was and as it is by default. It prints one JSON object last.
+step as it was and as it is by default (``--shapes``: each operator by its input shapes, which tells
+one layer's product from another's). It prints one JSON object last.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--shapes", action="store_true", help="with --profile: each operator by its input shapes")
     args = p.parse_args()
     steps = {
         "autocast": variant("none", args.batch),
@@ -148,13 +150,19 @@ def main() -> None:
         result["profile_self_share"] = {}
         for name, keep in (("autocast", False), ("kept_copy", True)):
             keep_freed_memory(keep)
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=args.shapes
+            ) as prof:
                 for _ in range(10):
                     steps[name]()
-            events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+            averages = prof.key_averages(group_by_input_shape=args.shapes)
+            events = sorted(averages, key=lambda e: e.self_cpu_time_total, reverse=True)
             total = sum(e.self_cpu_time_total for e in events)
             key = name + ("+reuse_memory" if keep else "")
-            result["profile_self_share"][key] = {e.key: round(e.self_cpu_time_total / total, 3) for e in events[:8]}
+            result["profile_self_share"][key] = {
+                f"{e.key} {e.input_shapes}" if args.shapes else e.key: round(e.self_cpu_time_total / total, 3)
+                for e in events[:8]
+            }
         print(json.dumps(result["profile_self_share"], indent=1))
     print(json.dumps(result))
 
