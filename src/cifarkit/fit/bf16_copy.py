@@ -186,9 +186,8 @@ class Bf16CopyAdam(torch.optim.Adam):
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["step"] += 1
-                if (
-                    group.get("decoupled_weight_decay") and group["weight_decay"]
-                ):  # AdamW's decay, as its kernel rounds it
+                # AdamW's decay on its own, rounded before the update as torch's kernel rounds it
+                if group.get("decoupled_weight_decay") and group["weight_decay"]:
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                 params, grads, exp_avgs, exp_avg_sqs, copies, coefs = calls[low is not None]
                 params.append(p)
